@@ -1,0 +1,161 @@
+"""Settings: one TOML file plus `TETHER_*` environment variables, validated at start-up.
+
+Precedence (highest first): explicit arguments, environment (`TETHER_HUB__HOSTNAME=…`, nested with
+`__`), the TOML file (`$TETHER_CONFIG` or `{data_dir}/tether.toml`), defaults. An invalid value stops
+start-up with pydantic's message, which names the setting.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+TlsVersion = Literal["TLSv1", "TLSv1.1", "TLSv1.2", "TLSv1.3"]
+
+# Forward-secret AEAD suites first, then the seed's ECDHE CBC suites, in the seed's order.
+DEFAULT_TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-SHA384",
+        "ECDHE-RSA-AES256-SHA384",
+        "ECDHE-ECDSA-AES128-SHA256",
+        "ECDHE-RSA-AES128-SHA256",
+    ]
+)
+DEFAULT_TLS13_CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
+
+
+class HubSettings(BaseModel):
+    hostname: str = Field("localhost", description="Host name devices use; part of every token scope.")
+    data_dir: Path = Field(Path("tether-data"), description="Where embedded storage and PKI files live.")
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname_ok(cls, v: str) -> str:
+        if not v or any(c in v for c in "/ ;\\") or len(v) > 253:
+            raise ValueError("must be a host name (optionally host:port), no '/', ';', spaces")
+        return v
+
+
+class ListenerSettings(BaseModel):
+    host: str = Field("0.0.0.0", description="Address every listener binds.")
+    mqtt_port: int = Field(8883, ge=0, le=65535, description="MQTT over TLS.")
+    mqtt_plain_port: int | None = Field(
+        None, ge=0, le=65535, description="Plain-TCP MQTT; only for loopback testing, off by default."
+    )
+    https_port: int = Field(8443, ge=0, le=65535, description="Service REST API, device HTTPS, MQTT/WS.")
+    amqp_port: int | None = Field(None, ge=0, le=65535, description="AMQP over TLS (when available).")
+
+
+class TlsSettings(BaseModel):
+    cert_file: Path | None = Field(None, description="Server certificate (PEM); default {data_dir}/pki.")
+    key_file: Path | None = Field(None, description="Server private key (PEM).")
+    chain_file: Path | None = Field(None, description="Intermediate chain (PEM), optional.")
+    min_version: TlsVersion = Field("TLSv1.2", description="Lowest TLS version; below 1.2 is an opt-in.")
+    ciphers: str = Field(DEFAULT_TLS12_CIPHERS, description="TLS 1.2 cipher list (OpenSSL names).")
+    tls13_ciphersuites: str = Field(DEFAULT_TLS13_CIPHERSUITES, description="TLS 1.3 suites.")
+    request_client_cert: bool = Field(True, description="Ask clients for a certificate (mutual TLS).")
+
+
+class LimitSettings(BaseModel):
+    max_connections: int = Field(100_000, ge=1)
+    max_d2c_message_bytes: int = Field(262_144, ge=1, description="Device-to-cloud message size limit.")
+    max_mqtt_packet_bytes: int = Field(270_000, ge=1024)
+    max_request_body_bytes: int = Field(1_048_576, ge=1024, description="REST body limit (bulk: x16).")
+    connect_timeout_s: float = Field(5.0, gt=0, description="Time a socket gets to send CONNECT.")
+    device_messages_per_second: float = Field(100.0, gt=0, description="Per-device telemetry rate limit.")
+    sas_clock_skew_s: int = Field(300, ge=0, le=3600, description="Tolerated clock skew for tokens.")
+    auth_failures_per_second: float = Field(50.0, gt=0, description="Per-peer auth failure rate limit.")
+
+
+class StorageSettings(BaseModel):
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
+    stream_url: str | None = Field(None, description="Event stream: file://… (default) or nats://…")
+    stream_partitions: int = Field(4, ge=1, le=32)
+    stream_retention_hours: float = Field(24.0, gt=0)
+    stream_retention_bytes: int = Field(1 << 30, ge=1 << 20)
+
+
+class Settings(BaseSettings):
+    """All of Tether's settings. Sections map to TOML tables and `TETHER_{SECTION}__{KEY}` variables."""
+
+    model_config = SettingsConfigDict(env_prefix="TETHER_", env_nested_delimiter="__", extra="forbid")
+
+    hub: HubSettings = HubSettings()
+    listeners: ListenerSettings = ListenerSettings()
+    tls: TlsSettings = TlsSettings()
+    limits: LimitSettings = LimitSettings()
+    storage: StorageSettings = StorageSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = os.environ.get("TETHER_CONFIG")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=Path(toml_file)))
+        return tuple(sources)
+
+    # Derived locations -------------------------------------------------------------------------
+    @property
+    def data_dir(self) -> Path:
+        return self.hub.data_dir
+
+    @property
+    def database_url(self) -> str:
+        return self.storage.database_url or f"sqlite+aiosqlite:///{self.data_dir.resolve()}/tether.db"
+
+    @property
+    def stream_url(self) -> str:
+        return self.storage.stream_url or f"file://{self.data_dir.resolve()}/stream"
+
+    @property
+    def pki_dir(self) -> Path:
+        return self.data_dir / "pki"
+
+    @property
+    def cert_file(self) -> Path:
+        return self.tls.cert_file or self.pki_dir / "server.pem"
+
+    @property
+    def key_file(self) -> Path:
+        return self.tls.key_file or self.pki_dir / "server.key"
+
+    @property
+    def legacy_tls(self) -> bool:
+        return self.tls.min_version in ("TLSv1", "TLSv1.1")
+
+
+class ConfigError(Exception):
+    """Start-up stops with this; the message names each bad setting."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            name = ".".join(str(p) for p in err["loc"])
+            lines.append(f"invalid setting {name}: {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc

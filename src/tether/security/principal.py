@@ -1,0 +1,63 @@
+"""Who is acting: the single output of the Authenticator, consumed by every protocol surface."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+
+class Permission(StrEnum):
+    registry_read = "RegistryRead"
+    registry_write = "RegistryReadWrite"
+    service_connect = "ServiceConnect"
+    device_connect = "DeviceConnect"
+
+
+class CredentialKind(StrEnum):
+    device_key = "sas"  # SAS signed with the device's (or module's) own key
+    policy_device_token = "sas-policy"  # device-scoped SAS signed with a DeviceConnect policy key (skn)
+    policy = "policy"  # service token from a shared access policy
+    x509_self_signed = "selfSigned"  # client certificate matched by thumbprint
+    x509_ca = "certificateAuthority"  # client certificate chaining to a verified CA
+    token_service = "token-service"  # token minted by an operator's own auth system
+
+
+class PrincipalKind(StrEnum):
+    device = "device"
+    module = "module"
+    service = "service"
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    kind: PrincipalKind
+    credential: CredentialKind
+    device_id: str | None = None
+    module_id: str | None = None
+    policy_name: str | None = None
+    permissions: frozenset[Permission] = field(default_factory=frozenset)
+    expires_at: float | None = None  # unix seconds; the connection must end then (SAS expiry)
+
+    @property
+    def name(self) -> str:
+        """Stable label for audit records and metrics (never a secret)."""
+        if self.kind is PrincipalKind.service:
+            return f"policy:{self.policy_name}"
+        if self.module_id:
+            return f"device:{self.device_id}/{self.module_id}"
+        return f"device:{self.device_id}"
+
+    def has(self, permission: Permission) -> bool:
+        return permission in self.permissions
+
+
+class AuthRefused(Exception):
+    """A credential was refused. `reason` is a short machine-readable slug for audit and metrics;
+    `not_authorized` distinguishes "valid credential, no right" (MQTT 5 / HTTP 403) from
+    "bad credential" (MQTT 4 / HTTP 401)."""
+
+    def __init__(self, reason: str, detail: str = "", *, not_authorized: bool = False) -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+        self.detail = detail
+        self.not_authorized = not_authorized

@@ -1,0 +1,90 @@
+"""The narrow storage interface. Services depend on these protocols only; the embedded (SQLite +
+local files) and scale-out (PostgreSQL + NATS JetStream) implementations both satisfy them.
+
+Concurrency contract: `replace`/`delete` compare `expected_etag` atomically with the write
+(`UPDATE … WHERE etag = :expected`), so two writers with the same stale etag cannot both win.
+`insert_many` is all-or-nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from tether.registry.models import ConnectionState, Device, RegistryStatistics
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyRecord:
+    name: str
+    primary_key: str
+    secondary_key: str
+    permissions: frozenset[str]  # values of tether.security.principal.Permission
+
+
+@dataclass(frozen=True, slots=True)
+class AuditRecord:
+    time: datetime
+    action: str  # e.g. "auth.mqtt", "auth.rest", "device.create", "policy.delete"
+    outcome: str  # "allowed" | "refused" | "ok" | "failed"
+    principal: str | None = None  # Principal.name or the claimed identity; never a secret
+    credential: str | None = None  # CredentialKind value
+    reason: str | None = None
+    peer: str | None = None  # "ip:port"
+    target: str | None = None  # device id / policy name acted on
+    details: dict[str, Any] = field(default_factory=dict)
+    id: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ActivityUpdate:
+    """Coalesced connection-state/activity change, written in batches (not per message)."""
+
+    device_id: str
+    connection_state: ConnectionState | None
+    at: datetime
+
+
+class DeviceRepository(Protocol):
+    async def get(self, device_id: str) -> Device | None: ...
+    async def insert(self, device: Device) -> None: ...  # Conflict if it exists
+    async def insert_many(self, devices: Sequence[Device]) -> None: ...  # all-or-nothing
+    async def replace(self, device: Device, expected_etag: str | None) -> None: ...
+    async def delete(self, device_id: str, expected_etag: str | None) -> None: ...
+    async def list(self, *, top: int, after: str | None = None) -> list[Device]: ...
+    def iter_all(self) -> AsyncIterator[Device]: ...
+    async def statistics(self) -> RegistryStatistics: ...
+    async def apply_activity(self, updates: Sequence[ActivityUpdate]) -> None: ...
+
+
+class PolicyRepository(Protocol):
+    async def list(self) -> list[PolicyRecord]: ...
+    async def get(self, name: str) -> PolicyRecord | None: ...
+    async def upsert(self, policy: PolicyRecord) -> None: ...
+    async def delete(self, name: str) -> bool: ...
+
+
+class AuditRepository(Protocol):
+    async def append(self, records: Sequence[AuditRecord]) -> None: ...
+    async def query(
+        self,
+        *,
+        limit: int = 100,
+        since: datetime | None = None,
+        outcome: str | None = None,
+        action_prefix: str | None = None,
+        principal: str | None = None,
+    ) -> list[AuditRecord]: ...
+
+
+class Storage(Protocol):
+    """Aggregate of repositories over one backend; later issues add twins, c2d, checkpoints, CAs."""
+
+    devices: DeviceRepository
+    policies: PolicyRepository
+    audit: AuditRepository
+
+    async def start(self) -> None: ...  # connect + run Alembic migrations to head
+    async def close(self) -> None: ...
