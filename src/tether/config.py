@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -39,7 +39,13 @@ DEFAULT_TLS12_CIPHERS = ":".join(
 DEFAULT_TLS13_CIPHERSUITES = "TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256:TLS_AES_128_GCM_SHA256"
 
 
-class HubSettings(BaseModel):
+class Section(BaseModel):
+    """A settings table: unknown keys are typos, so they stop start-up."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class HubSettings(Section):
     hostname: str = Field("localhost", description="Host name devices use; part of every token scope.")
     data_dir: Path = Field(Path("tether-data"), description="Where embedded storage and PKI files live.")
 
@@ -51,7 +57,7 @@ class HubSettings(BaseModel):
         return v
 
 
-class ListenerSettings(BaseModel):
+class ListenerSettings(Section):
     host: str = Field("0.0.0.0", description="Address every listener binds.")
     mqtt_port: int = Field(8883, ge=0, le=65535, description="MQTT over TLS.")
     mqtt_plain_port: int | None = Field(
@@ -61,7 +67,7 @@ class ListenerSettings(BaseModel):
     amqp_port: int | None = Field(None, ge=0, le=65535, description="AMQP over TLS (when available).")
 
 
-class TlsSettings(BaseModel):
+class TlsSettings(Section):
     cert_file: Path | None = Field(None, description="Server certificate (PEM); default {data_dir}/pki.")
     key_file: Path | None = Field(None, description="Server private key (PEM).")
     chain_file: Path | None = Field(None, description="Intermediate chain (PEM), optional.")
@@ -71,7 +77,7 @@ class TlsSettings(BaseModel):
     request_client_cert: bool = Field(True, description="Ask clients for a certificate (mutual TLS).")
 
 
-class LimitSettings(BaseModel):
+class LimitSettings(Section):
     max_connections: int = Field(100_000, ge=1)
     max_d2c_message_bytes: int = Field(262_144, ge=1, description="Device-to-cloud message size limit.")
     max_mqtt_packet_bytes: int = Field(270_000, ge=1024)
@@ -82,7 +88,7 @@ class LimitSettings(BaseModel):
     auth_failures_per_second: float = Field(50.0, gt=0, description="Per-peer auth failure rate limit.")
 
 
-class StorageSettings(BaseModel):
+class StorageSettings(Section):
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in data_dir.")
     stream_url: str | None = Field(None, description="Event stream: file://… (default) or nats://…")
     stream_partitions: int = Field(4, ge=1, le=32)

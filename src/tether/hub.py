@@ -1,0 +1,119 @@
+"""Composition root: builds every service from `Settings` and starts/stops the listeners.
+
+Protocol surfaces receive the `Hub` and use only its public service attributes; nothing else wires
+modules together. Embedded defaults: SQLite + local segment files under `settings.data_dir`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from types import TracebackType
+from typing import Any
+
+from tether.config import Settings
+from tether.messaging.events import EventStream, open_stream
+from tether.registry.service import RegistryService
+from tether.security.audit import AuditLog
+from tether.security.authenticator import Authenticator
+from tether.security.policies import PolicyService
+from tether.storage.factory import open_storage
+from tether.storage.sql.storage import SqlStorage
+
+log = logging.getLogger("tether.hub")
+
+ACTIVITY_FLUSH_INTERVAL_S = 5.0
+
+
+class Hub:
+    """Owns storage, services and listeners for one gateway process."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.storage: SqlStorage = open_storage(settings)
+        self.audit = AuditLog(self.storage.audit)
+        self.policies = PolicyService(self.storage.policies, self.audit)
+        self.registry = RegistryService(self.storage.devices, self.audit)
+        self.stream: EventStream = open_stream(
+            settings.stream_url,
+            partitions=settings.storage.stream_partitions,
+            retention_hours=settings.storage.stream_retention_hours,
+            retention_bytes=settings.storage.stream_retention_bytes,
+        )
+        self.cert_verifier: Any = None  # X509Verifier once CAs are loaded (open())
+        self.authenticator = Authenticator(
+            hostname=settings.hub.hostname,
+            devices=self.registry,
+            policies=self.policies,
+            audit=self.audit,
+            clock_skew_s=settings.limits.sas_clock_skew_s,
+        )
+        self._servers: list[asyncio.AbstractServer] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self._closers: list[Any] = []
+        self.ports: dict[str, int] = {}
+        self.tls: Any = None  # TlsContextFactory once listeners start
+
+    async def open(self) -> None:
+        """Connect storage (running migrations), the stream, and create default policies."""
+        await self.storage.start()
+        await self.stream.start()
+        await self.policies.ensure_defaults()
+        self._tasks.append(asyncio.create_task(self._flush_activity_forever()))
+
+    async def _flush_activity_forever(self) -> None:
+        while True:
+            await asyncio.sleep(ACTIVITY_FLUSH_INTERVAL_S)
+            try:
+                await self.registry.flush_activity()
+            except Exception:  # keep flushing; a transient DB error must not stop the loop
+                log.exception("activity flush failed")
+
+    def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
+        """Track a listener so `close()` stops it; records its bound port in `ports`."""
+        self._servers.append(server)
+        sockets = getattr(server, "sockets", None) or []
+        if sockets:
+            self.ports[name] = int(sockets[0].getsockname()[1])
+        if closer is not None:
+            self._closers.append(closer)
+
+    def reload_tls(self) -> None:
+        """Hot-reload the server certificate/chain: new connections get it, live ones keep theirs."""
+        if self.tls is not None:
+            self.tls.reload()
+            log.info("TLS certificate reloaded")
+
+    async def service_connection_string(self, policy: str = "iothubowner") -> str:
+        record = await self.policies.get(policy)
+        return (
+            f"HostName={self.settings.hub.hostname};SharedAccessKeyName={record.name};"
+            f"SharedAccessKey={record.primary_key}"
+        )
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        for closer in reversed(self._closers):
+            with contextlib.suppress(Exception):
+                await closer()
+        with contextlib.suppress(Exception):
+            await self.registry.flush_activity()
+        await self.stream.close()
+        await self.audit.close()
+        await self.storage.close()
+
+    async def __aenter__(self) -> Hub:
+        await self.open()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()

@@ -1,0 +1,81 @@
+"""`tether run`: open the hub, start every listener, serve until SIGINT/SIGTERM.
+
+Listeners: MQTT over TLS (`listeners.mqtt_port`), the HTTPS server carrying the service REST API,
+the device HTTPS surface, MQTT over WebSockets and `/metrics` (`listeners.https_port`), and — only
+when configured — plain-TCP MQTT for loopback testing. All TLS goes through one TlsContextFactory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import sys
+
+from aiohttp import web
+
+from tether.config import Settings
+from tether.hub import Hub
+
+log = logging.getLogger("tether.server")
+
+
+async def start_listeners(hub: Hub) -> None:
+    """Start every configured listener on `hub`; fills `hub.ports` with the bound ports."""
+    from tether.api.app import build_app
+    from tether.protocols.mqtt.server import start_mqtt
+    from tether.security.tls import TlsContextFactory, start_tls_server
+
+    settings = hub.settings
+    host = settings.listeners.host
+    tls = TlsContextFactory(settings.tls, settings.cert_file, settings.key_file, settings.tls.chain_file)
+    hub.tls = tls
+    if settings.legacy_tls:
+        log.warning("TLS %s enabled by tls.min_version: legacy protocol versions are insecure",
+                    settings.tls.min_version)
+
+    app = build_app(hub)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    assert runner.server is not None
+    https = await start_tls_server(runner.server, host, settings.listeners.https_port, tls)
+    hub.add_server("https", https, closer=runner.cleanup)
+
+    mqtts = await start_mqtt(hub, host=host, port=settings.listeners.mqtt_port, tls=True)
+    hub.add_server("mqtts", mqtts)
+    if settings.listeners.mqtt_plain_port is not None:
+        plain = await start_mqtt(hub, host=host, port=settings.listeners.mqtt_plain_port, tls=False)
+        hub.add_server("mqtt", plain)
+
+
+async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
+    """Run the hub until a termination signal; SIGHUP reloads the TLS certificate."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    async with Hub(settings) as hub:
+        await start_listeners(hub)
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(signal.SIGHUP, hub.reload_tls)
+        print(f"Tether hub '{settings.hub.hostname}' is running", flush=True)
+        for name, port in hub.ports.items():
+            print(f"  {name:6s} listening on {settings.listeners.host}:{port}", flush=True)
+        print(f"Service connection string: {await hub.service_connection_string()}", flush=True)
+        if ready is not None:
+            ready.set()
+        await stop.wait()
+        print("Tether hub stopping", file=sys.stderr, flush=True)
+
+
+def run(settings: Settings) -> None:
+    """Entry point used by the CLI: uvloop when available."""
+    try:
+        import uvloop
+
+        uvloop.run(serve(settings))
+    except ImportError:
+        asyncio.run(serve(settings))
