@@ -85,6 +85,9 @@ class LimitSettings(Section):
     connect_timeout_s: float = Field(5.0, gt=0, description="Time a socket gets to send CONNECT.")
     device_messages_per_second: float = Field(100.0, gt=0, description="Per-device telemetry rate limit.")
     sas_clock_skew_s: int = Field(300, ge=0, le=3600, description="Tolerated clock skew for tokens.")
+    sas_max_lifetime_s: int = Field(
+        366 * 86400, ge=60, description="Tokens expiring further in the future than this are refused."
+    )
     auth_failures_per_second: float = Field(50.0, gt=0, description="Per-peer auth failure rate limit.")
 
 

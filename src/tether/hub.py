@@ -48,6 +48,7 @@ class Hub:
             policies=self.policies,
             audit=self.audit,
             clock_skew_s=settings.limits.sas_clock_skew_s,
+            max_token_lifetime_s=settings.limits.sas_max_lifetime_s,
         )
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []

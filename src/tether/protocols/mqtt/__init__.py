@@ -1,1 +1,72 @@
-"""mqtt."""
+"""MQTT 3.1.1 device surface: a sans-I/O codec (`codec`, `packets`) and Azure's topic rules (`topics`).
+
+The server and session modules build on these; nothing in here touches sockets, clocks or storage.
+"""
+
+from .codec import (
+    DEFAULT_MAX_PACKET_SIZE,
+    MAX_REMAINING_LENGTH,
+    NEED_DATA,
+    MqttConnection,
+    NeedData,
+    ProtocolError,
+    encode_packet,
+    encode_puback,
+    encode_publish,
+)
+from .packets import (
+    SUBACK_FAILURE,
+    ConnAck,
+    ConnAckCode,
+    Connect,
+    Disconnect,
+    Packet,
+    PacketType,
+    PingReq,
+    PingResp,
+    PubAck,
+    PubComp,
+    Publish,
+    PubRec,
+    PubRel,
+    SubAck,
+    Subscribe,
+    UnsubAck,
+    Unsubscribe,
+    Will,
+    is_valid_topic_filter,
+    is_valid_topic_name,
+)
+
+__all__ = [
+    "DEFAULT_MAX_PACKET_SIZE",
+    "MAX_REMAINING_LENGTH",
+    "NEED_DATA",
+    "SUBACK_FAILURE",
+    "ConnAck",
+    "ConnAckCode",
+    "Connect",
+    "Disconnect",
+    "MqttConnection",
+    "NeedData",
+    "Packet",
+    "PacketType",
+    "PingReq",
+    "PingResp",
+    "ProtocolError",
+    "PubAck",
+    "PubComp",
+    "PubRec",
+    "PubRel",
+    "Publish",
+    "SubAck",
+    "Subscribe",
+    "UnsubAck",
+    "Unsubscribe",
+    "Will",
+    "encode_packet",
+    "encode_puback",
+    "encode_publish",
+    "is_valid_topic_filter",
+    "is_valid_topic_name",
+]

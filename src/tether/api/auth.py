@@ -1,0 +1,65 @@
+"""Service authentication for REST routes: every guarded route goes through `authenticate`.
+
+The authenticator verifies the `Authorization: SharedAccessSignature …` header and writes the audit
+record; this module only maps its refusal to 401 (bad credential) or 403 (valid but lacking the
+right). Messages carry the refusal slug, never the token.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from aiohttp import web
+
+from tether.api.context import hub_of, peer_of
+from tether.errors import Forbidden, TetherError, Unauthorized
+from tether.security.principal import AuthRefused, Permission, Principal
+
+SURFACE = "rest"
+OWNER_RIGHTS = frozenset(Permission)  # policy management needs all four rights
+
+
+# Refusal reasons a client may learn; others (unknown policy vs bad signature) would let a caller
+# probe which policy names exist, so they share one generic message.
+_TELLABLE = frozenset({"missing-credentials", "malformed", "expired", "lifetime-too-long",
+                       "device-token-not-allowed", "wrong-scope", "wrong-hub"})
+
+
+def refusal_error(exc: AuthRefused) -> TetherError:
+    if exc.not_authorized:
+        return Forbidden(f"not authorized: {exc.detail or exc.reason}", code="IotHubUnauthorizedAccess")
+    if exc.reason in _TELLABLE:
+        return Unauthorized(f"unauthorized: {exc.reason}: {exc.detail}".rstrip(": "),
+                            code="IotHubUnauthorizedAccess")
+    return Unauthorized("unauthorized: invalid credential", code="IotHubUnauthorizedAccess")
+
+
+async def authenticate(request: web.Request, required: Permission) -> Principal:
+    hub = hub_of(request)
+    try:
+        return await hub.authenticator.service(
+            request.headers.get("Authorization"), required=required, surface=SURFACE, peer=peer_of(request)
+        )
+    except AuthRefused as exc:
+        raise refusal_error(exc) from None
+
+
+async def require_all(request: web.Request, principal: Principal, rights: Iterable[Permission],
+                      *, what: str) -> None:
+    """Extra rights beyond the route's one `required` permission (e.g. owner-only operations).
+
+    The authenticator already recorded the credential as valid; a refusal here is a separate
+    authorization decision, so it gets its own audit record."""
+    missing = sorted(str(p) for p in frozenset(rights) - principal.permissions)
+    if not missing:
+        return
+    await hub_of(request).audit.record(
+        f"auth.{SURFACE}",
+        "refused",
+        principal=principal.name,
+        credential=str(principal.credential),
+        reason="missing-permission",
+        peer=peer_of(request),
+        details={"operation": what, "missing": missing},
+    )
+    raise Forbidden(f"{what} requires the rights {', '.join(missing)}", code="IotHubUnauthorizedAccess")

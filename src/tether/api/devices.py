@@ -1,0 +1,204 @@
+"""Device identity routes: Azure's `/devices` and `/statistics/devices`, plus Tether's
+`/tether/devices/...` conveniences (enable/disable, key regeneration, bulk import/export).
+
+Handlers parse and validate the whole request before calling the registry; the registry itself
+validates the device body before it writes, so a refused request leaves storage untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tether.api.bodies import (
+    body_limit,
+    parse_if_match,
+    parse_ndjson,
+    query_choice,
+    read_body,
+    read_json_object,
+    read_optional_json_object,
+)
+from tether.api.context import hub_of, principal_of
+from tether.errors import BadRequest, TetherError
+from tether.registry.models import Device, validate_device_id
+
+MAX_TOP = 1000
+CONTINUATION = "x-ms-continuation"
+NDJSON = "application/x-ndjson"
+EXPORT_FLUSH_BYTES = 65_536
+KEY_CHOICES = ("primary", "secondary", "both")
+_LINE_RE = re.compile(r"\bline (\d+)\b")
+
+
+class ImportResult(BaseModel):
+    imported: int = Field(description="Number of devices created (all or nothing).")
+
+
+class StatusChange(BaseModel):
+    """Body of `POST /tether/devices/{id}/disable` (optional for enable)."""
+
+    model_config = ConfigDict(extra="forbid")
+    reason: str | None = Field(None, max_length=128, description="Stored as the device's statusReason.")
+
+
+def path_device_id(request: web.Request) -> str:
+    return validate_device_id(request.match_info["id"], field="deviceId")
+
+
+def device_response(device: Device, *, status: int = 200) -> web.Response:
+    return web.json_response(device.to_wire(), status=status, headers={"ETag": f'"{device.etag}"'})
+
+
+async def put_device(request: web.Request) -> web.Response:
+    device_id = path_device_id(request)
+    if_match = parse_if_match(request.headers.get("If-Match"))
+    body = await read_json_object(request)  # the registry checks body deviceId == path id
+    device = await hub_of(request).registry.put(
+        device_id, body, if_match=if_match, actor=principal_of(request).name
+    )
+    return device_response(device)
+
+
+async def get_device(request: web.Request) -> web.Response:
+    return device_response(await hub_of(request).registry.get(path_device_id(request)))
+
+
+async def delete_device(request: web.Request) -> web.Response:
+    """A missing If-Match is taken as `*` (unconditional); the Azure SDK always sends one."""
+    device_id = path_device_id(request)
+    if_match = parse_if_match(request.headers.get("If-Match")) or "*"
+    await hub_of(request).registry.delete(device_id, if_match=if_match, actor=principal_of(request).name)
+    return web.Response(status=204)
+
+
+async def list_devices(request: web.Request) -> web.Response:
+    """Azure answers a bare JSON array; Tether pages with `x-ms-continuation` = the last id."""
+    raw_top = request.query.get("top") or ""
+    try:
+        top = int(raw_top) if raw_top else MAX_TOP
+    except ValueError:
+        raise BadRequest("top must be an integer", field="top") from None
+    if not 1 <= top <= MAX_TOP:
+        top = MAX_TOP  # Azure: "any value outside the range of 1-1000 is considered to be 1000"
+    after = request.headers.get(CONTINUATION) or request.query.get("continuationToken") or None
+    if after is not None:
+        validate_device_id(after, field=CONTINUATION)
+    devices = await hub_of(request).registry.list(top=top, after=after)
+    headers = {"x-ms-item-type": "Device"}
+    if len(devices) == top:
+        headers[CONTINUATION] = devices[-1].device_id
+    return web.json_response([d.to_wire() for d in devices], headers=headers)
+
+
+async def device_statistics(request: web.Request) -> web.Response:
+    stats = await hub_of(request).registry.statistics()
+    return web.json_response(stats.model_dump(mode="json", by_alias=True))
+
+
+async def enable_device(request: web.Request) -> web.Response:
+    return await _set_status(request, enabled=True)
+
+
+async def disable_device(request: web.Request) -> web.Response:
+    return await _set_status(request, enabled=False)
+
+
+async def _set_status(request: web.Request, *, enabled: bool) -> web.Response:
+    device_id = path_device_id(request)
+    body = await read_optional_json_object(request)
+    try:
+        change = StatusChange.model_validate(body)
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    device = await hub_of(request).registry.set_status(
+        device_id, enabled, reason=change.reason, actor=principal_of(request).name
+    )
+    return device_response(device)
+
+
+async def regenerate_device_key(request: web.Request) -> web.Response:
+    device_id = path_device_id(request)
+    which = query_choice(request, "key", KEY_CHOICES, default="primary")
+    device = await hub_of(request).registry.regenerate_key(device_id, which, actor=principal_of(request).name)
+    return device_response(device)
+
+
+def validation_error(exc: ValidationError, *, prefix: str = "") -> BadRequest:
+    """First pydantic error as a BadRequest naming the field by its JSON path."""
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "body"
+    return BadRequest(f"{prefix}{field}: {err['msg']}", field=f"{prefix}{field}")
+
+
+async def import_devices(request: web.Request) -> web.Response:
+    """All-or-nothing: the registry validates every record (numbered `line N: field` errors)
+    before its single transactional insert."""
+    records = parse_ndjson(await read_body(request, body_limit(request, bulk=True)))
+    if not records:
+        raise BadRequest("import body has no devices (one JSON object per line)", field="body")
+    try:
+        count = await hub_of(request).registry.import_devices(
+            [record for _, record in records], actor=principal_of(request).name
+        )
+    except TetherError as exc:
+        raise _renumber(exc, [number for number, _ in records]) from None
+    return web.json_response(ImportResult(imported=count).model_dump())
+
+
+def _renumber(exc: TetherError, lines: list[int]) -> TetherError:
+    """The registry numbers records 1..n; blank lines were skipped, so map back to body lines."""
+
+    def line(match: re.Match[str]) -> str:
+        index = int(match[1])
+        return f"line {lines[index - 1]}" if 1 <= index <= len(lines) else match[0]
+
+    def fix(text: str | None) -> str | None:
+        return None if text is None else _LINE_RE.sub(line, text)
+
+    message = fix(exc.message) or exc.message
+    return type(exc)(f"nothing imported: {message}", code=exc.code, field=fix(exc.field))
+
+
+async def export_devices(request: web.Request) -> web.StreamResponse:
+    """Every device, keys included, one JSON object per line, streamed in ~64 KiB writes."""
+    response = web.StreamResponse(headers={"Content-Type": NDJSON})
+    buffer: list[bytes] = []
+    size = 0
+    try:
+        async for device in hub_of(request).registry.export_devices():
+            line = json.dumps(device.to_wire(), separators=(",", ":")).encode() + b"\n"
+            buffer.append(line)
+            size += len(line)
+            if size >= EXPORT_FLUSH_BYTES:
+                if not response.prepared:
+                    await response.prepare(request)
+                await response.write(b"".join(buffer))
+                buffer, size = [], 0
+        if not response.prepared:
+            await response.prepare(request)
+        if buffer:
+            await response.write(b"".join(buffer))
+        await response.write_eof()
+    except ConnectionResetError:  # the client went away mid-stream; nothing left to answer
+        pass
+    return response
+
+
+__all__ = [
+    "ImportResult",
+    "StatusChange",
+    "delete_device",
+    "device_statistics",
+    "disable_device",
+    "enable_device",
+    "export_devices",
+    "get_device",
+    "import_devices",
+    "list_devices",
+    "put_device",
+    "regenerate_device_key",
+]

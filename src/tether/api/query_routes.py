@@ -1,0 +1,70 @@
+"""`POST /devices/query`: Azure IoT Hub's twin query, paged with `x-ms-max-item-count` (request) and
+`x-ms-continuation` (request and response). The answer is a JSON array; `x-ms-item-type` says
+`twin` (SELECT *) or `raw` (projections and aggregates). The query runs in `tether.messaging.query`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from tether.api.bodies import read_json_object
+from tether.api.twin_routes import Handler, guarded, twin_service, twins_of
+from tether.errors import BadRequest
+from tether.messaging.query import DEFAULT_PAGE, MAX_PAGE, QueryService
+from tether.security.principal import Permission
+
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+MAX_ITEM_COUNT = "x-ms-max-item-count"
+CONTINUATION = "x-ms-continuation"
+MAX_TOKEN_CHARS = 4096
+
+
+def _max_items(request: web.Request) -> int:
+    """Default 100; values above 1000 are served as 1000 (like `GET /devices?top=`)."""
+    raw = request.headers.get(MAX_ITEM_COUNT, "").strip()
+    if not raw:
+        return DEFAULT_PAGE
+    try:
+        value = int(raw)
+    except ValueError:
+        raise BadRequest(f"{MAX_ITEM_COUNT} must be an integer", field=MAX_ITEM_COUNT) from None
+    if value < 1:
+        raise BadRequest(f"{MAX_ITEM_COUNT} must be at least 1", field=MAX_ITEM_COUNT)
+    return min(value, MAX_PAGE)
+
+
+async def query_devices(request: web.Request) -> web.Response:
+    body = await read_json_object(request)
+    extra = sorted(k for k in body if k != "query")
+    if extra:
+        raise BadRequest(f"unknown field {extra[0]} (the body is {{\"query\": \"…\"}})", field=extra[0])
+    text = body.get("query")
+    if not isinstance(text, str):
+        raise BadRequest("query must be a string", field="query")
+    token = request.headers.get(CONTINUATION) or None
+    if token is not None and len(token) > MAX_TOKEN_CHARS:
+        raise BadRequest(f"{CONTINUATION} is too long", field=CONTINUATION)
+    page = await QueryService(twins_of(request)).run(text, max_items=_max_items(request),
+                                                     continuation=token)
+    headers = {"x-ms-item-type": page.item_type}
+    if page.continuation is not None:
+        headers[CONTINUATION] = page.continuation
+    return web.json_response(page.items, headers=headers)
+
+
+QUERY_ROUTES: tuple[tuple[str, str, Handler, Permission], ...] = (
+    ("POST", "/devices/query", query_devices, Permission.registry_read),
+)
+
+
+def add_query_routes(app: web.Application, hub: Hub) -> None:
+    twin_service(app, hub)
+    for method, path, handler, permission in QUERY_ROUTES:
+        app.router.add_route(method, path, guarded(handler, permission))
+
+
+__all__ = ["QUERY_ROUTES", "add_query_routes", "query_devices"]

@@ -1,0 +1,325 @@
+"""Cloud-to-device messaging: durable per-device queues with Azure's lifecycle, for every protocol.
+
+States: Enqueued → Invisible (locked for one delivery: lock token, lock expiry) → Completed |
+Rejected (dead-lettered) | Abandoned (back to Enqueued). A lock that expires makes the message
+visible again; a message past its TTL is dead-lettered as Expired; one delivered more than
+`max_delivery_count` times is dead-lettered as DeliveryCountExceeded. Outcomes produce the feedback
+the sender asked for (`tether.messaging.feedback`).
+
+Correctness never depends on the sweeper: `receive` skips (and dead-letters) expired messages and
+treats expired locks as visible. The sweeper (`start()`/`close()`) makes Expired feedback timely and
+wakes connected devices whose message became visible again through the enqueue listeners, which
+also fire after every send and abandon.
+
+`Device.cloudToDeviceMessageCount` is not written back into the registry (that would change the
+device etag on every send); `queue_depth()` gives the live number.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import re
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from tether.errors import BadRequest, NotFound, PreconditionFailed, QuotaExceeded
+from tether.messaging.feedback import ACK_MODES, FeedbackService, wants_feedback
+from tether.registry.models import DEVICE_ID_RE
+from tether.security.authenticator import AuditSink
+from tether.storage.sql.c2d import C2DMessage, NewC2DMessage, SqlC2DRepository
+from tether.storage.sql.engine import Database
+
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+__all__ = [
+    "DEFAULT_TTL_S",
+    "MAX_MESSAGE_BYTES",
+    "MAX_TTL_S",
+    "C2DMessage",
+    "C2DService",
+    "EnqueueListener",
+    "c2d_of",
+]
+
+log = logging.getLogger("tether.c2d")
+
+MAX_MESSAGE_BYTES: Final = 65_536  # Azure: C2D message ≤ 64 KB
+MAX_PROPERTIES_BYTES: Final = 8_192  # application properties, keys + values, UTF-8
+MAX_TTL_S: Final = 172_800.0  # 48 h
+DEFAULT_TTL_S: Final = 3_600.0
+MAX_ID_LENGTH: Final = 128
+# Azure's message id alphabet: ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '
+MESSAGE_ID_RE: Final = re.compile(r"[A-Za-z0-9\-:.+%_#*?!(),=@;$']{1,128}")
+_PRINTABLE_RE: Final = re.compile(r"[\x20-\x7e]*")
+
+EnqueueListener = Callable[[str], Awaitable[None] | None]
+
+
+def _check_text(value: str | None, name: str, limit: int = MAX_ID_LENGTH) -> str | None:
+    if value is None:
+        return None
+    if len(value) > limit or not _PRINTABLE_RE.fullmatch(value):
+        raise BadRequest(f"{name} must be at most {limit} printable ASCII characters", field=name)
+    return value
+
+
+def _check_properties(properties: Mapping[str, str]) -> dict[str, str]:
+    size = 0
+    for key, value in properties.items():
+        if not isinstance(key, str) or not isinstance(value, str) or not key:
+            raise BadRequest("application properties must be non-empty string keys with string values",
+                             field="properties")
+        if key.startswith("$.") or key.lower().startswith("iothub-"):
+            raise BadRequest(f"property name {key!r} is reserved", field="properties")
+        size += len(key.encode()) + len(value.encode())
+    if size > MAX_PROPERTIES_BYTES:
+        raise BadRequest(f"application properties exceed {MAX_PROPERTIES_BYTES} bytes", field="properties")
+    return dict(properties)
+
+
+class C2DService:
+    """Per-device C2D queues over SQL; one instance per hub process (every protocol shares it)."""
+
+    def __init__(
+        self,
+        db: Database,
+        *,
+        audit: AuditSink | None = None,
+        max_queue_depth: int = 50,
+        max_delivery_count: int = 10,
+        lock_timeout_s: float = 60.0,
+        default_ttl_s: float = DEFAULT_TTL_S,
+        sweep_interval_s: float = 5.0,
+        feedback_lock_timeout_s: float = 60.0,
+        feedback_ttl_s: float = 3_600.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not 1 <= max_delivery_count <= 100:
+            raise ValueError("max_delivery_count must be 1-100")
+        self.repo = SqlC2DRepository(db, wants_feedback)
+        self.feedback = FeedbackService(self.repo, lock_timeout_s=feedback_lock_timeout_s, clock=clock)
+        self._audit = audit
+        self.max_queue_depth = max_queue_depth
+        self.max_delivery_count = max_delivery_count
+        self.lock_timeout_s = lock_timeout_s
+        self.default_ttl_s = default_ttl_s
+        self.sweep_interval_s = sweep_interval_s
+        self.feedback_ttl_s = feedback_ttl_s
+        self._clock = clock
+        self._listeners: list[EnqueueListener] = []
+        self._device_listeners: dict[str, list[EnqueueListener]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Future[Any]] = set()
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the periodic sweeper (expiry feedback, lock release)."""
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="c2d-sweeper")
+
+    async def close(self) -> None:
+        sweeper, self._sweeper = self._sweeper, None
+        if sweeper is not None:
+            sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sweeper
+        for task in list(self._background):
+            task.cancel()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+
+    # --- listeners ----------------------------------------------------------------------------
+    def add_enqueue_listener(self, cb: EnqueueListener, *, device_id: str | None = None) -> None:
+        """`cb(device_id)` after a message became receivable (send, abandon, lock expiry); with
+        `device_id`, only for that device (a connected session's pump), else for every device."""
+        if device_id is None:
+            self._listeners.append(cb)
+        else:
+            self._device_listeners.setdefault(device_id, []).append(cb)
+
+    def remove_enqueue_listener(self, cb: EnqueueListener, *, device_id: str | None = None) -> None:
+        if device_id is None:
+            with contextlib.suppress(ValueError):
+                self._listeners.remove(cb)
+            return
+        callbacks = self._device_listeners.get(device_id)
+        if callbacks is None:
+            return
+        with contextlib.suppress(ValueError):
+            callbacks.remove(cb)
+        if not callbacks:
+            del self._device_listeners[device_id]
+
+    def _fire(self, device_id: str) -> None:
+        for cb in (*self._listeners, *self._device_listeners.get(device_id, ())):
+            try:
+                result = cb(device_id)
+            except Exception:
+                log.exception("C2D enqueue listener failed")
+                continue
+            if inspect.isawaitable(result):
+                task = asyncio.ensure_future(result)
+                self._background.add(task)
+                task.add_done_callback(self._listener_done)
+
+    def _listener_done(self, task: asyncio.Future[Any]) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("C2D enqueue listener failed", exc_info=task.exception())
+
+    # --- queue operations ---------------------------------------------------------------------
+    def _now_ms(self) -> int:
+        return int(self._clock() * 1000)
+
+    async def send(
+        self,
+        device_id: str,
+        body: bytes,
+        *,
+        message_id: str | None = None,
+        correlation_id: str | None = None,
+        ack: str = "none",
+        ttl_s: float | None = None,
+        properties: Mapping[str, str] | None = None,
+        user_id: str | None = None,
+        content_type: str | None = None,
+        content_encoding: str | None = None,
+        actor: str,
+    ) -> C2DMessage:
+        """Queue a message for the device. 404 unknown device, 403 DeviceMaximumQueueDepthExceeded,
+        400 for a body over 64 KB (MessageTooLarge), a TTL outside (0, 48 h], a bad ack or id."""
+        if len(body) > MAX_MESSAGE_BYTES:
+            raise BadRequest(f"message body exceeds {MAX_MESSAGE_BYTES} bytes", code="MessageTooLarge",
+                             field="body")
+        if ack not in ACK_MODES:
+            raise BadRequest(f"ack must be one of {', '.join(ACK_MODES)}", field="ack")
+        ttl = self.default_ttl_s if ttl_s is None else float(ttl_s)
+        if not 0 < ttl <= MAX_TTL_S:
+            raise BadRequest(f"ttl must be more than 0 and at most {int(MAX_TTL_S)} seconds", field="ttl")
+        if message_id is None:
+            message_id = str(uuid.uuid4())
+        elif not MESSAGE_ID_RE.fullmatch(message_id):
+            raise BadRequest("messageId must be 1-128 ASCII letters, digits or -:.+%_#*?!(),=@;$'",
+                             field="messageId")
+        new = NewC2DMessage(
+            device_id=device_id,
+            message_id=message_id,
+            body=bytes(body),
+            ack=ack,
+            correlation_id=_check_text(correlation_id, "correlationId"),
+            user_id=_check_text(user_id, "userId"),
+            content_type=_check_text(content_type, "contentType"),
+            content_encoding=_check_text(content_encoding, "contentEncoding", 64),
+            properties=_check_properties(properties or {}),
+        )
+        if not DEVICE_ID_RE.fullmatch(device_id):
+            raise NotFound(f"device {device_id!r} does not exist", code="DeviceNotFound")
+        now = self._now_ms()
+        result = await self.repo.enqueue(
+            new, now_ms=now, expiry_ms=now + int(ttl * 1000), max_depth=self.max_queue_depth
+        )
+        self.feedback.notify()  # expired messages may have been dead-lettered on the way
+        if result is None:
+            raise NotFound(f"device {device_id!r} does not exist", code="DeviceNotFound")
+        if isinstance(result, int):
+            raise QuotaExceeded(
+                f"device {device_id!r} already has {result} queued messages (maximum {self.max_queue_depth})",
+                code="DeviceMaximumQueueDepthExceeded",
+            )
+        await self._record("c2d.send", actor, device_id,
+                           {"messageId": result.message_id, "ack": ack, "size": len(body)})
+        self._fire(device_id)
+        return result
+
+    async def receive(self, device_id: str, *, lock_timeout_s: float | None = None) -> C2DMessage | None:
+        """Lock and return the oldest visible message, or None when there is none."""
+        lock_s = self.lock_timeout_s if lock_timeout_s is None else lock_timeout_s
+        if lock_s <= 0:
+            raise BadRequest("lock timeout must be positive", field="lockTimeout")
+        message = await self.repo.receive(
+            device_id, now_ms=self._now_ms(), lock_ms=int(lock_s * 1000),
+            max_delivery_count=self.max_delivery_count,
+        )
+        self.feedback.notify()
+        return message
+
+    async def complete(self, device_id: str, lock_token: str) -> C2DMessage:
+        return await self._settle(device_id, lock_token, "complete")
+
+    async def reject(self, device_id: str, lock_token: str) -> C2DMessage:
+        return await self._settle(device_id, lock_token, "reject")
+
+    async def abandon(self, device_id: str, lock_token: str) -> C2DMessage:
+        message = await self._settle(device_id, lock_token, "abandon")
+        self._fire(device_id)
+        return message
+
+    async def release(self, device_id: str, lock_token: str) -> C2DMessage:
+        """Unlock a message that was received but never sent (e.g. its connection closed first):
+        back to Enqueued without counting the delivery."""
+        message = await self._settle(device_id, lock_token, "release")
+        self._fire(device_id)
+        return message
+
+    async def _settle(self, device_id: str, lock_token: str, outcome: str) -> C2DMessage:
+        message = await self.repo.settle(device_id, lock_token, outcome, now_ms=self._now_ms())
+        if message is None:
+            raise PreconditionFailed(
+                "the message lock is unknown, expired or already settled", code="DeviceMessageLockLost"
+            )
+        if outcome in ("complete", "reject"):
+            self.feedback.notify()
+        return message
+
+    async def purge(self, device_id: str, *, actor: str = "system") -> int:
+        """Delete every queued message of the device; Purged feedback for ack negative/full."""
+        count = await self.repo.purge(device_id, now_ms=self._now_ms())
+        if count is None:
+            raise NotFound(f"device {device_id!r} does not exist", code="DeviceNotFound")
+        self.feedback.notify()
+        await self._record("c2d.purge", actor, device_id, {"purged": count})
+        return count
+
+    async def queue_depth(self, device_id: str) -> int:
+        """Live `cloudToDeviceMessageCount`: messages queued and not expired."""
+        return await self.repo.depth(device_id, now_ms=self._now_ms())
+
+    # --- sweeper ------------------------------------------------------------------------------
+    async def sweep(self) -> None:
+        """One sweeper pass (also callable directly, e.g. from tests or a maintenance command)."""
+        result = await self.repo.sweep(now_ms=self._now_ms(), feedback_ttl_ms=int(self.feedback_ttl_s * 1000))
+        if result.expired:
+            self.feedback.notify()
+        for device_id in result.unlocked:
+            self._fire(device_id)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.sweep_interval_s)
+            try:
+                await self.sweep()
+            except Exception:  # a transient DB error must not stop expiry for good
+                log.exception("C2D sweep failed")
+
+    async def _record(self, action: str, actor: str, device_id: str, details: dict[str, Any]) -> None:
+        if self._audit is not None:
+            await self._audit.record(action, "ok", principal=actor, target=device_id, details=details)
+
+
+def c2d_of(hub: Hub) -> C2DService:
+    """The hub's C2DService (`hub.c2d`); created on first use if the hub does not own one yet.
+
+    A service created here has no sweeper running (the hub's `open()`/`close()` should own it);
+    queues still behave correctly, only Expired feedback then waits for the next receive or send."""
+    existing = getattr(hub, "c2d", None)
+    if isinstance(existing, C2DService):
+        return existing
+    service = C2DService(hub.storage.db, audit=hub.audit)
+    setattr(hub, "c2d", service)  # noqa: B010 - Hub does not declare the attribute (yet)
+    return service

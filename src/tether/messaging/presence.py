@@ -1,0 +1,152 @@
+"""Which device is connected where in this process, and how many sockets are open.
+
+Azure allows one connection per device (or module) identity: a new connection replaces the old one.
+Protocol sessions register here after authentication; the registry closes the replaced connection,
+and `drop()` closes a device's connections when it is disabled or deleted. Later features (C2D, twin
+desired patches, direct methods) find a connected device here and push through `deliver()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol
+
+from tether.registry.models import Device
+
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+__all__ = ["ConnectionHandle", "ConnectionRegistry", "attach"]
+
+log = logging.getLogger("tether.presence")
+
+
+class ConnectionHandle(Protocol):
+    """One live device connection, whatever the protocol."""
+
+    @property
+    def protocol(self) -> str: ...  # "mqtt", "mqtt-ws", "amqp", … (metrics, diagnostics)
+
+    async def close(self, reason: str) -> None:
+        """Close the connection now (idempotent); `reason` is an audit/metrics slug."""
+        ...
+
+    def deliver(self, topic: str, payload: bytes, *, qos: int = 1) -> asyncio.Future[None]:
+        """Send a message to the device. The future completes when the device acknowledged it
+        (QoS 1) or it was written (QoS 0), and fails with ConnectionError when the connection ends
+        first — so a C2D sender knows whether to keep the message queued."""
+        ...
+
+
+Key = tuple[str, str | None]
+
+
+class ConnectionRegistry:
+    """Process-local presence: (device id, module id) → the one live connection handle.
+
+    Also admits sockets against `limits.max_connections`, counted across every protocol listener.
+    """
+
+    def __init__(self, max_connections: int) -> None:
+        self.max_connections = max_connections
+        self.open_sockets = 0
+        self._by_device: dict[str, dict[str | None, ConnectionHandle]] = {}
+        self._count = 0
+        self._epochs: dict[str, int] = {}
+
+    # --- socket admission ---------------------------------------------------------------------------
+    def admit(self) -> bool:
+        """Reserve a socket slot; False when the process is at `max_connections`."""
+        if self.open_sockets >= self.max_connections:
+            return False
+        self.open_sockets += 1
+        return True
+
+    def release(self) -> None:
+        self.open_sockets = max(0, self.open_sockets - 1)
+
+    # --- presence ----------------------------------------------------------------------------------
+    def __len__(self) -> int:
+        return self._count
+
+    def get(self, device_id: str, module_id: str | None = None) -> ConnectionHandle | None:
+        per_device = self._by_device.get(device_id)
+        return None if per_device is None else per_device.get(module_id)
+
+    def connected(self) -> list[Key]:
+        return [(d, m) for d, mods in self._by_device.items() for m in mods]
+
+    async def register(
+        self, device_id: str, module_id: str | None, handle: ConnectionHandle
+    ) -> ConnectionHandle | None:
+        """Make `handle` the identity's connection; the previous one (returned) is closed first."""
+        per_device = self._by_device.setdefault(device_id, {})
+        previous = per_device.get(module_id)
+        per_device[module_id] = handle
+        if previous is None:
+            self._count += 1
+        elif previous is not handle:
+            await _close_quietly(previous, "connection-replaced")
+        return previous
+
+    def unregister(self, device_id: str, module_id: str | None, handle: ConnectionHandle) -> bool:
+        """Forget `handle` if it is still the identity's connection (a replaced one is not);
+        True when it was, i.e. the identity is now disconnected."""
+        per_device = self._by_device.get(device_id)
+        if per_device is None or per_device.get(module_id) is not handle:
+            return False
+        del per_device[module_id]
+        self._count -= 1
+        if not per_device:
+            del self._by_device[device_id]
+        return True
+
+    def epoch(self, device_id: str) -> int:
+        """Bumped by every `drop()`: a session that authenticated while its device was being
+        disabled sees a changed epoch after registering and closes itself."""
+        return self._epochs.get(device_id, 0)
+
+    async def drop(self, device_id: str, reason: str) -> int:
+        """Close every connection of the device and its modules; returns how many were closed."""
+        self._epochs[device_id] = self._epochs.get(device_id, 0) + 1
+        per_device = self._by_device.get(device_id)
+        if not per_device:
+            return 0
+        handles = list(per_device.values())
+        await asyncio.gather(*(_close_quietly(h, reason) for h in handles))
+        return len(handles)
+
+    async def close_all(self, reason: str = "hub-stopping") -> None:
+        handles = [h for mods in self._by_device.values() for h in mods.values()]
+        await asyncio.gather(*(_close_quietly(h, reason) for h in handles))
+
+    def status_listener(self) -> Callable[[Device], Awaitable[None]]:
+        """Callback for `RegistryService.add_status_listener`: disabling or deleting a device
+        closes its connections at once (a deleted device is still reported as enabled)."""
+
+        async def on_status(device: Device) -> None:
+            reason = "device-deleted" if device.enabled else "device-disabled"
+            await self.drop(device.device_id, reason)
+
+        return on_status
+
+
+async def _close_quietly(handle: ConnectionHandle, reason: str) -> None:
+    try:
+        await handle.close(reason)
+    except Exception:  # a broken transport must not stop the others from closing
+        log.exception("closing a %s connection failed", handle.protocol)
+
+
+def attach(hub: Hub) -> ConnectionRegistry:
+    """The hub's ConnectionRegistry (`hub.connections`), created and subscribed to device status
+    changes on first use, so every protocol listener of the hub shares one."""
+    existing = getattr(hub, "connections", None)
+    if isinstance(existing, ConnectionRegistry):
+        return existing
+    registry = ConnectionRegistry(hub.settings.limits.max_connections)
+    hub.registry.add_status_listener(registry.status_listener())
+    setattr(hub, "connections", registry)  # noqa: B010 - Hub does not declare the attribute (yet)
+    return registry

@@ -1,0 +1,381 @@
+"""Device twins: tags (service only), desired properties (service writes, device reads) and reported
+properties (device writes), in Azure IoT Hub's JSON shape and with Azure's semantics.
+
+Promises:
+- every write gets a new opaque `etag` and `version + 1`; each properties section has its own
+  `$version`, raised when that section is written; `$metadata` records `$lastUpdated` (and
+  `$lastUpdatedVersion` for desired) for every key, recursively, as Azure does;
+- writes are optimistic (compare-and-set on the stored version) and retried internally when a device
+  and a service (or two hub nodes) interleave; only a stale client `If-Match` gives 412;
+- a device that exists but was never written has an empty twin with version 1 (no row is stored);
+  deleting a device deletes its twin (foreign key cascade, plus a registry status listener);
+- desired listeners run after each committed desired change, in `$version` order per device within
+  this process (see `add_desired_listener`).
+
+Document rules (limits, metadata, diff) live in `tether.messaging.twin_docs`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import logging
+import random
+import weakref
+from collections.abc import Awaitable, Callable
+from dataclasses import replace as dc_replace
+from datetime import datetime
+from typing import Any
+
+from tether.errors import BadRequest, NotFound, PreconditionFailed
+from tether.messaging.twin_docs import (
+    DESIRED_LIMIT,
+    REPORTED_LIMIT,
+    TAGS_LIMIT,
+    apply_patch,
+    check_section,
+    check_size,
+    diff,
+    iso,
+    stamp,
+    strip_nulls,
+    without_reserved,
+)
+from tether.registry.models import EPOCH, Device, utcnow, validate_device_id
+from tether.registry.service import RegistryService, new_etag, parse_if_match
+from tether.security.audit import AuditLog
+from tether.storage.sql.twins import TwinRecord, TwinRepository
+
+log = logging.getLogger(__name__)
+
+DesiredListener = Callable[[str, dict[str, Any]], Awaitable[None]]
+
+INITIAL_ETAG = "AAAAAAAAAAE="  # Azure's etag of a twin that was never written
+_WRITE_RETRIES = 16
+# Twin fields a service may echo back from a fetched twin: ignored on PATCH/PUT (deviceId must match).
+READ_ONLY_FIELDS = frozenset(
+    {
+        "deviceId", "moduleId", "etag", "deviceEtag", "version", "status", "statusReason",
+        "statusUpdateTime", "connectionState", "lastActivityTime", "cloudToDeviceMessageCount",
+        "authenticationType", "x509Thumbprint", "capabilities", "deviceScope", "parentScopes", "modelId",
+    }
+)
+Mutation = Callable[[TwinRecord], "tuple[TwinRecord, dict[str, Any] | None] | None"]
+
+
+def blank_record(device_id: str) -> TwinRecord:
+    """The twin of a device that was never written."""
+    epoch = iso(EPOCH)
+    return TwinRecord(
+        device_id=device_id,
+        etag=INITIAL_ETAG,
+        version=1,
+        tags={},
+        desired={},
+        reported={},
+        desired_version=1,
+        reported_version=1,
+        metadata={
+            "desired": {"$lastUpdated": epoch, "$lastUpdatedVersion": 1},
+            "reported": {"$lastUpdated": epoch},
+        },
+    )
+
+
+def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
+    """Azure's twin JSON: registry fields of the device merged with the stored sections."""
+    metadata = record.metadata
+    return {
+        "deviceId": device.device_id,
+        "etag": record.etag,
+        "deviceEtag": device.etag,
+        "version": record.version,
+        "status": device.status.value,
+        "statusReason": device.status_reason,
+        "statusUpdateTime": iso(device.status_updated_time),
+        "connectionState": device.connection_state.value,
+        "lastActivityTime": iso(device.last_activity_time),
+        "cloudToDeviceMessageCount": device.cloud_to_device_message_count,
+        "authenticationType": device.authentication.type.value,
+        "x509Thumbprint": device.authentication.x509_thumbprint.model_dump(mode="json", by_alias=True),
+        "capabilities": device.capabilities.model_dump(mode="json", by_alias=True),
+        "tags": copy.deepcopy(record.tags),
+        "properties": {
+            "desired": {
+                **copy.deepcopy(record.desired),
+                "$metadata": copy.deepcopy(metadata.get("desired", {})),
+                "$version": record.desired_version,
+            },
+            "reported": {
+                **copy.deepcopy(record.reported),
+                "$metadata": copy.deepcopy(metadata.get("reported", {})),
+                "$version": record.reported_version,
+            },
+        },
+    }
+
+
+def _not_found(device_id: str) -> NotFound:
+    return NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
+
+
+def _parse_service_body(
+    device_id: str, body: object, *, replace: bool
+) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
+    """(tags, desired) from a service PATCH/PUT body; None means "not given". Read-only twin fields
+    echoed from a GET are ignored; anything else outside tags/properties.desired is refused."""
+    if not isinstance(body, dict):
+        raise BadRequest("twin body must be a JSON object", field="body")
+    for key, value in body.items():
+        if key in ("tags", "properties"):
+            continue
+        if key in READ_ONLY_FIELDS:
+            if key == "deviceId" and value not in (None, device_id):
+                raise BadRequest(f"deviceId {value!r} in the body does not match {device_id!r}",
+                                 field="deviceId")
+            continue
+        raise BadRequest(f"{key} cannot be written: a service writes tags and properties.desired",
+                         field=str(key))
+    tags = body.get("tags")
+    if tags is not None:
+        tags = check_section("tags", tags)
+    desired: dict[str, Any] | None = None
+    properties = body.get("properties")
+    if properties is not None:
+        if not isinstance(properties, dict):
+            raise BadRequest("properties must be a JSON object", field="properties")
+        for key in properties:
+            if key == "desired" or (key == "reported" and replace):
+                continue  # a PUT body is a whole twin: its reported section (the device's) is ignored
+            if key == "reported":
+                raise BadRequest("properties.reported is written by the device only",
+                                 field="properties.reported")
+            raise BadRequest(f"properties.{key} is not a twin section", field=f"properties.{key}")
+        raw = properties.get("desired")
+        if raw is not None:
+            if not isinstance(raw, dict):
+                raise BadRequest("properties.desired must be a JSON object", field="properties.desired")
+            desired = check_section("properties.desired", without_reserved(raw))
+    return tags, desired
+
+
+class TwinService:
+    """Validated, versioned, durable device twins over a `TwinRepository`."""
+
+    def __init__(
+        self,
+        repo: TwinRepository,
+        registry: RegistryService,
+        audit: AuditLog,
+        *,
+        clock: Callable[[], datetime] = utcnow,
+    ) -> None:
+        self._repo = repo
+        self._registry = registry
+        self._audit = audit
+        self._clock = clock
+        self._listeners: list[DesiredListener] = []
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        registry.add_status_listener(self._on_device_status)
+
+    def add_desired_listener(self, cb: DesiredListener) -> None:
+        """`cb(device_id, patch)` runs after every committed change of a device's desired properties.
+
+        `patch` is a merge-patch (removed keys are null) plus `"$version"`: the new desired version,
+        exactly the body and `$version` of `$iothub/twin/PATCH/properties/desired/?$version=n`. Each
+        call gets its own copy. Within this process calls for one device come in `$version` order
+        (the twin's write lock is held while listeners run, so keep them quick: enqueue, don't wait on
+        the network); other hub nodes' writes are not seen. Exceptions are logged and ignored."""
+        self._listeners.append(cb)
+
+    # Reads -----------------------------------------------------------------------------------
+    async def get(self, device_id: str) -> dict[str, Any]:
+        """The full twin (Azure's twin JSON); 404 DeviceNotFound for an unknown device."""
+        device, record = await self._load(device_id)
+        return twin_document(device, record)
+
+    async def get_for_device(self, device_id: str) -> dict[str, Any]:
+        """The MQTT twin GET body: `{"desired": {…, "$version": n}, "reported": {…, "$version": m}}`."""
+        _, record = await self._load(device_id)
+        return {
+            "desired": {**copy.deepcopy(record.desired), "$version": record.desired_version},
+            "reported": {**copy.deepcopy(record.reported), "$version": record.reported_version},
+        }
+
+    async def scan(self, *, after: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
+        """Twins of up to `limit` devices in device-id order after `after` (the query engine's pages)."""
+        devices = await self._registry.list(top=limit, after=after)
+        records = await self._repo.get_many([d.device_id for d in devices])
+        return [twin_document(d, records.get(d.device_id) or blank_record(d.device_id)) for d in devices]
+
+    # Service writes --------------------------------------------------------------------------
+    async def patch(
+        self, device_id: str, patch: dict[str, Any], *, if_match: str | None, actor: str
+    ) -> dict[str, Any]:
+        """Service PATCH: merge `tags` and/or `properties.desired` (null removes a key)."""
+        validate_device_id(device_id)
+        tags_patch, desired_patch = _parse_service_body(device_id, patch, replace=False)
+        tags_patch = tags_patch or None
+        desired_patch = desired_patch or None
+        now = self._clock()
+
+        def mutate(current: TwinRecord) -> tuple[TwinRecord, dict[str, Any] | None] | None:
+            if tags_patch is None and desired_patch is None:
+                return None
+            tags, desired, metadata = current.tags, current.desired, current.metadata
+            desired_version = current.desired_version
+            if tags_patch is not None:
+                tags = copy.deepcopy(tags)
+                apply_patch(tags, {}, tags_patch, {})
+                check_size("tags", tags, TAGS_LIMIT)
+            notice: dict[str, Any] | None = None
+            if desired_patch is not None:
+                desired_version += 1
+                desired, metadata = copy.deepcopy(desired), copy.deepcopy(metadata)
+                meta = metadata.setdefault("desired", {})
+                apply_patch(desired, meta, desired_patch, stamp(now, desired_version))
+                check_size("properties.desired", desired, DESIRED_LIMIT)
+                notice = {**copy.deepcopy(desired_patch), "$version": desired_version}
+            updated = dc_replace(current, tags=tags, desired=desired, metadata=metadata,
+                                 desired_version=desired_version)
+            return updated, notice
+
+        sections = [name for name, part in (("tags", tags_patch), ("desired", desired_patch)) if part]
+        return await self._service_write(device_id, if_match, mutate, "twin.update", actor, sections)
+
+    async def replace(
+        self, device_id: str, twin: dict[str, Any], *, if_match: str | None, actor: str
+    ) -> dict[str, Any]:
+        """Service PUT: `tags` and `properties.desired` become exactly the body's (absent = empty);
+        the rest of the body (reported, registry fields) is ignored. Devices get the difference."""
+        validate_device_id(device_id)
+        tags_body, desired_body = _parse_service_body(device_id, twin, replace=True)
+        new_tags: dict[str, Any] = strip_nulls(tags_body or {})
+        new_desired: dict[str, Any] = strip_nulls(desired_body or {})
+        check_size("tags", new_tags, TAGS_LIMIT)
+        check_size("properties.desired", new_desired, DESIRED_LIMIT)
+        now = self._clock()
+
+        def mutate(current: TwinRecord) -> tuple[TwinRecord, dict[str, Any] | None] | None:
+            changes = diff(current.desired, new_desired)
+            desired, metadata = current.desired, current.metadata
+            desired_version = current.desired_version
+            notice: dict[str, Any] | None = None
+            if changes:
+                desired_version += 1
+                desired, metadata = copy.deepcopy(desired), copy.deepcopy(metadata)
+                meta = metadata.setdefault("desired", {})
+                apply_patch(desired, meta, changes, stamp(now, desired_version))
+                notice = {**changes, "$version": desired_version}
+            updated = dc_replace(current, tags=copy.deepcopy(new_tags), desired=desired,
+                                 metadata=metadata, desired_version=desired_version)
+            return updated, notice
+
+        return await self._service_write(device_id, if_match, mutate, "twin.replace", actor,
+                                         ["tags", "desired"])
+
+    # Device writes ---------------------------------------------------------------------------
+    async def update_reported(self, device_id: str, patch: dict[str, Any]) -> int:
+        """Device reported-properties PATCH (null removes a key); returns the new reported `$version`.
+        Not audited: it is device traffic, like telemetry."""
+        reported_patch = check_section("properties.reported", patch)
+        now = self._clock()
+
+        def mutate(current: TwinRecord) -> tuple[TwinRecord, dict[str, Any] | None] | None:
+            reported, metadata = copy.deepcopy(current.reported), copy.deepcopy(current.metadata)
+            meta = metadata.setdefault("reported", {})
+            apply_patch(reported, meta, reported_patch, stamp(now, None))
+            check_size("properties.reported", reported, REPORTED_LIMIT)
+            updated = dc_replace(current, reported=reported, metadata=metadata,
+                                 reported_version=current.reported_version + 1)
+            return updated, None
+
+        async with self._lock(device_id):
+            _, record, _, _ = await self._write(device_id, None, mutate)
+        return record.reported_version
+
+    # Internals -------------------------------------------------------------------------------
+    def _lock(self, device_id: str) -> asyncio.Lock:
+        """One lock per device while anyone holds it: serialises this process's writes of a twin
+        (fewer retries) and keeps desired notifications in order."""
+        lock = self._locks.get(device_id)
+        if lock is None:
+            lock = asyncio.Lock()
+            self._locks[device_id] = lock
+        return lock
+
+    async def _load(self, device_id: str) -> tuple[Device, TwinRecord]:
+        validate_device_id(device_id)
+        device = await self._registry.find(device_id)
+        if device is None:
+            raise _not_found(device_id)
+        record = await self._repo.get(device_id)
+        return device, record or blank_record(device_id)
+
+    async def _service_write(
+        self,
+        device_id: str,
+        if_match: str | None,
+        mutate: Mutation,
+        action: str,
+        actor: str,
+        sections: list[str],
+    ) -> dict[str, Any]:
+        _, expected = parse_if_match(if_match)
+        async with self._lock(device_id):
+            device, record, notice, written = await self._write(device_id, expected, mutate)
+            if notice is not None:
+                await self._notify(device_id, notice)
+        if written:
+            await self._audit.record(action, "ok", principal=actor, target=device_id,
+                                     details={"sections": sections, "version": record.version})
+        return twin_document(device, record)
+
+    async def _write(
+        self, device_id: str, expected_etag: str | None, mutate: Mutation
+    ) -> tuple[Device, TwinRecord, dict[str, Any] | None, bool]:
+        """Read-modify-write with compare-and-set on the stored version; `mutate` returns the new
+        record and the desired notice, or None for "nothing to write".
+        Returns (device, record, notice, written)."""
+        for attempt in range(_WRITE_RETRIES):
+            device = await self._registry.find(device_id)
+            if device is None:
+                raise _not_found(device_id)
+            stored = await self._repo.get(device_id)
+            current = stored or blank_record(device_id)
+            if expected_etag is not None and current.etag != expected_etag:
+                raise PreconditionFailed(
+                    f"twin {device_id}: If-Match etag does not match the current version",
+                    code="PreconditionFailed",
+                )
+            result = mutate(current)
+            if result is None:
+                return device, current, None, False
+            updated, notice = result
+            updated = dc_replace(updated, etag=new_etag(), version=current.version + 1)
+            if stored is None:
+                written = await self._repo.insert(updated)
+            else:
+                written = await self._repo.update(updated, stored.version)
+            if written:
+                return device, updated, notice, True
+            # Another writer (a device, a service, another hub node) got in first: read again.
+            await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
+        raise PreconditionFailed(f"twin {device_id} is changing too fast, try again",
+                                 code="PreconditionFailed")
+
+    async def _notify(self, device_id: str, notice: dict[str, Any]) -> None:
+        for cb in list(self._listeners):
+            try:
+                await cb(device_id, copy.deepcopy(notice))
+            except Exception:
+                log.exception("desired listener failed for device %s", device_id)
+
+    async def _on_device_status(self, device: Device) -> None:
+        """Registry status listener: when the device is gone, so is its twin (the foreign key
+        cascade already did it in SQL; this keeps any other repository honest)."""
+        if await self._registry.find(device.device_id) is None:
+            await self._repo.delete(device.device_id)
+
+
+__all__ = ["INITIAL_ETAG", "DesiredListener", "TwinService", "blank_record", "twin_document"]

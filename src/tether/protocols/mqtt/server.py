@@ -1,0 +1,124 @@
+"""Thin asyncio adapter: one `asyncio.Protocol` per socket feeding bytes to an `MqttSession`.
+
+TLS comes from the one TLS layer (`tether.security.tls`), whose transport exposes the client
+certificate chain as `peercert_chain`; plain TCP exists for loopback tests and benchmarks only. All
+protocol decisions are the session's. Sockets beyond `limits.max_connections` are closed at once, and
+the TLS handshake gets `limits.connect_timeout_s` like the CONNECT that must follow it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from cryptography import x509
+
+from tether.messaging.presence import attach
+from tether.messaging.telemetry import TelemetryPipeline
+from tether.observability.metrics import DISCONNECTS, watch_stream
+from tether.protocols.mqtt.session import MqttContext, MqttSession, NullTwinMethodHooks, TwinMethodHooks
+from tether.security.tls import TlsContextFactory, start_tls_server
+
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+__all__ = ["MqttProtocol", "context_for", "format_peer", "start_mqtt", "stop_mqtt"]
+
+_CONTEXTS: weakref.WeakKeyDictionary[Any, MqttContext] = weakref.WeakKeyDictionary()
+
+
+def context_for(hub: Hub) -> MqttContext:
+    """The hub's shared MQTT context (TCP, TLS and WebSocket sessions all use it).
+
+    Creates `hub.connections` (presence) and `hub.telemetry` (telemetry pipeline) if missing, and
+    takes twin/method hooks from `hub.twin_hooks` when present — set it before the first call."""
+    ctx = _CONTEXTS.get(hub)
+    if ctx is not None:
+        return ctx
+    settings = hub.settings
+    telemetry = getattr(hub, "telemetry", None)
+    if not isinstance(telemetry, TelemetryPipeline):
+        telemetry = TelemetryPipeline(hub.stream, settings.limits)
+        setattr(hub, "telemetry", telemetry)  # noqa: B010 - Hub does not declare it (yet)
+    watch_stream(hub.stream)
+    hooks: TwinMethodHooks = getattr(hub, "twin_hooks", None) or NullTwinMethodHooks()
+    ctx = MqttContext(
+        hostname=settings.hub.hostname,
+        authenticator=hub.authenticator,
+        audit=hub.audit,
+        activity=hub.registry,
+        connections=attach(hub),
+        telemetry=telemetry,
+        limits=settings.limits,
+        hooks=hooks,
+    )
+    _CONTEXTS[hub] = ctx
+    return ctx
+
+
+def format_peer(peername: Any) -> str | None:
+    """`ip:port` (`[ip]:port` for IPv6) for audit records."""
+    if not isinstance(peername, tuple) or len(peername) < 2:
+        return None
+    host, port = str(peername[0]), peername[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class MqttProtocol(asyncio.Protocol):
+    """Socket side of one MQTT connection: admission, then bytes in and out of the session."""
+
+    def __init__(self, ctx: MqttContext) -> None:
+        self._ctx = ctx
+        self._session: MqttSession | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        if not self._ctx.connections.admit():
+            DISCONNECTS.labels("mqtt", "max-connections").inc()
+            transport.abort()
+            return
+
+        def chain() -> Sequence[x509.Certificate]:
+            return transport.get_extra_info("peercert_chain") or ()
+
+        self._session = MqttSession(
+            self._ctx, transport, peer=format_peer(transport.get_extra_info("peername")), peer_chain=chain
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if self._session is not None:
+            self._session.data_received(data)
+
+    def eof_received(self) -> bool:
+        return False  # no half-open MQTT connections: close
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            session.connection_lost()
+            self._ctx.connections.release()
+
+
+async def start_mqtt(hub: Hub, *, host: str, port: int, tls: bool) -> asyncio.AbstractServer:
+    """Listen for MQTT on host:port (TLS via `hub.tls`, created from settings if unset)."""
+    ctx = context_for(hub)
+
+    def make() -> MqttProtocol:
+        return MqttProtocol(ctx)
+
+    if not tls:
+        loop = asyncio.get_running_loop()
+        return await loop.create_server(make, host, port, backlog=1024)
+    factory = getattr(hub, "tls", None)
+    if not isinstance(factory, TlsContextFactory):
+        s = hub.settings
+        factory = TlsContextFactory(s.tls, s.cert_file, s.key_file, s.tls.chain_file)
+        hub.tls = factory
+    return await start_tls_server(make, host, port, factory, handshake_timeout=ctx.limits.connect_timeout_s)
+
+
+async def stop_mqtt(hub: Hub) -> None:
+    """Close every live device connection of the hub (listeners are closed by the hub)."""
+    await attach(hub).close_all("hub-stopping")

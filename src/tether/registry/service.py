@@ -1,0 +1,457 @@
+"""The device registry: Azure's identity-registry semantics over a `DeviceRepository`.
+
+Every protocol surface (REST, CLI, MQTT/HTTP authentication) goes through this one service, so input
+validation, server-managed fields, optimistic concurrency and auditing are implemented exactly once:
+
+- input is validated strictly (unknown fields, bad ids, non-base64 keys → `BadRequest` naming the
+  field), but server-managed fields (etag, generationId, connection state, timestamps, message count)
+  are ignored, because the SDKs echo a fetched device back on update;
+- every write gets a new opaque etag; `If-Match` (quoted, `*` or absent) is compared atomically by the
+  repository, so of two writers holding the same etag exactly one wins;
+- connection state and last activity are coalesced in memory by `touch()` and written in batches by
+  `flush_activity()`, without changing the etag (as in Azure);
+- status listeners run after a device is disabled or deleted, so protocol servers drop its sessions.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import logging
+import secrets
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from tether.errors import BadRequest, Conflict, NotFound, PreconditionFailed, TetherError
+from tether.registry.models import (
+    DEVICE_ID_RE,
+    EPOCH,
+    Authentication,
+    AuthType,
+    ConnectionState,
+    Device,
+    DeviceStatus,
+    RegistryStatistics,
+    SymmetricKey,
+    utcnow,
+    validate_device_id,
+)
+from tether.security.audit import AuditLog
+from tether.security.keys import generate_key
+from tether.storage.base import ActivityUpdate, DeviceRepository
+
+log = logging.getLogger(__name__)
+
+StatusListener = Callable[[Device], Awaitable[None]]
+
+# Ignored on input (both spellings, since the model also accepts field names).
+SERVER_MANAGED = frozenset(
+    {
+        "etag",
+        "generationId", "generation_id",
+        "connectionState", "connection_state",
+        "connectionStateUpdatedTime", "connection_state_updated_time",
+        "statusUpdatedTime", "status_updated_time",
+        "lastActivityTime", "last_activity_time",
+        "cloudToDeviceMessageCount", "cloud_to_device_message_count",
+        "moduleId", "module_id",
+    }
+)
+KEY_CHOICES = ("primary", "secondary", "both")
+MAX_LIST_TOP = 100_000
+MAX_PENDING_ACTIVITY = 10_000  # flush early rather than let the activity buffer grow without bound
+_WRITE_RETRIES = 8  # server-side read-modify-write attempts before giving up on a busy device
+
+
+def new_etag() -> str:
+    """Opaque version tag, base64 like Azure's (e.g. "MTIzNDU2Nzg=")."""
+    return base64.b64encode(secrets.token_bytes(8)).decode("ascii")
+
+
+def new_generation_id() -> str:
+    """Distinguishes re-created devices with the same id; 18 digits like Azure's."""
+    return str(10**17 + secrets.randbelow(9 * 10**17))
+
+
+def parse_if_match(if_match: str | None) -> tuple[bool, str | None]:
+    """(given, etag): `"abc"`/`W/"abc"` → (True, "abc"); `*` → (True, None); absent/blank → (False, None)."""
+    if if_match is None or not if_match.strip():
+        return False, None
+    value = if_match.strip()
+    if value.startswith("W/"):
+        value = value[2:]
+    if len(value) >= 2 and value[0] == value[-1] == '"':
+        value = value[1:-1]
+    return True, (None if value == "*" else value)
+
+
+def _strip_nulls(value: Any) -> Any:
+    """Drop null members: the SDKs send `null` for every unset optional field."""
+    if isinstance(value, dict):
+        return {k: _strip_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_strip_nulls(v) for v in value]
+    return value
+
+
+def _bad(exc: ValidationError) -> BadRequest:
+    err = exc.errors()[0]
+    field = ".".join(str(p) for p in err["loc"]) or "body"
+    return BadRequest(f"{field}: {err['msg']}", field=field)
+
+
+def _with_prefix(exc: TetherError, prefix: str) -> TetherError:
+    """The same error, its message and field prefixed with the import line (`line N: field`)."""
+    return type(exc)(f"{prefix}{exc.message}", code=exc.code, field=f"{prefix}{exc.field or 'body'}")
+
+
+class RegistryService:
+    """Validated, audited device identity registry."""
+
+    def __init__(self, repo: DeviceRepository, audit: AuditLog) -> None:
+        self._repo = repo
+        self._audit = audit
+        self._listeners: list[StatusListener] = []
+        self._pending: dict[str, ActivityUpdate] = {}
+        self._flush_lock = asyncio.Lock()  # batches are written in order
+
+    def add_status_listener(self, cb: StatusListener) -> None:
+        self._listeners.append(cb)
+
+    # Reads -----------------------------------------------------------------------------------
+    async def find(self, device_id: str) -> Device | None:
+        """None for unknown or malformed ids (ids arrive from untrusted connections)."""
+        if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
+            return None
+        device = await self._repo.get(device_id)
+        return None if device is None else self._overlay(device)
+
+    async def get(self, device_id: str) -> Device:
+        validate_device_id(device_id)
+        device = await self.find(device_id)
+        if device is None:
+            raise NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
+        return device
+
+    async def list(self, *, top: int = 1000, after: str | None = None) -> list[Device]:
+        if not 1 <= top <= MAX_LIST_TOP:
+            raise BadRequest(f"top must be between 1 and {MAX_LIST_TOP}", field="top")
+        if after is not None and after != "" and not DEVICE_ID_RE.fullmatch(after):
+            raise BadRequest("after must be a device id", field="after")
+        return [self._overlay(d) for d in await self._repo.list(top=top, after=after or None)]
+
+    async def statistics(self) -> RegistryStatistics:
+        return await self._repo.statistics()
+
+    async def export_devices(self) -> AsyncIterator[Device]:
+        async for device in self._repo.iter_all():
+            yield self._overlay(device)
+
+    # Writes ----------------------------------------------------------------------------------
+    async def create(self, device_id: str, body: dict[str, Any], *, actor: str) -> Device:
+        device = self._new_device(device_id, body)
+        await self._repo.insert(device)
+        await self._record("device.create", device.device_id, actor)
+        return device
+
+    async def put(self, device_id: str, body: dict[str, Any], *, if_match: str | None, actor: str) -> Device:
+        """Azure PUT: without If-Match create (409 if it exists); with an etag or `*` replace."""
+        given, _ = parse_if_match(if_match)
+        if not given:
+            return await self.create(device_id, body, actor=actor)
+        return await self.replace(device_id, body, if_match=if_match, actor=actor)
+
+    async def replace(
+        self, device_id: str, body: dict[str, Any], *, if_match: str | None, actor: str
+    ) -> Device:
+        validate_device_id(device_id)
+        _, expected = parse_if_match(if_match)
+        wanted = self._parse(device_id, body)
+
+        def change(current: Device) -> Device:
+            return self._merge(current, wanted)
+
+        previous, device = await self._update(device_id, expected, change)
+        details = {"status": device.status.value} if device.status != previous.status else None
+        await self._record("device.update", device_id, actor, details)
+        if previous.enabled and not device.enabled:
+            await self._notify(device)
+        return device
+
+    async def delete(self, device_id: str, *, if_match: str | None, actor: str) -> None:
+        validate_device_id(device_id)
+        _, expected = parse_if_match(if_match)
+        current = await self.get(device_id)
+        if expected is not None and current.etag != expected:
+            raise _stale(device_id)
+        await self._repo.delete(device_id, expected)
+        self._pending.pop(device_id, None)
+        await self._record("device.delete", device_id, actor)
+        await self._notify(current)
+
+    async def set_status(
+        self, device_id: str, enabled: bool, *, reason: str | None = None, actor: str
+    ) -> Device:
+        validate_device_id(device_id)
+        if reason is not None and len(reason) > 128:
+            raise BadRequest("statusReason must be at most 128 characters", field="statusReason")
+        status = DeviceStatus.enabled if enabled else DeviceStatus.disabled
+
+        def change(current: Device) -> Device:
+            updated_time = current.status_updated_time if current.status == status else utcnow()
+            return current.model_copy(
+                update={"status": status, "status_reason": reason, "status_updated_time": updated_time}
+            )
+
+        _, device = await self._update(device_id, None, change)
+        action = "device.enable" if enabled else "device.disable"
+        await self._record(action, device_id, actor, {"reason": reason} if reason else None)
+        if not enabled:
+            await self._notify(device)
+        return device
+
+    async def regenerate_key(self, device_id: str, which: str, *, actor: str) -> Device:
+        """New random symmetric key(s) for a sas device: `which` is primary, secondary or both."""
+        validate_device_id(device_id)
+        if which not in KEY_CHOICES:
+            raise BadRequest(f"key must be one of {', '.join(KEY_CHOICES)}", field="which")
+
+        def change(current: Device) -> Device:
+            if current.authentication.type is not AuthType.sas:
+                raise BadRequest(
+                    f"device {device_id} uses {current.authentication.type.value} authentication, "
+                    "it has no symmetric keys",
+                    field="authentication.type",
+                )
+            keys = current.authentication.symmetric_key
+            new_keys = SymmetricKey(
+                primary_key=generate_key() if which in ("primary", "both") else keys.primary_key,
+                secondary_key=generate_key() if which in ("secondary", "both") else keys.secondary_key,
+            )
+            auth = current.authentication.model_copy(update={"symmetric_key": new_keys})
+            return current.model_copy(update={"authentication": auth})
+
+        _, device = await self._update(device_id, None, change)
+        await self._record("device.regenerate-key", device_id, actor, {"which": which})
+        return device
+
+    async def import_devices(self, records: Sequence[dict[str, Any]], *, actor: str) -> int:
+        """All-or-nothing bulk create: every record is validated first (`line N: field` errors, N from
+        1), then all are inserted in one transaction; an id that exists already writes nothing."""
+        devices: list[Device] = []
+        first_line: dict[str, int] = {}
+        for number, record in enumerate(records, start=1):
+            prefix = f"line {number}: "
+            try:
+                device = self._import_record(record)
+            except TetherError as exc:
+                raise _with_prefix(exc, prefix) from None
+            seen = first_line.setdefault(device.device_id, number)
+            if seen != number:
+                raise Conflict(
+                    f"{prefix}deviceId {device.device_id} repeats line {seen}",
+                    code="DeviceAlreadyExists",
+                    field=f"{prefix}deviceId",
+                )
+            devices.append(device)
+        if not devices:
+            return 0
+        await self._repo.insert_many(devices)
+        await self._record("device.import", None, actor, {"count": len(devices)})
+        return len(devices)
+
+    # Activity --------------------------------------------------------------------------------
+    async def touch(self, device_id: str, *, connected: bool | None = None) -> None:
+        """Note activity (and a connect/disconnect when `connected` is given); written by the next
+        `flush_activity()`, not per call."""
+        state = None if connected is None else (
+            ConnectionState.connected if connected else ConnectionState.disconnected
+        )
+        update = ActivityUpdate(device_id, state, utcnow())
+        self._pending[device_id] = _merge_activity(self._pending.get(device_id), update)
+        if len(self._pending) >= MAX_PENDING_ACTIVITY:
+            await self.flush_activity()
+
+    async def flush_activity(self) -> None:
+        async with self._flush_lock:
+            if not self._pending:
+                return
+            batch, self._pending = self._pending, {}
+            try:
+                await self._repo.apply_activity(list(batch.values()))
+            except BaseException:
+                for device_id, older in batch.items():  # kept for the next flush; newer entries win
+                    self._pending[device_id] = _merge_activity(older, self._pending.get(device_id))
+                raise
+
+    # Internals -------------------------------------------------------------------------------
+    def _parse(self, device_id: str, body: dict[str, Any]) -> Device:
+        """Validate a client body against the path id; server-managed fields are dropped."""
+        if not isinstance(body, dict):
+            raise BadRequest("device body must be a JSON object", field="body")
+        data = {k: v for k, v in _strip_nulls(body).items() if k not in SERVER_MANAGED}
+        body_id = data.pop("deviceId", data.pop("device_id", device_id))
+        if body_id != device_id:
+            raise BadRequest(
+                f"deviceId {body_id!r} in the body does not match {device_id!r}", field="deviceId"
+            )
+        auth = data.get("authentication")
+        if isinstance(auth, dict):  # "" means unset for keys and thumbprints (portal/SDK habit)
+            data["authentication"] = {
+                k: {kk: vv for kk, vv in v.items() if vv != ""} if isinstance(v, dict) else v
+                for k, v in auth.items()
+            }
+        try:
+            device = Device.model_validate({**data, "deviceId": device_id})
+        except ValidationError as exc:
+            raise _bad(exc) from None
+        _check_authentication(device)
+        return device
+
+    def _new_device(self, device_id: str, body: dict[str, Any]) -> Device:
+        validate_device_id(device_id)
+        device = self._parse(device_id, body)
+        return device.model_copy(
+            update={
+                "authentication": _with_keys(device, None),
+                "generation_id": new_generation_id(),
+                "etag": new_etag(),
+                "status_updated_time": EPOCH,
+                "connection_state": ConnectionState.disconnected,
+                "connection_state_updated_time": EPOCH,
+                "last_activity_time": EPOCH,
+                "cloud_to_device_message_count": 0,
+            }
+        )
+
+    def _import_record(self, record: dict[str, Any]) -> Device:
+        if not isinstance(record, dict):
+            raise BadRequest("each record must be a JSON object", field="body")
+        record = dict(record)
+        mode = record.pop("importMode", None)
+        if mode is not None and str(mode).lower() != "create":
+            raise BadRequest("only importMode 'create' is supported (imports are all-or-nothing)",
+                             field="importMode")
+        device_id = record.get("deviceId")
+        if not isinstance(device_id, str):
+            raise BadRequest("deviceId is required", field="deviceId")
+        return self._new_device(device_id, record)
+
+    @staticmethod
+    def _merge(current: Device, wanted: Device) -> Device:
+        """The replacement document: client-settable fields from `wanted`, the rest from `current`."""
+        status_time = utcnow() if wanted.status != current.status else current.status_updated_time
+        return wanted.model_copy(
+            update={
+                "authentication": _with_keys(wanted, current),
+                "generation_id": current.generation_id,
+                "status_updated_time": status_time,
+                "connection_state": current.connection_state,
+                "connection_state_updated_time": current.connection_state_updated_time,
+                "last_activity_time": current.last_activity_time,
+                "cloud_to_device_message_count": current.cloud_to_device_message_count,
+            }
+        )
+
+    async def _update(
+        self, device_id: str, expected: str | None, change: Callable[[Device], Device]
+    ) -> tuple[Device, Device]:
+        """Read-modify-write with a fresh etag, compare-and-set on the etag read. With an explicit
+        `expected` etag a concurrent change is the caller's 412; with none (`*` or a server-side
+        change) the read is retried. Returns (previous, written)."""
+        for _ in range(_WRITE_RETRIES):
+            current = await self._repo.get(device_id)
+            if current is None:
+                raise NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
+            if expected is not None and current.etag != expected:
+                raise _stale(device_id)
+            device = change(current).model_copy(update={"etag": new_etag()})
+            try:
+                await self._repo.replace(device, current.etag)
+            except PreconditionFailed:
+                if expected is not None:
+                    raise
+                continue
+            return current, self._overlay(device)
+        raise PreconditionFailed(
+            f"device {device_id} is changing too fast, try again", code="PreconditionFailed"
+        )
+
+    def _overlay(self, device: Device) -> Device:
+        """Show activity not yet flushed, so reads are as fresh as the hub's own view."""
+        update = self._pending.get(device.device_id)
+        if update is None:
+            return device
+        fields: dict[str, Any] = {"last_activity_time": max(update.at, device.last_activity_time)}
+        if update.connection_state is not None and update.connection_state != device.connection_state:
+            fields["connection_state"] = update.connection_state
+            fields["connection_state_updated_time"] = update.at
+        return device.model_copy(update=fields)
+
+    async def _notify(self, device: Device) -> None:
+        for cb in list(self._listeners):
+            try:
+                await cb(device)
+            except Exception:
+                log.exception("status listener failed for device %s", device.device_id)
+
+    async def _record(
+        self, action: str, target: str | None, actor: str, details: dict[str, Any] | None = None
+    ) -> None:
+        await self._audit.record(action, "ok", principal=actor, target=target, details=details)
+
+
+def _check_authentication(device: Device) -> None:
+    auth = device.authentication
+    has_keys = bool(auth.symmetric_key.primary_key or auth.symmetric_key.secondary_key)
+    thumbprints = auth.x509_thumbprint
+    has_thumbprints = bool(thumbprints.primary_thumbprint or thumbprints.secondary_thumbprint)
+    kind = auth.type.value
+    if auth.type is AuthType.sas and has_thumbprints:
+        raise BadRequest("sas devices take no x509 thumbprints", field="authentication.x509Thumbprint")
+    if auth.type is not AuthType.sas and has_keys:
+        raise BadRequest(f"{kind} devices take no symmetric keys", field="authentication.symmetricKey")
+    if auth.type is AuthType.self_signed and not thumbprints.primary_thumbprint:
+        raise BadRequest(
+            "selfSigned devices need a primary thumbprint",
+            field="authentication.x509Thumbprint.primaryThumbprint",
+        )
+    if auth.type in (AuthType.certificate_authority, AuthType.none) and has_thumbprints:
+        raise BadRequest(f"{kind} devices take no thumbprints", field="authentication.x509Thumbprint")
+
+
+def _with_keys(device: Device, current: Device | None) -> Authentication:
+    """sas devices always have both keys: missing ones are kept from `current` or generated."""
+    auth = device.authentication
+    if auth.type is not AuthType.sas:
+        return auth
+    keys = auth.symmetric_key
+    old = current.authentication.symmetric_key if current is not None else SymmetricKey()
+    if current is not None and current.authentication.type is not AuthType.sas:
+        old = SymmetricKey()
+    new_keys = SymmetricKey(
+        primary_key=keys.primary_key or old.primary_key or generate_key(),
+        secondary_key=keys.secondary_key or old.secondary_key or generate_key(),
+    )
+    return auth.model_copy(update={"symmetric_key": new_keys})
+
+
+def _merge_activity(older: ActivityUpdate | None, newer: ActivityUpdate | None) -> ActivityUpdate:
+    if older is None:
+        assert newer is not None
+        return newer
+    if newer is None:
+        return older
+    state = newer.connection_state if newer.connection_state is not None else older.connection_state
+    return ActivityUpdate(newer.device_id, state, max(older.at, newer.at))
+
+
+def _stale(device_id: str) -> PreconditionFailed:
+    return PreconditionFailed(
+        f"device {device_id}: If-Match etag does not match the current version", code="PreconditionFailed"
+    )
+
+
+__all__ = ["KEY_CHOICES", "RegistryService", "new_etag", "new_generation_id", "parse_if_match"]

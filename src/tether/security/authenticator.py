@@ -1,0 +1,400 @@
+"""The one Authenticator every protocol surface calls (MQTT, HTTPS, AMQP, REST).
+
+A surface hands over the raw credential and the claimed identity and gets back a `Principal` or an
+`AuthRefused` with a reason slug. Every call writes exactly one audit record
+(`auth.{surface}`, outcome `allowed` | `refused`); tokens and keys never reach the audit log.
+
+Rules (Azure's):
+
+* Device SAS without `skn` is signed with the device's (or module's) own primary or secondary key,
+  the identity must use `sas` authentication, and the token may not be broader than
+  `{host}/devices/{id}`.
+* Device SAS with `skn` is signed with a shared access policy's key; the policy needs
+  `DeviceConnect`; a device-scoped or a hub-level (`sr={host}`) resource is accepted.
+* Service tokens always come from a policy (`skn`), are hub-level, and the policy must hold the
+  required permission (`RegistryReadWrite` implies `RegistryRead`); a missing right is a 403
+  (`not_authorized=True`), every other refusal a 401.
+* The token's host must name this hub: compared case-insensitively, and a `:port` on either side
+  is ignored (the service SDK signs `localhost:8443` while devices sign `localhost`).
+* Modules authenticate only when a `ModuleLookup` is supplied (the registry has no module
+  identities yet); otherwise a module claim is refused with `unknown-module`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from cryptography import x509
+
+from tether.registry.models import DEVICE_ID_RE, AuthType, Device
+from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
+from tether.security.sas import (
+    DEFAULT_CLOCK_SKEW_S,
+    DEFAULT_MAX_LIFETIME_S,
+    SasError,
+    SasToken,
+    TokenVerifier,
+    parse_token,
+    scope_covers,
+)
+from tether.storage.base import PolicyRecord
+
+__all__ = [
+    "AuditSink",
+    "Authenticator",
+    "CertificateVerifier",
+    "DeviceLookup",
+    "ModuleLookup",
+    "PolicyLookup",
+]
+
+_LABEL_MAX = 128  # claimed names from tokens are attacker-controlled: keep audit rows small
+_X509_TYPES = (AuthType.self_signed, AuthType.certificate_authority)
+_DEVICE_PERMISSIONS = frozenset({Permission.device_connect})
+
+
+class DeviceLookup(Protocol):
+    """What the authenticator needs from `RegistryService`."""
+
+    async def find(self, device_id: str) -> Device | None: ...
+
+
+class ModuleLookup(Protocol):
+    """Module identities (own keys/certificates); optional until the registry stores modules."""
+
+    async def find_module(self, device_id: str, module_id: str) -> Device | None: ...
+
+
+class PolicyLookup(Protocol):
+    """What the authenticator needs from `PolicyService`."""
+
+    async def find(self, name: str) -> PolicyRecord | None: ...
+
+
+class AuditSink(Protocol):
+    """What the authenticator needs from `AuditLog`."""
+
+    async def record(
+        self,
+        action: str,
+        outcome: str,
+        *,
+        principal: str | None = None,
+        credential: str | None = None,
+        reason: str | None = None,
+        peer: str | None = None,
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None: ...
+
+
+class CertificateVerifier(Protocol):
+    """Checks a client chain against a device (thumbprint or CA); raises `AuthRefused`."""
+
+    async def verify(self, device: Device, chain: Sequence[x509.Certificate]) -> CredentialKind: ...
+
+
+@dataclass(slots=True)
+class _Attempt:
+    """What is known about a claim so far, for the audit record if it is refused."""
+
+    principal: str | None
+    target: str | None
+    credential: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _label(text: str) -> str:
+    return text if len(text) <= _LABEL_MAX else text[:_LABEL_MAX] + "…"
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    name, sep, port = host.partition(":")
+    if sep and port.isdigit() and ":" not in port:
+        return name
+    return host
+
+
+def _same_hub(token_host: str, hostname: str) -> bool:
+    a, b = token_host.lower(), hostname.lower()
+    return a == b or _strip_port(a) == _strip_port(b)
+
+
+def _policy_permissions(policy: PolicyRecord) -> frozenset[Permission]:
+    known = {p.value for p in Permission}
+    perms = {Permission(p) for p in policy.permissions if p in known}
+    if Permission.registry_write in perms:
+        perms.add(Permission.registry_read)
+    return frozenset(perms)
+
+
+class Authenticator:
+    """Turns credentials into Principals; the single authentication path of the hub."""
+
+    def __init__(
+        self,
+        *,
+        hostname: str,
+        devices: DeviceLookup,
+        policies: PolicyLookup,
+        audit: AuditSink,
+        clock_skew_s: int = DEFAULT_CLOCK_SKEW_S,
+        cert_verifier: CertificateVerifier | None = None,
+        now: Callable[[], float] = time.time,
+        max_token_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
+        modules: ModuleLookup | None = None,
+    ) -> None:
+        self.hostname = hostname
+        self._devices = devices
+        self._policies = policies
+        self._audit = audit
+        self._cert_verifier = cert_verifier
+        self._modules = modules
+        self.tokens = TokenVerifier(clock_skew_s=clock_skew_s, max_lifetime_s=max_token_lifetime_s, now=now)
+
+    # Public API ---------------------------------------------------------------------------------
+    async def device_sas(
+        self,
+        token: str,
+        device_id: str,
+        module_id: str | None = None,
+        *,
+        surface: str,
+        peer: str | None = None,
+    ) -> Principal:
+        """Authenticate a device or module presenting a SAS token (MQTT password, HTTP header, …)."""
+        attempt = _Attempt(principal=_label(_device_name(device_id, module_id)), target=_label(device_id))
+        return await self._audited(
+            surface, peer, attempt, self._device_sas(token, device_id, module_id, attempt)
+        )
+
+    async def device_certificate(
+        self,
+        chain: Sequence[x509.Certificate],
+        device_id: str,
+        module_id: str | None = None,
+        *,
+        surface: str,
+        peer: str | None = None,
+    ) -> Principal:
+        """Authenticate a device or module by its TLS client certificate chain (leaf first)."""
+        attempt = _Attempt(principal=_label(_device_name(device_id, module_id)), target=_label(device_id))
+        return await self._audited(
+            surface, peer, attempt, self._device_certificate(chain, device_id, module_id, attempt)
+        )
+
+    async def service(
+        self,
+        authorization: str | None,
+        *,
+        required: Permission,
+        surface: str,
+        peer: str | None = None,
+    ) -> Principal:
+        """Authenticate a service call by its policy SAS token; 403 (`not_authorized`) when the
+        policy lacks `required`."""
+        attempt = _Attempt(principal=None, target=None)
+        return await self._audited(surface, peer, attempt, self._service(authorization, required, attempt))
+
+    # Audit wrapper ------------------------------------------------------------------------------
+    async def _audited(
+        self, surface: str, peer: str | None, attempt: _Attempt, work: Awaitable[Principal]
+    ) -> Principal:
+        action = f"auth.{surface}"
+        try:
+            principal = await work
+        except AuthRefused as exc:
+            await self._refused(action, peer, attempt, exc.reason)
+            raise
+        except Exception:
+            await self._refused(action, peer, attempt, "internal-error")
+            raise
+        await self._audit.record(
+            action,
+            "allowed",
+            principal=principal.name,
+            credential=principal.credential.value,
+            peer=peer,
+            target=attempt.target,
+            details=attempt.details or None,
+        )
+        return principal
+
+    async def _refused(self, action: str, peer: str | None, attempt: _Attempt, reason: str) -> None:
+        await self._audit.record(
+            action,
+            "refused",
+            principal=attempt.principal,
+            credential=attempt.credential,
+            reason=reason,
+            peer=peer,
+            target=attempt.target,
+            details=attempt.details or None,
+        )
+
+    # Device SAS ---------------------------------------------------------------------------------
+    async def _device_sas(
+        self, token: str, device_id: str, module_id: str | None, attempt: _Attempt
+    ) -> Principal:
+        if not token:
+            raise AuthRefused("missing-credentials", "no token")
+        _check_identity(device_id, module_id)
+        sas = self._parse(token)
+        attempt.credential = (
+            CredentialKind.policy_device_token.value if sas.policy_name else CredentialKind.device_key.value
+        )
+        if sas.policy_name:
+            attempt.details["policy"] = _label(sas.policy_name)
+        host = self._hub_host(sas)
+        device_root = f"{host}/devices/{device_id}"
+        target = f"{device_root}/modules/{module_id}" if module_id else device_root
+        if not scope_covers(sas.resource, target):
+            raise AuthRefused("wrong-scope", "token resource does not cover the identity")
+        self._check_time(sas)
+
+        if sas.policy_name is None:
+            if not scope_covers(device_root, sas.resource):
+                raise AuthRefused("wrong-scope", "a device key cannot sign a hub-level token")
+            device, identity = await self._identity(device_id, module_id)
+            if identity.authentication.type is not AuthType.sas:
+                raise AuthRefused("wrong-auth-type", "identity does not use SAS keys")
+            keys = identity.authentication.symmetric_key
+            self._check_signature(sas, [keys.primary_key, keys.secondary_key])
+            credential, policy_name = CredentialKind.device_key, None
+        else:
+            policy = await self._policy(sas.policy_name)
+            self._check_signature(sas, [policy.primary_key, policy.secondary_key])
+            if Permission.device_connect not in _policy_permissions(policy):
+                raise AuthRefused("missing-permission", "policy lacks DeviceConnect", not_authorized=True)
+            device, identity = await self._identity(device_id, module_id)
+            credential, policy_name = CredentialKind.policy_device_token, policy.name
+        if not (device.enabled and identity.enabled):
+            raise AuthRefused("device-disabled", "identity is disabled")
+        return Principal(
+            kind=PrincipalKind.module if module_id else PrincipalKind.device,
+            credential=credential,
+            device_id=device_id,
+            module_id=module_id,
+            policy_name=policy_name,
+            permissions=_DEVICE_PERMISSIONS,
+            expires_at=float(sas.expiry),
+        )
+
+    # Device certificate -------------------------------------------------------------------------
+    async def _device_certificate(
+        self,
+        chain: Sequence[x509.Certificate],
+        device_id: str,
+        module_id: str | None,
+        attempt: _Attempt,
+    ) -> Principal:
+        if not chain:
+            raise AuthRefused("no-client-certificate", "no client certificate was presented")
+        _check_identity(device_id, module_id)
+        device, identity = await self._identity(device_id, module_id)
+        auth_type = identity.authentication.type
+        if auth_type not in _X509_TYPES:
+            raise AuthRefused("wrong-auth-type", "identity does not use X.509")
+        attempt.credential = auth_type.value
+        if self._cert_verifier is None:
+            raise AuthRefused("x509-unavailable", "no certificate verifier is configured")
+        credential = await self._cert_verifier.verify(identity, chain)
+        attempt.credential = credential.value
+        if not (device.enabled and identity.enabled):
+            raise AuthRefused("device-disabled", "identity is disabled")
+        return Principal(
+            kind=PrincipalKind.module if module_id else PrincipalKind.device,
+            credential=credential,
+            device_id=device_id,
+            module_id=module_id,
+            permissions=_DEVICE_PERMISSIONS,
+        )
+
+    # Service ------------------------------------------------------------------------------------
+    async def _service(self, authorization: str | None, required: Permission, attempt: _Attempt) -> Principal:
+        if not authorization:
+            raise AuthRefused("missing-credentials", "no Authorization header")
+        sas = self._parse(authorization)
+        if sas.policy_name is None:
+            raise AuthRefused("device-token-not-allowed", "service calls need a policy token (skn)")
+        attempt.principal = _label(f"policy:{sas.policy_name}")
+        attempt.credential = CredentialKind.policy.value
+        host = self._hub_host(sas)
+        if not scope_covers(sas.resource, host):
+            raise AuthRefused("wrong-scope", "service tokens must be hub-level")
+        self._check_time(sas)
+        policy = await self._policy(sas.policy_name)
+        self._check_signature(sas, [policy.primary_key, policy.secondary_key])
+        permissions = _policy_permissions(policy)
+        if required not in permissions:
+            raise AuthRefused("missing-permission", f"policy lacks {required.value}", not_authorized=True)
+        return Principal(
+            kind=PrincipalKind.service,
+            credential=CredentialKind.policy,
+            policy_name=policy.name,
+            permissions=permissions,
+            expires_at=float(sas.expiry),
+        )
+
+    # Helpers ------------------------------------------------------------------------------------
+    @staticmethod
+    def _parse(token: str) -> SasToken:
+        try:
+            return parse_token(token)
+        except SasError as exc:
+            raise AuthRefused(exc.reason, exc.detail) from None
+
+    def _hub_host(self, sas: SasToken) -> str:
+        host = sas.host
+        if not _same_hub(host, self.hostname):
+            raise AuthRefused("wrong-hub", "token is for another hub")
+        return host
+
+    def _check_time(self, sas: SasToken) -> None:
+        try:
+            self.tokens.check_time(sas)
+        except SasError as exc:
+            raise AuthRefused(exc.reason, exc.detail) from None
+
+    def _check_signature(self, sas: SasToken, keys: Sequence[str | None]) -> None:
+        try:
+            self.tokens.check_signature(sas, keys)
+        except SasError as exc:
+            raise AuthRefused(exc.reason, exc.detail) from None
+
+    async def _policy(self, name: str) -> PolicyRecord:
+        policy = await self._policies.find(name)
+        if policy is None:
+            raise AuthRefused("unknown-policy", "no such shared access policy")
+        return policy
+
+    async def _identity(self, device_id: str, module_id: str | None) -> tuple[Device, Device]:
+        """(device, identity): the identity is the module when one is claimed, else the device."""
+        device = await self._devices.find(device_id)
+        if device is None:
+            raise AuthRefused("unknown-device", "no such device")
+        if module_id is None:
+            return device, device
+        if self._modules is None:
+            raise AuthRefused("unknown-module", "module identities are not available")
+        module = await self._modules.find_module(device_id, module_id)
+        if module is None:
+            raise AuthRefused("unknown-module", "no such module")
+        return device, module
+
+
+def _device_name(device_id: str, module_id: str | None) -> str:
+    return f"device:{device_id}/{module_id}" if module_id else f"device:{device_id}"
+
+
+def _check_identity(device_id: str, module_id: str | None) -> None:
+    if not DEVICE_ID_RE.fullmatch(device_id):
+        raise AuthRefused("unknown-device", "invalid device id")
+    if module_id is not None and not DEVICE_ID_RE.fullmatch(module_id):
+        raise AuthRefused("unknown-module", "invalid module id")

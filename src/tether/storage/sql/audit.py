@@ -1,0 +1,96 @@
+"""The audit trail in SQL: batched appends, newest-first queries filtered by time/outcome/action."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from sqlalchemy import insert as sql_insert
+from sqlalchemy import select
+
+from tether.storage.base import AuditRecord
+from tether.storage.sql.engine import Database
+from tether.storage.sql.tables import AuditRow
+
+MAX_QUERY_LIMIT = 10_000
+_COLUMNS = (
+    AuditRow.id,
+    AuditRow.time,
+    AuditRow.action,
+    AuditRow.outcome,
+    AuditRow.principal,
+    AuditRow.credential,
+    AuditRow.reason,
+    AuditRow.peer,
+    AuditRow.target,
+    AuditRow.details,
+)
+
+
+def _escape_like(prefix: str) -> str:
+    return prefix.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+class SqlAuditRepository:
+    """`tether.storage.base.AuditRepository` over SQL."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def append(self, records: Sequence[AuditRecord]) -> None:
+        if not records:
+            return
+        rows = [
+            {
+                "time": r.time,
+                "action": r.action,
+                "outcome": r.outcome,
+                "principal": r.principal,
+                "credential": r.credential,
+                "reason": r.reason,
+                "peer": r.peer,
+                "target": r.target,
+                "details": dict(r.details),
+            }
+            for r in records
+        ]
+        async with self._db.write() as conn:
+            await conn.execute(sql_insert(AuditRow), rows)
+
+    async def query(
+        self,
+        *,
+        limit: int = 100,
+        since: datetime | None = None,
+        outcome: str | None = None,
+        action_prefix: str | None = None,
+        principal: str | None = None,
+    ) -> list[AuditRecord]:
+        """Newest first: at most `limit` records with `time >= since` matching every given filter."""
+        limit = max(1, min(limit, MAX_QUERY_LIMIT))
+        stmt = select(*_COLUMNS).order_by(AuditRow.time.desc(), AuditRow.id.desc()).limit(limit)
+        if since is not None:
+            stmt = stmt.where(AuditRow.time >= since)
+        if outcome is not None:
+            stmt = stmt.where(AuditRow.outcome == outcome)
+        if action_prefix:
+            stmt = stmt.where(AuditRow.action.like(_escape_like(action_prefix) + "%", escape="\\"))
+        if principal is not None:
+            stmt = stmt.where(AuditRow.principal == principal)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [
+            AuditRecord(
+                time=r.time,
+                action=r.action,
+                outcome=r.outcome,
+                principal=r.principal,
+                credential=r.credential,
+                reason=r.reason,
+                peer=r.peer,
+                target=r.target,
+                details=dict(r.details or {}),
+                id=r.id,
+            )
+            for r in rows
+        ]

@@ -1,0 +1,225 @@
+"""Device identities in SQL: optimistic concurrency by etag, all-or-nothing bulk insert, keyset paging,
+and batched connection-state updates that leave the etag alone (as Azure does)."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import AsyncIterator, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, String, bindparam, case, func, select, update
+from sqlalchemy import delete as sql_delete
+from sqlalchemy import insert as sql_insert
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from tether.errors import Conflict, NotFound, PreconditionFailed
+from tether.registry.models import ConnectionState, Device, DeviceStatus, RegistryStatistics, utcnow
+from tether.storage.base import ActivityUpdate
+from tether.storage.sql.engine import Database
+from tether.storage.sql.tables import DeviceRow, UtcDateTime
+
+# Kept in their own columns, never in `doc` (see DeviceRow).
+_ACTIVITY_FIELDS = {"connectionState", "connectionStateUpdatedTime", "lastActivityTime"}
+_ROW_COLUMNS = (
+    DeviceRow.doc,
+    DeviceRow.connection_state,
+    DeviceRow.connection_state_updated_time,
+    DeviceRow.last_activity_time,
+)
+_IN_CHUNK = 500  # ids per IN (...) lookup; well under SQLite's and asyncpg's parameter limits
+_PG_DUP_KEY = re.compile(r"\(device_id\)=\((.*)\) already exists")
+ITER_PAGE = 500
+
+
+def _doc(device: Device) -> str:
+    wire = device.to_wire()
+    for name in _ACTIVITY_FIELDS:
+        wire.pop(name, None)
+    return json.dumps(wire, separators=(",", ":"))
+
+
+def _values(device: Device) -> dict[str, Any]:
+    """Columns written by insert and replace (activity columns are owned by `apply_activity`)."""
+    return {
+        "etag": device.etag,
+        "status": device.status.value,
+        "auth_type": device.authentication.type.value,
+        "generation_id": device.generation_id,
+        "doc": _doc(device),
+        "updated_at": utcnow(),
+    }
+
+
+def _insert_values(device: Device) -> dict[str, Any]:
+    values = _values(device)
+    values.update(
+        device_id=device.device_id,
+        connection_state=device.connection_state.value,
+        connection_state_updated_time=device.connection_state_updated_time,
+        last_activity_time=device.last_activity_time,
+        created_at=values["updated_at"],
+    )
+    return values
+
+
+def _from_row(row: Row[tuple[str, str, datetime, datetime]]) -> Device:
+    doc: dict[str, Any] = json.loads(row[0])
+    device = Device.model_validate(doc)
+    device.connection_state = ConnectionState(row[1])
+    device.connection_state_updated_time = row[2]
+    device.last_activity_time = row[3]
+    return device
+
+
+class SqlDeviceRepository:
+    """`tether.storage.base.DeviceRepository` over SQL."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def get(self, device_id: str) -> Device | None:
+        async with self._db.read() as conn:
+            row = (await conn.execute(select(*_ROW_COLUMNS).where(DeviceRow.device_id == device_id))).first()
+        return None if row is None else _from_row(row)
+
+    async def insert(self, device: Device) -> None:
+        try:
+            async with self._db.write() as conn:
+                await conn.execute(sql_insert(DeviceRow), [_insert_values(device)])
+        except IntegrityError as exc:
+            raise _already_exists(device.device_id) from exc
+
+    async def insert_many(self, devices: Sequence[Device]) -> None:
+        """One transaction: any duplicate (within the batch or already stored) writes nothing."""
+        if not devices:
+            return
+        seen: set[str] = set()
+        for device in devices:
+            if device.device_id in seen:
+                raise Conflict(
+                    f"device {device.device_id} appears more than once",
+                    code="DeviceAlreadyExists",
+                    field="deviceId",
+                )
+            seen.add(device.device_id)
+        ids = [d.device_id for d in devices]
+        rows = [_insert_values(d) for d in devices]
+        try:
+            async with self._db.write() as conn:
+                for start in range(0, len(ids), _IN_CHUNK):
+                    chunk = ids[start : start + _IN_CHUNK]
+                    stmt = select(DeviceRow.device_id).where(DeviceRow.device_id.in_(chunk)).limit(1)
+                    existing = (await conn.execute(stmt)).scalar()
+                    if existing is not None:
+                        raise _already_exists(existing)
+                await conn.execute(sql_insert(DeviceRow), rows)
+        except IntegrityError as exc:
+            # Only reachable on a race with another writer (PostgreSQL); name the id when we can.
+            match = _PG_DUP_KEY.search(str(exc.orig))
+            raise _already_exists(match.group(1) if match else None) from exc
+
+    async def replace(self, device: Device, expected_etag: str | None) -> None:
+        stmt = update(DeviceRow).where(DeviceRow.device_id == device.device_id).values(**_values(device))
+        if expected_etag is not None:
+            stmt = stmt.where(DeviceRow.etag == expected_etag)
+        async with self._db.write() as conn:
+            result = await conn.execute(stmt)
+            if result.rowcount == 0:
+                await self._explain_miss(conn, device.device_id, expected_etag)
+
+    async def delete(self, device_id: str, expected_etag: str | None) -> None:
+        stmt = sql_delete(DeviceRow).where(DeviceRow.device_id == device_id)
+        if expected_etag is not None:
+            stmt = stmt.where(DeviceRow.etag == expected_etag)
+        async with self._db.write() as conn:
+            result = await conn.execute(stmt)
+            if result.rowcount == 0:
+                await self._explain_miss(conn, device_id, expected_etag)
+
+    async def list(self, *, top: int, after: str | None = None) -> list[Device]:
+        """Up to `top` devices ordered by id (byte order), starting after the id `after`."""
+        stmt = select(*_ROW_COLUMNS).order_by(DeviceRow.device_id).limit(top)
+        if after is not None:
+            stmt = stmt.where(DeviceRow.device_id > after)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return [_from_row(r) for r in rows]
+
+    async def iter_all(self) -> AsyncIterator[Device]:
+        """Every device in id order, one short read transaction per page (no long-held connection)."""
+        after: str | None = None
+        while True:
+            page = await self.list(top=ITER_PAGE, after=after)
+            for device in page:
+                yield device
+            if len(page) < ITER_PAGE:
+                return
+            after = page[-1].device_id
+
+    async def statistics(self) -> RegistryStatistics:
+        stmt = select(DeviceRow.status, func.count()).group_by(DeviceRow.status)
+        async with self._db.read() as conn:
+            counts: dict[str, int] = {str(s): int(n) for s, n in (await conn.execute(stmt)).all()}
+        enabled = counts.get(DeviceStatus.enabled.value, 0)
+        disabled = counts.get(DeviceStatus.disabled.value, 0)
+        return RegistryStatistics(
+            total_device_count=enabled + disabled,
+            enabled_device_count=enabled,
+            disabled_device_count=disabled,
+        )
+
+    async def apply_activity(self, updates: Sequence[ActivityUpdate]) -> None:
+        """Batch-write connection state and last activity; the etag and `doc` are untouched.
+
+        `connectionStateUpdatedTime` moves only when the state really changes; unknown (deleted) ids
+        are skipped silently.
+        """
+        with_state = [
+            {"b_id": u.device_id, "b_state": u.connection_state.value, "b_at": u.at}
+            for u in updates
+            if u.connection_state is not None
+        ]
+        activity_only = [{"b_id": u.device_id, "b_at": u.at} for u in updates if u.connection_state is None]
+        b_id = bindparam("b_id", type_=String())
+        b_state = bindparam("b_state", type_=String())
+        b_at = bindparam("b_at", type_=UtcDateTime())
+        async with self._db.write() as conn:
+            if with_state:
+                state_stmt = (
+                    update(DeviceRow)
+                    .where(DeviceRow.device_id == b_id)
+                    .values(
+                        connection_state_updated_time=case(
+                            (DeviceRow.connection_state != b_state, b_at),
+                            else_=DeviceRow.connection_state_updated_time,
+                        ),
+                        connection_state=b_state,
+                        last_activity_time=b_at,
+                    )
+                )
+                await conn.execute(state_stmt, with_state)
+            if activity_only:
+                activity_stmt = (
+                    update(DeviceRow).where(DeviceRow.device_id == b_id).values(last_activity_time=b_at)
+                )
+                await conn.execute(activity_stmt, activity_only)
+
+    async def _explain_miss(self, conn: AsyncConnection, device_id: str, expected_etag: str | None) -> None:
+        """A conditional write touched no row: the device is gone (404) or the etag is stale (412)."""
+        stmt = select(DeviceRow.etag).where(DeviceRow.device_id == device_id)
+        current = (await conn.execute(stmt)).scalar()
+        if current is None:
+            raise NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
+        raise PreconditionFailed(
+            f"device {device_id}: etag {expected_etag!r} does not match the current version",
+            code="PreconditionFailed",
+        )
+
+
+def _already_exists(device_id: str | None) -> Conflict:
+    if device_id is None:
+        return Conflict("a device in the batch already exists", code="DeviceAlreadyExists")
+    return Conflict(f"device {device_id} already exists", code="DeviceAlreadyExists", field="deviceId")

@@ -1,0 +1,112 @@
+"""The real azure-iot-hub SDK (IoTHubRegistryManager) against Tether over TLS.
+
+The SDK always dials `https://{HostName}`, so the app is served through `tether.security.tls`
+with a dev-PKI server certificate for 127.0.0.1, and `REQUESTS_CA_BUNDLE` points at the dev root.
+The TLS listener is bound first (port 0), so the hub's host name can include the real port — the
+SDK signs its tokens for `HostName`, port included."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp import web
+from api_helpers import make_hub, new_key
+
+from tether.api.app import build_app
+from tether.config import TlsSettings
+from tether.hub import Hub
+from tether.security.pki import PkiFiles, init_pki
+from tether.security.tls import TlsContextFactory, start_tls_server
+
+
+@dataclass
+class TlsHub:
+    hub: Hub
+    port: int
+    pki: PkiFiles
+
+
+@pytest.fixture
+async def tls_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[TlsHub]:
+    pki = init_pki(tmp_path / "pki", ["localhost"], ["127.0.0.1"])
+    tls = TlsContextFactory(TlsSettings(), pki.server_cert, pki.server_key)
+    holder: dict[str, Callable[[], asyncio.Protocol]] = {}
+
+    def protocol() -> asyncio.Protocol:  # the aiohttp server exists only once the hub does
+        return holder["server"]()
+
+    server = await start_tls_server(protocol, "127.0.0.1", 0, tls)
+    port = server.sockets[0].getsockname()[1]
+    hub = make_hub(tmp_path / "hub", hostname=f"127.0.0.1:{port}")
+    await hub.open()
+    runner = web.AppRunner(build_app(hub), access_log=None)
+    await runner.setup()
+    assert runner.server is not None
+    holder["server"] = runner.server
+    monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(pki.root_cert))
+    try:
+        yield TlsHub(hub, port, pki)
+    finally:
+        server.close()
+        await runner.cleanup()
+        await hub.close()
+
+
+async def test_registry_manager_crud_over_tls(tls_hub: TlsHub) -> None:
+    from azure.iot.hub import IoTHubRegistryManager  # type: ignore[import-untyped]
+    from msrest.exceptions import HttpOperationError
+
+    conn_str = await tls_hub.hub.service_connection_string("iothubowner")
+    assert f"HostName=127.0.0.1:{tls_hub.port};" in conn_str
+    primary, secondary = new_key(), new_key()
+
+    def run_sdk() -> dict[str, Any]:
+        rm = IoTHubRegistryManager.from_connection_string(conn_str)
+        out: dict[str, Any] = {}
+        created = rm.create_device_with_sas("sdk-dev", primary, secondary, "enabled")
+        out["created"] = created
+        fetched = rm.get_device("sdk-dev")
+        out["fetched"] = fetched
+        updated = rm.update_device_with_sas("sdk-dev", fetched.etag, primary, secondary, "disabled",
+                                            status_reason="by sdk")
+        out["updated"] = updated
+        try:
+            rm.update_device_with_sas("sdk-dev", fetched.etag, primary, secondary, "enabled")
+        except HttpOperationError as exc:
+            out["stale_status"] = exc.response.status_code
+        out["twin"] = rm.get_twin("sdk-dev")
+        out["stats"] = rm.get_device_registry_statistics()
+        rm.create_device_with_sas("sdk-dev2", new_key(), new_key(), "enabled")
+        out["listed"] = [d.device_id for d in rm.get_devices(10)]
+        rm.delete_device("sdk-dev", updated.etag)
+        rm.delete_device("sdk-dev2")
+        try:
+            rm.get_device("sdk-dev")
+        except HttpOperationError as exc:
+            out["gone_status"] = exc.response.status_code
+        return out
+
+    out = await asyncio.to_thread(run_sdk)
+    created, fetched, updated = out["created"], out["fetched"], out["updated"]
+    assert created.device_id == "sdk-dev" and created.status == "enabled"
+    assert created.authentication.symmetric_key.primary_key == primary
+    assert fetched.etag == created.etag
+    assert updated.status == "disabled" and updated.status_reason == "by sdk"
+    assert updated.etag != fetched.etag
+    assert out["stale_status"] == 412
+    twin = out["twin"]
+    assert twin.device_id == "sdk-dev" and twin.status == "disabled"
+    assert twin.properties.desired["$version"] == 1
+    assert out["stats"].total_device_count == 1
+    assert out["listed"] == ["sdk-dev", "sdk-dev2"]
+    assert out["gone_status"] == 404
+    assert (await tls_hub.hub.registry.statistics()).total_device_count == 0
+    await tls_hub.hub.audit.flush()
+    allowed = await tls_hub.hub.audit.query(action_prefix="auth.rest", outcome="allowed", limit=1000)
+    assert allowed and all(r.principal == "policy:iothubowner" for r in allowed)
+    assert all((r.peer or "").startswith("127.0.0.1:") for r in allowed)

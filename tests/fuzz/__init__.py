@@ -1,0 +1,1 @@
+"""Fuzz harnesses: run briefly under pytest, for longer with `python -m tests.fuzz.run --count N`."""

@@ -1,0 +1,1 @@
+"""Tests of the sans-I/O MQTT codec and Azure topic rules."""
