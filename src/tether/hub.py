@@ -14,12 +14,15 @@ from typing import Any
 
 from tether.config import Settings
 from tether.messaging.events import EventStream, open_stream
+from tether.messaging.twins import TwinService
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.security.authenticator import Authenticator
 from tether.security.policies import PolicyService
+from tether.security.x509 import CaService, X509Verifier
 from tether.storage.factory import open_storage
 from tether.storage.sql.storage import SqlStorage
+from tether.storage.sql.twins import SqlTwinRepository
 
 log = logging.getLogger("tether.hub")
 
@@ -41,7 +44,9 @@ class Hub:
             retention_hours=settings.storage.stream_retention_hours,
             retention_bytes=settings.storage.stream_retention_bytes,
         )
-        self.cert_verifier: Any = None  # X509Verifier once CAs are loaded (open())
+        self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit)
+        self.cas = CaService(self.storage.cas, self.audit)
+        self.cert_verifier = X509Verifier(self.cas)
         self.authenticator = Authenticator(
             hostname=settings.hub.hostname,
             devices=self.registry,
@@ -49,6 +54,7 @@ class Hub:
             audit=self.audit,
             clock_skew_s=settings.limits.sas_clock_skew_s,
             max_token_lifetime_s=settings.limits.sas_max_lifetime_s,
+            cert_verifier=self.cert_verifier,
         )
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []

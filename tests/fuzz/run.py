@@ -17,6 +17,7 @@ from .harness import Harness
 
 HARNESS_MODULES: list[str] = [
     "test_fuzz_mqtt",
+    "test_fuzz_security", "test_fuzz_rest",
 ]
 
 

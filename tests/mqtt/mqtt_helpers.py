@@ -53,7 +53,8 @@ class HubRunner:
     """A started Hub plus MQTT listener on a private loop in a daemon thread."""
 
     def __init__(self, data_dir: Path, *, ip: str = "127.0.0.1", port: int = 0, tls: bool = True,
-                 hostname: str = HOSTNAME, limits: dict[str, Any] | None = None) -> None:
+                 hostname: str = HOSTNAME, limits: dict[str, Any] | None = None,
+                 hooks: object | None = None) -> None:
         self.ip, self.tls, self.hostname = ip, tls, hostname
         self.ca_file, cert_file, key_file = make_certs(data_dir / "pki", ip)
         self.settings = load_settings(
@@ -62,6 +63,7 @@ class HubRunner:
             limits=limits or {},
         )
         self._requested_port = port
+        self._hooks = hooks
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="hub-loop", daemon=True)
         self._thread.start()
@@ -77,6 +79,8 @@ class HubRunner:
                 hostname=self.hostname, devices=hub.registry, policies=hub.policies, audit=hub.audit,
                 clock_skew_s=self.settings.limits.sas_clock_skew_s, cert_verifier=hub.cert_verifier,
             )
+        if self._hooks is not None:
+            hub.twin_hooks = self._hooks  # type: ignore[attr-defined]
         self._server = await start_mqtt(hub, host=self.ip, port=self._requested_port, tls=self.tls)
         return hub
 
@@ -192,7 +196,11 @@ class PahoDevice:
 
     def _run(self) -> None:
         while not self._stop:
-            if self.client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+            try:
+                rc = self.client.loop(0.05)
+            except OSError:  # paho lets TLS errors of a socket the hub closed escape
+                rc = mqtt.MQTT_ERR_CONN_LOST
+            if rc != mqtt.MQTT_ERR_SUCCESS:
                 self.disconnected.set()
                 return
 
@@ -232,12 +240,17 @@ class PahoDevice:
 
     def close(self) -> None:
         if not self.disconnected.is_set():
-            self.client.disconnect()
-            self.disconnected.wait(2)
+            try:
+                self.client.disconnect()
+                self.disconnected.wait(2)
+            except OSError:
+                pass
         self._stop = True
         if self._thread is not None:
             self._thread.join(2)
-        self.client.socket() and self.client.socket().close()
+        sock = self.client.socket()
+        if sock:
+            sock.close()
 
 
 def raw_socket(runner: HubRunner, timeout: float = 10) -> socket.socket:

@@ -7,6 +7,7 @@ import asyncio
 import json
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,8 +22,11 @@ from mqtt_helpers import HubRunner, PahoDevice, raw_connect, raw_socket, read_un
 from tether.observability.metrics import metrics_handler
 from tether.protocols.mqtt.codec import encode_packet, encode_publish
 from tether.protocols.mqtt.packets import Connect
+from tether.protocols.mqtt.session import NullTwinMethodHooks
+from tether.protocols.mqtt.topics import c2d_topic
 from tether.protocols.mqtt.websocket import WEBSOCKET_PATH, mqtt_websocket_handler
 from tether.registry.models import ConnectionState
+from tether.security.principal import Principal
 from tether.security.tls import start_tls_server
 
 LIMITS = {"connect_timeout_s": 2.0, "sas_clock_skew_s": 0, "max_connections": 40,
@@ -244,26 +248,47 @@ def test_metrics_endpoint_reports_connections_messages_and_stream(runner: HubRun
         runner.call(app_runner.cleanup())
 
 
-def test_mqtt_over_websockets(runner: HubRunner) -> None:
-    async def serve() -> tuple[web.AppRunner, asyncio.AbstractServer, int]:
+@pytest.fixture(scope="module")
+def ws_port(runner: HubRunner) -> Iterator[int]:
+    """An HTTPS listener (the one TLS layer) with only the MQTT WebSocket route mounted."""
+
+    async def serve() -> tuple[web.AppRunner, asyncio.AbstractServer]:
         app = web.Application()
         app.router.add_get(WEBSOCKET_PATH, mqtt_websocket_handler(runner.hub))
         app_runner = web.AppRunner(app)
         await app_runner.setup()
         assert app_runner.server is not None
-        server = await start_tls_server(app_runner.server, "127.0.0.1", 0, runner.hub.tls)
-        return app_runner, server, server.sockets[0].getsockname()[1]
+        return app_runner, await start_tls_server(app_runner.server, "127.0.0.1", 0, runner.hub.tls)
 
-    app_runner, server, port = runner.call(serve())
-    device = runner.create_device("ws-device")
-    client = mqtt.Client(client_id="ws-device", clean_session=False, transport="websockets")
+    app_runner, server = runner.call(serve())
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        async def stop() -> None:
+            server.close()
+            await app_runner.cleanup()
+
+        runner.call(stop())
+
+
+def ws_client(runner: HubRunner, device_id: str, token: str) -> mqtt.Client:
+    client = mqtt.Client(client_id=device_id, clean_session=False, transport="websockets")
     client.ws_set_options(path=WEBSOCKET_PATH)
     client.tls_set(ca_certs=str(runner.ca_file), cert_reqs=ssl.CERT_REQUIRED)
-    client.username_pw_set(f"{runner.hostname}/ws-device/?api-version=2021-04-12", runner.token(device))
+    client.username_pw_set(f"{runner.hostname}/{device_id}/?api-version=2021-04-12", token)
+    client.reconnect_delay_set(300, 300)
+    return client
+
+
+def test_mqtt_over_websockets(runner: HubRunner, ws_port: int) -> None:
+    device = runner.create_device("ws-device")
+    client = ws_client(runner, "ws-device", runner.token(device))
     acked: list[int] = []
     client.on_publish = lambda c, u, mid: acked.append(mid)
+    lost = threading.Event()
+    client.on_disconnect = lambda c, u, rc: lost.set()  # paho's is_connected() misses a lost link
     try:
-        client.connect("127.0.0.1", port, 60)
+        client.connect("127.0.0.1", ws_port, 60)
         client.loop_start()
         infos = [client.publish("devices/ws-device/messages/events/%24.mid=w" + str(i), f"ws{i}", qos=1)
                  for i in range(50)]
@@ -273,12 +298,116 @@ def test_mqtt_over_websockets(runner: HubRunner) -> None:
         assert [e.body for e in events] == [f"ws{i}".encode() for i in range(50)]
         assert events[0].system_properties["message-id"] == "w0"
         assert runner.hub.connections.get("ws-device").protocol == "mqtt-ws"  # type: ignore[attr-defined]
+        runner.call(runner.hub.registry.set_status("ws-device", False, actor="test"))
+        assert lost.wait(1.0)
     finally:
         client.disconnect()
         client.loop_stop()
 
-        async def stop() -> None:
-            server.close()
-            await app_runner.cleanup()
 
-        runner.call(stop())
+def test_websocket_connect_refusal_answers_connack_and_closes(runner: HubRunner, ws_port: int) -> None:
+    runner.create_device("ws-refused")
+    client = ws_client(runner, "ws-refused", "SharedAccessSignature sr=x&sig=y&se=1")
+    codes: list[int] = []
+    client.on_connect = lambda c, u, f, rc: codes.append(rc)
+    lost = threading.Event()
+    client.on_disconnect = lambda c, u, rc: lost.set()
+    try:
+        client.connect("127.0.0.1", ws_port, 60)
+        client.loop_start()
+        wait_for(lambda: codes, 5)
+        assert codes == [4]
+        assert lost.wait(2)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    runner.wait_audit("malformed", action_prefix="auth.mqttws", target="ws-refused")
+
+
+def test_plain_http_on_the_websocket_path_is_refused(runner: HubRunner, ws_port: int) -> None:
+    r = httpx.get(f"https://127.0.0.1:{ws_port}{WEBSOCKET_PATH}", verify=ssl.create_default_context(
+        cafile=str(runner.ca_file)))
+    assert r.status_code == 400
+
+
+def test_deliver_hook_publishes_to_the_device_and_completes_on_its_puback(runner: HubRunner) -> None:
+    """The presence handle later C2D/method features use: QoS 1 completes when the device acks."""
+    dev = connect(runner, "c2d-target")
+    try:
+        mid = dev.subscribe("devices/c2d-target/messages/devicebound/#")
+        wait_for(lambda: mid in dev.suback)
+        topic = c2d_topic("c2d-target", {"$.mid": "c1"}, {"k": "v"})
+
+        async def send() -> None:
+            handle = runner.hub.connections.get("c2d-target")  # type: ignore[attr-defined]
+            await asyncio.wait_for(handle.deliver(topic, b"hello", qos=1), 5)
+
+        runner.call(send())
+        wait_for(lambda: dev.messages)
+        assert dev.messages[0].payload == b"hello" and dev.messages[0].topic == topic
+    finally:
+        dev.close()
+    wait_for(lambda: not runner.connected("c2d-target"))
+
+
+def test_many_devices_connect_at_once(runner: HubRunner) -> None:
+    devices = [runner.create_device(f"crowd-{i}") for i in range(25)]
+    with ThreadPoolExecutor(25) as pool:
+        socks = list(pool.map(lambda d: raw_connect(runner, d), devices))
+    try:
+        assert all(runner.connected(d.device_id) for d in devices)
+    finally:
+        for s in socks:
+            s.close()
+
+
+class RecordingHooks(NullTwinMethodHooks):
+    """Twin/method hooks as the twins feature plugs them in (`hub.twin_hooks`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, object]] = []
+
+    async def twin_get(self, principal: Principal) -> tuple[int, bytes]:
+        self.calls.append(("get", principal.device_id))
+        return 200, b'{"desired":{"$version":3},"reported":{"$version":5}}'
+
+    async def twin_patch_reported(self, principal: Principal, body: bytes) -> tuple[int, bytes, int | None]:
+        self.calls.append(("patch", body))
+        return 204, b"", 6
+
+    async def method_response(self, principal: Principal, rid: str, status: int, body: bytes) -> None:
+        self.calls.append(("method", (rid, status, body)))
+
+    async def subscribed(self, principal: Principal, handle: object, kinds: object) -> None:
+        self.calls.append(("subscribed", list(kinds)))  # type: ignore[call-overload]
+
+    async def connected(self, principal: Principal, handle: object, *, clean_session: bool) -> None:
+        self.calls.append(("connected", clean_session))
+
+
+def test_twin_and_method_traffic_goes_to_the_hub_hooks(tmp_path: Path) -> None:
+    hooks = RecordingHooks()
+    r = HubRunner(tmp_path, tls=False, hooks=hooks)
+    dev = None
+    try:
+        device = r.create_device("hooked")
+        dev = PahoDevice(r, "hooked", r.token(device))
+        assert dev.connect() == 0
+        mid = dev.subscribe("$iothub/twin/res/#")
+        wait_for(lambda: mid in dev.suback)
+        dev.wait_acked([dev.publish(b" ", topic="$iothub/twin/GET/?$rid=1"),
+                        dev.publish(b'{"a":1}', topic="$iothub/twin/PATCH/properties/reported/?$rid=2"),
+                        dev.publish(b'{"ok":true}', topic="$iothub/methods/res/200/?$rid=abc")])
+        wait_for(lambda: len(dev.messages) == 2)
+        replies = {m.topic: m.payload for m in dev.messages}
+        assert json.loads(replies["$iothub/twin/res/200/?$rid=1"])["reported"] == {"$version": 5}
+        assert replies["$iothub/twin/res/204/?$rid=2&$version=6"] == b""
+        wait_for(lambda: len(hooks.calls) == 5)
+        assert ("connected", False) in hooks.calls  # paho connects like the SDK: clean_session=0
+        assert ("subscribed", ["twin-responses"]) in hooks.calls
+        assert ("get", "hooked") in hooks.calls and ("patch", b'{"a":1}') in hooks.calls
+        assert ("method", ("abc", 200, b'{"ok":true}')) in hooks.calls
+    finally:
+        if dev is not None:
+            dev.close()
+        r.stop()

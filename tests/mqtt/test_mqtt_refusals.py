@@ -12,6 +12,7 @@ from mqtt_helpers import HubRunner, PahoDevice, new_key, raw_socket, read_until_
 
 from tether.protocols.mqtt.codec import encode_packet
 from tether.protocols.mqtt.packets import Connect
+from tether.security.sas import build_token
 
 LIMITS = {
     "connect_timeout_s": 1.0,
@@ -51,6 +52,25 @@ def connected_device(runner: HubRunner, device_id: str) -> PahoDevice:
 
 def test_good_device_publishes_and_gets_pubacks(good: PahoDevice) -> None:
     good.wait_acked([good.publish(f"m{i}") for i in range(20)])
+    info = good.client.publish("devices/good-device/messages/events/", b"retained?", qos=1, retain=True)
+    good.wait_acked([info.mid])  # the retain flag is ignored, not refused
+
+
+def test_module_identity_is_parsed_and_refused_without_module_support(
+    runner: HubRunner, good: PahoDevice
+) -> None:
+    device = runner.create_device("with-module")
+    token = build_token("localhost/devices/with-module/modules/m1", device.authentication.symmetric_key
+                        .primary_key or "", int(time.time()) + 60)
+    dev = PahoDevice(runner, "with-module", token, client_id="with-module/m1",
+                     username="localhost/with-module/m1/?api-version=2021-04-12")
+    try:
+        assert dev.connect() == 4
+    finally:
+        dev.close()
+    record = runner.wait_audit("unknown-module", action_prefix="auth.mqtt", target="with-module")
+    assert record.principal == "device:with-module/m1"
+    good.roundtrip()
 
 
 def test_publish_to_a_forbidden_topic_disconnects_and_is_audited(runner: HubRunner, good: PahoDevice) -> None:

@@ -54,4 +54,3 @@ async def client(hub: Hub, base_url: str) -> AsyncIterator[httpx.AsyncClient]:
     headers = {"Authorization": await policy_token(hub)}
     async with httpx.AsyncClient(base_url=base_url, headers=headers, timeout=30) as c:
         yield c
-

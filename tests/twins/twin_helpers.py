@@ -37,7 +37,10 @@ def new_key() -> str:
 def device_body(device_id: str, **extra: Any) -> dict[str, Any]:
     return {
         "deviceId": device_id,
-        "authentication": {"type": "sas", "symmetricKey": {"primaryKey": new_key(), "secondaryKey": new_key()}},
+        "authentication": {
+            "type": "sas",
+            "symmetricKey": {"primaryKey": new_key(), "secondaryKey": new_key()},
+        },
         **extra,
     }
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field
 
 from tether.api.bodies import read_json_object
 from tether.api.twin_routes import Handler, guarded, twin_service, twins_of
@@ -21,6 +22,14 @@ if TYPE_CHECKING:
 MAX_ITEM_COUNT = "x-ms-max-item-count"
 CONTINUATION = "x-ms-continuation"
 MAX_TOKEN_CHARS = 4096
+
+
+class QuerySpecification(BaseModel):
+    """Body of `POST /devices/query` (for the OpenAPI document; the handler checks it by hand so
+    errors name `query`)."""
+
+    model_config = ConfigDict(extra="forbid")
+    query: str = Field(description="e.g. SELECT * FROM devices WHERE tags.site = 'north'")
 
 
 def _max_items(request: web.Request) -> int:
@@ -67,4 +76,4 @@ def add_query_routes(app: web.Application, hub: Hub) -> None:
         app.router.add_route(method, path, guarded(handler, permission))
 
 
-__all__ = ["QUERY_ROUTES", "add_query_routes", "query_devices"]
+__all__ = ["QUERY_ROUTES", "QuerySpecification", "add_query_routes", "query_devices"]

@@ -11,7 +11,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 from pydantic import BaseModel
 
-from tether.api import admin, devices, openapi, twins
+from tether.api import admin, devices, openapi, query_routes, twin_routes
 from tether.api.admin import AuditEntry, Policy, PolicyCreate
 from tether.api.devices import ImportResult, StatusChange
 from tether.api.twins import Twin
@@ -89,8 +89,17 @@ ROUTES: tuple[Route, ...] = (
           response_headers=("x-ms-continuation", "x-ms-item-type")),
     Route("GET", "/statistics/devices", devices.device_statistics, "Device counts", READ, "devices",
           response=RegistryStatistics),
-    Route("GET", "/twins/{id}", twins.get_twin, "Get a device twin", READ, "twins", response=Twin,
+    Route("GET", "/twins/{id}", twin_routes.get_twin, "Get a device twin", READ, "twins", response=Twin,
           response_headers=("ETag",)),
+    Route("PATCH", "/twins/{id}", twin_routes.patch_twin, "Update tags and desired properties", WRITE,
+          "twins", request="object", response=Twin, params=(IF_MATCH,), response_headers=("ETag",)),
+    Route("PUT", "/twins/{id}", twin_routes.replace_twin, "Replace tags and desired properties", WRITE,
+          "twins", request="object", response=Twin, params=(IF_MATCH,), response_headers=("ETag",)),
+    Route("POST", "/devices/query", query_routes.query_devices, "Query device twins", READ, "twins",
+          request=query_routes.QuerySpecification, response="object", array=True,
+          params=(Param("x-ms-max-item-count", "header", "Page size, default 100, at most 1000."),
+                  Param("x-ms-continuation", "header", "Token from the previous page.")),
+          response_headers=("x-ms-continuation", "x-ms-item-type")),
     # --- Tether extensions ----------------------------------------------------------------------
     Route("POST", "/tether/devices/import", devices.import_devices, "Bulk-create devices (all or nothing)",
           WRITE, "tether-devices", request="ndjson", response=ImportResult,

@@ -1,7 +1,10 @@
 """`tether monitor`: print live telemetry like `az iot hub monitor-events --properties all`.
 
-Reads the hub's event stream directly (local mode); every partition is followed concurrently with
-long-poll reads, so events appear as soon as the hub has made them durable.
+Local mode reads the hub's event stream directly: every partition is followed concurrently with
+long-poll reads. Remote mode (`--hub-url`) follows the hub's Server-Sent Events feed
+(`GET /tether/events/stream`, ServiceConnect). The embedded file stream admits one process, so when
+local mode finds it locked by a hub running on this host it switches to that hub's feed on its own
+(`https://localhost:{listeners.https_port}`, the data dir's CA and a ServiceConnect policy).
 """
 
 from __future__ import annotations
@@ -10,21 +13,30 @@ import asyncio
 import base64
 import json
 import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tether.cli.context import cli_errors, run, state_of
+from tether.cli.context import CliState, run, state_of
 from tether.cli.output import echo_json
-from tether.config import ConfigError
-from tether.errors import NotFound
+from tether.config import ConfigError, Settings
+from tether.errors import NotFound, TetherError
 
 if TYPE_CHECKING:
+    import httpx
+
+    from tether.cli.remote import RemoteBackend
     from tether.messaging.events import EventData, EventStream
 
 POLL_S = 1.0
 BATCH = 100
 ANNOTATION_PREFIXES = ("iothub-", "x-opt-")
+STREAM_PATH = "/tether/events/stream"
+PROBE_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 60.0  # the hub sends a heartbeat every 15 s, so silence this long means it is gone
 
 
 def _payload(event: EventData) -> tuple[Any, str | None]:
@@ -72,6 +84,27 @@ def event_json(event: EventData) -> dict[str, Any]:
     return {"event": body}
 
 
+def event_from_doc(doc: dict[str, Any]) -> EventData:
+    """An event of the hub's consumer API (`event_routes.event_doc`) back as `EventData`."""
+    from tether.messaging.events import EventData
+
+    try:
+        raw = doc["body"]
+        body = base64.b64decode(raw) if doc.get("bodyEncoding") == "base64" else raw.encode("utf-8")
+        enqueued = datetime.fromisoformat(doc["enqueuedTime"].replace("Z", "+00:00"))
+        epoch = datetime.fromtimestamp(0, enqueued.tzinfo)
+        return EventData(
+            partition=int(doc["partition"]), offset=int(doc["offset"]),
+            sequence_number=int(doc["sequenceNumber"]),
+            enqueued_time_ms=(enqueued - epoch) // timedelta(milliseconds=1),
+            device_id=str(doc["deviceId"]), module_id=doc.get("moduleId"),
+            system_properties=dict(doc.get("systemProperties") or {}),
+            properties=dict(doc.get("properties") or {}), body=body,
+        )
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise TetherError(f"the hub sent an event this CLI cannot read: {exc!r}") from None
+
+
 class _Printer:
     """Shared stop conditions across the partition readers."""
 
@@ -92,6 +125,17 @@ class _Printer:
                 self.done.set()
 
 
+@dataclass(frozen=True)
+class _Options:
+    device: str | None
+    consumer_group: str
+    from_start: bool
+    max_events: int | None
+    timeout: float
+    compact: bool
+
+
+# --- local mode ----------------------------------------------------------------------------------
 async def _follow(
     stream: EventStream, partition: int, start: int, device: str | None, printer: _Printer
 ) -> None:
@@ -113,6 +157,151 @@ async def _watch_idle(printer: _Printer, timeout_s: float) -> None:
         await asyncio.sleep(min(timeout_s - idle, POLL_S))
 
 
+async def _monitor_stream(stream: EventStream, opts: _Options) -> None:
+    if opts.consumer_group not in await stream.consumer_groups():
+        raise NotFound(f"consumer group {opts.consumer_group!r} does not exist", code="NotFound")
+    device = opts.device
+    partitions = [stream.partition_for(device)] if device is not None else list(range(stream.partition_count))
+    now_ms = int(time.time() * 1000)
+    starts = {p: 0 if opts.from_start else await stream.find_sequence_at(p, now_ms) for p in partitions}
+    printer = _Printer(opts.max_events, opts.compact)
+    tasks = [asyncio.create_task(_follow(stream, p, starts[p], device, printer)) for p in partitions]
+    if opts.timeout > 0:
+        tasks.append(asyncio.create_task(_watch_idle(printer, opts.timeout)))
+    waiter = asyncio.create_task(printer.done.wait())
+    try:
+        done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not waiter and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        for task in [*tasks, waiter]:
+            task.cancel()
+        await asyncio.gather(*tasks, waiter, return_exceptions=True)
+
+
+async def _monitor_local(state: CliState, settings: Settings, opts: _Options) -> None:
+    from tether.messaging.events import StreamError, open_stream
+
+    try:
+        stream = open_stream(
+            settings.stream_url,
+            partitions=settings.storage.stream_partitions,
+            retention_hours=settings.storage.stream_retention_hours,
+            retention_bytes=settings.storage.stream_retention_bytes,
+        )
+    except ValueError as exc:
+        raise ConfigError(f"invalid setting storage.stream_url: {exc}") from None
+    try:
+        await stream.start()
+    except StreamError as exc:
+        if "another process" not in exc.message:
+            raise
+        backend, why = await _running_hub(state, settings)
+        if backend is None:
+            raise StreamError(
+                f"{exc.message}: the embedded event stream can be read by one process only, and no "
+                f"running hub could be monitored instead ({why}); stop the hub first, pass --hub-url and "
+                "--connection-string, or use a NATS stream (storage.stream_url = nats://…)"
+            ) from None
+        typer.echo("the event stream belongs to the running hub: following its feed", err=True)
+        await _monitor_remote(backend, opts)
+        return
+    try:
+        await _monitor_stream(stream, opts)
+    finally:
+        await stream.close()
+
+
+# --- remote mode ---------------------------------------------------------------------------------
+async def _running_hub(state: CliState, settings: Settings) -> tuple[RemoteBackend | None, str]:
+    """The hub on this host, reached with the data dir's own credentials and CA; or why not."""
+    import httpx
+
+    from tether.cli.local import LocalServices
+    from tether.cli.policies import service_connection_string
+    from tether.cli.remote import RemoteBackend, error_from_response
+    from tether.security.principal import Permission
+
+    url = f"https://localhost:{settings.listeners.https_port}"
+    services = LocalServices(settings)
+    services.check_data_dir()
+    await services.open(ensure_defaults=False)
+    try:
+        usable = [p for p in await services.policies.list() if Permission.service_connect in p.permissions]
+    finally:
+        await services.close()
+    if not usable:
+        return None, "no shared access policy with ServiceConnect in the data dir"
+    policy = min(usable, key=lambda p: (p.name != "service", len(p.permissions), p.name))
+    ca = state.ca_file or settings.pki_dir / "root-ca.pem"
+    verify: str | bool = str(ca) if ca.is_file() else True
+    backend = RemoteBackend(url, service_connection_string(settings.hub.hostname, policy), verify=verify)
+    await backend.open()
+    try:
+        response = await backend.client.get("/tether/events/partitions", timeout=PROBE_TIMEOUT_S)
+    except httpx.HTTPError as exc:
+        await backend.close()
+        return None, f"nothing answered at {url}: {str(exc) or type(exc).__name__}"
+    if response.status_code != 200:
+        await backend.close()
+        return None, f"the hub at {url} refused: {error_from_response(response).message}"
+    return backend, ""
+
+
+async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
+    """The `data` of each Server-Sent Event; comments (heartbeats) and other fields are skipped."""
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if data:
+                yield "\n".join(data)
+            data = []
+        elif not line.startswith(":"):
+            name, _, value = line.partition(":")
+            if name == "data":
+                data.append(value[1:] if value.startswith(" ") else value)
+
+
+def _stream_error(response: httpx.Response) -> TetherError:
+    from tether.cli.remote import error_from_response
+
+    error = error_from_response(response)
+    if response.status_code == 404 and error.message.startswith("no route"):
+        return TetherError("this hub has no telemetry feed (GET /tether/events/stream); update it, or run "
+                           "monitor in local mode on the hub host")
+    return error
+
+
+async def _monitor_remote(backend: RemoteBackend, opts: _Options) -> None:
+    """Follow the hub's SSE feed; `backend` is open and is closed here."""
+    import httpx
+
+    params = {"consumerGroup": opts.consumer_group, "from": "start" if opts.from_start else "end"}
+    if opts.device is not None:
+        params["device"] = opts.device
+    printer = _Printer(opts.max_events, opts.compact)
+    timeout = httpx.Timeout(PROBE_TIMEOUT_S * 2, read=READ_TIMEOUT_S)
+    try:
+        async with backend.client.stream("GET", STREAM_PATH, params=params, timeout=timeout,
+                                         headers={"Accept": "text/event-stream"}) as response:
+            if response.status_code >= 400:
+                await response.aread()
+                raise _stream_error(response)
+            events = _sse_data(response.aiter_lines())
+            while not printer.done.is_set():
+                wait = None if opts.timeout <= 0 else opts.timeout - (time.monotonic() - printer.last_event)
+                if wait is not None and wait <= 0:
+                    return
+                try:
+                    data = await asyncio.wait_for(anext(events), wait)
+                except (StopAsyncIteration, TimeoutError):
+                    return
+                printer.emit(event_from_doc(json.loads(data)))
+    finally:
+        await backend.close()
+
+
 def monitor_command(
     ctx: typer.Context,
     device: Annotated[str | None, typer.Option("--device", help="Only events from this device.")] = None,
@@ -132,68 +321,30 @@ def monitor_command(
 ) -> None:
     """Print telemetry as JSON (origin, payload, properties, annotations) until Ctrl-C.
 
-    Monitor needs local mode for now (run it on the hub host, without --hub-url): it reads the
-    event stream directly. The embedded file stream admits one process at a time, so with the default
-    stream run it while the hub is stopped; a NATS stream (storage.stream_url) can be read live.
+    Local mode reads the event stream directly; with --hub-url it follows the hub's feed (the
+    connection string needs ServiceConnect). If the embedded stream is held by a hub running on this
+    host, monitor follows that hub's feed instead.
     """
-    with cli_errors():
-        settings = state_of(ctx).require_local("monitor")
+    state = state_of(ctx)
+    opts = _Options(device, consumer_group, from_start, max_events, timeout, compact)
 
     async def body() -> None:
-        from tether.messaging.events import StreamError, open_stream, validate_consumer_group
+        from tether.messaging.events import validate_consumer_group
 
         validate_consumer_group(consumer_group)
         if device is not None:
             from tether.registry.models import validate_device_id
 
             validate_device_id(device)
-        try:
-            stream = open_stream(
-                settings.stream_url,
-                partitions=settings.storage.stream_partitions,
-                retention_hours=settings.storage.stream_retention_hours,
-                retention_bytes=settings.storage.stream_retention_bytes,
-            )
-        except ValueError as exc:
-            raise ConfigError(f"invalid setting storage.stream_url: {exc}") from None
-        try:
-            await stream.start()
-        except StreamError as exc:
-            if "another process" not in exc.message:
-                raise
-            raise StreamError(
-                f"{exc.message}: the embedded event stream can be read by one process only, so stop the "
-                "hub first or use a NATS stream (storage.stream_url = nats://…); live monitoring of a "
-                "running embedded hub needs the hub's streaming endpoint (not available yet)"
-            ) from None
-        try:
-            if consumer_group not in await stream.consumer_groups():
-                raise NotFound(f"consumer group {consumer_group!r} does not exist", code="NotFound")
-            partitions = (
-                [stream.partition_for(device)]
-                if device is not None
-                else list(range(stream.partition_count))
-            )
-            now_ms = int(time.time() * 1000)
-            starts = {
-                p: 0 if from_start else await stream.find_sequence_at(p, now_ms) for p in partitions
-            }
-            printer = _Printer(max_events, compact)
-            tasks = [asyncio.create_task(_follow(stream, p, starts[p], device, printer)) for p in partitions]
-            if timeout > 0:
-                tasks.append(asyncio.create_task(_watch_idle(printer, timeout)))
-            waiter = asyncio.create_task(printer.done.wait())
-            try:
-                done, _ = await asyncio.wait([*tasks, waiter], return_when=asyncio.FIRST_COMPLETED)
-                for task in done:
-                    if task is not waiter and task.exception() is not None:
-                        raise task.exception()  # type: ignore[misc]
-            finally:
-                for task in [*tasks, waiter]:
-                    task.cancel()
-                await asyncio.gather(*tasks, waiter, return_exceptions=True)
-        finally:
-            await stream.close()
+        if state.remote:
+            from tether.cli.remote import RemoteBackend
+
+            backend = state.backend()
+            assert isinstance(backend, RemoteBackend)
+            await backend.open()
+            await _monitor_remote(backend, opts)
+        else:
+            await _monitor_local(state, state.settings(), opts)
 
     try:
         run(body)

@@ -57,6 +57,8 @@ MAX_ID_LENGTH: Final = 128
 # Azure's message id alphabet: ASCII letters, digits and - : . + % _ # * ? ! ( ) , = @ ; $ '
 MESSAGE_ID_RE: Final = re.compile(r"[A-Za-z0-9\-:.+%_#*?!(),=@;$']{1,128}")
 _PRINTABLE_RE: Final = re.compile(r"[\x20-\x7e]*")
+_TOKEN_RE: Final = re.compile(r"[A-Za-z0-9!#$%&'*+\-.^_`|~]{1,128}")
+_CONTROL_RE: Final = re.compile(r"[\x00-\x1f\x7f]")
 
 EnqueueListener = Callable[[str], Awaitable[None] | None]
 
@@ -70,11 +72,15 @@ def _check_text(value: str | None, name: str, limit: int = MAX_ID_LENGTH) -> str
 
 
 def _check_properties(properties: Mapping[str, str]) -> dict[str, str]:
+    """Names are HTTP tokens and values carry no control characters (Azure's rule), so every
+    property fits an `iothub-app-{name}` header as well as an MQTT property bag."""
     size = 0
     for key, value in properties.items():
-        if not isinstance(key, str) or not isinstance(value, str) or not key:
-            raise BadRequest("application properties must be non-empty string keys with string values",
-                             field="properties")
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise BadRequest("application properties must be strings", field="properties")
+        if not _TOKEN_RE.fullmatch(key) or _CONTROL_RE.search(value):
+            raise BadRequest(f"property {key[:64]!r}: names are letters, digits and !#$%&'*+-.^_`|~, "
+                             "values have no control characters", field="properties")
         if key.startswith("$.") or key.lower().startswith("iothub-"):
             raise BadRequest(f"property name {key!r} is reserved", field="properties")
         size += len(key.encode()) + len(value.encode())

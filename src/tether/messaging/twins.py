@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import json
 import logging
 import random
 import weakref
@@ -27,7 +28,7 @@ from dataclasses import replace as dc_replace
 from datetime import datetime
 from typing import Any
 
-from tether.errors import BadRequest, NotFound, PreconditionFailed
+from tether.errors import BadRequest, NotFound, PreconditionFailed, TetherError
 from tether.messaging.twin_docs import (
     DESIRED_LIMIT,
     REPORTED_LIMIT,
@@ -83,8 +84,12 @@ def blank_record(device_id: str) -> TwinRecord:
 
 
 def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
-    """Azure's twin JSON: registry fields of the device merged with the stored sections."""
+    """Azure's twin JSON: registry fields of the device merged with the stored sections.
+
+    The document shares the record's dicts (no copy: this is the query scan's hot path); every record
+    the service hands in is freshly loaded or freshly built, and nothing else holds it."""
     metadata = record.metadata
+    thumbprints = device.authentication.x509_thumbprint
     return {
         "deviceId": device.device_id,
         "etag": record.etag,
@@ -97,18 +102,21 @@ def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
         "lastActivityTime": iso(device.last_activity_time),
         "cloudToDeviceMessageCount": device.cloud_to_device_message_count,
         "authenticationType": device.authentication.type.value,
-        "x509Thumbprint": device.authentication.x509_thumbprint.model_dump(mode="json", by_alias=True),
-        "capabilities": device.capabilities.model_dump(mode="json", by_alias=True),
-        "tags": copy.deepcopy(record.tags),
+        "x509Thumbprint": {
+            "primaryThumbprint": thumbprints.primary_thumbprint,
+            "secondaryThumbprint": thumbprints.secondary_thumbprint,
+        },
+        "capabilities": {"iotEdge": device.capabilities.iot_edge},
+        "tags": record.tags,
         "properties": {
             "desired": {
-                **copy.deepcopy(record.desired),
-                "$metadata": copy.deepcopy(metadata.get("desired", {})),
+                **record.desired,
+                "$metadata": metadata.get("desired", {}),
                 "$version": record.desired_version,
             },
             "reported": {
-                **copy.deepcopy(record.reported),
-                "$metadata": copy.deepcopy(metadata.get("reported", {})),
+                **record.reported,
+                "$metadata": metadata.get("reported", {}),
                 "$version": record.reported_version,
             },
         },
@@ -159,6 +167,24 @@ def _parse_service_body(
     return tags, desired
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _parse_device_json(payload: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(payload, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as exc:  # bad UTF-8, malformed JSON, NaN, absurd nesting
+        raise BadRequest(f"reported patch is not valid JSON: {exc}", field="body") from None
+    if not isinstance(value, dict):
+        raise BadRequest("reported patch must be a JSON object", field="body")
+    return value
+
+
+def _error_body(exc: TetherError) -> bytes:
+    return json.dumps(exc.to_json(), separators=(",", ":")).encode()
+
+
 class TwinService:
     """Validated, versioned, durable device twins over a `TwinRepository`."""
 
@@ -198,8 +224,8 @@ class TwinService:
         """The MQTT twin GET body: `{"desired": {…, "$version": n}, "reported": {…, "$version": m}}`."""
         _, record = await self._load(device_id)
         return {
-            "desired": {**copy.deepcopy(record.desired), "$version": record.desired_version},
-            "reported": {**copy.deepcopy(record.reported), "$version": record.reported_version},
+            "desired": {**record.desired, "$version": record.desired_version},
+            "reported": {**record.reported, "$version": record.reported_version},
         }
 
     async def scan(self, *, after: str | None = None, limit: int = 500) -> list[dict[str, Any]]:
@@ -293,6 +319,26 @@ class TwinService:
         async with self._lock(device_id):
             _, record, _, _ = await self._write(device_id, None, mutate)
         return record.reported_version
+
+    # Wire helpers for device protocols (MQTT twin topics) -------------------------------------
+    async def device_get(self, device_id: str) -> tuple[int, bytes]:
+        """(status, body) answering `$iothub/twin/GET`: 200 and the desired/reported JSON, or the
+        error's HTTP status and `{"errorCode", "message"}`."""
+        try:
+            body = await self.get_for_device(device_id)
+        except TetherError as exc:
+            return exc.http_status, _error_body(exc)
+        return 200, json.dumps(body, separators=(",", ":")).encode()
+
+    async def device_patch_reported(self, device_id: str, payload: bytes) -> tuple[int, bytes, int | None]:
+        """(status, body, new reported version) answering a reported-properties PATCH publish:
+        204 with an empty body and the new `$version`, or 400/404/412… with an error body."""
+        try:
+            patch = _parse_device_json(payload)
+            version = await self.update_reported(device_id, patch)
+        except TetherError as exc:
+            return exc.http_status, _error_body(exc), None
+        return 204, b"", version
 
     # Internals -------------------------------------------------------------------------------
     def _lock(self, device_id: str) -> asyncio.Lock:

@@ -291,7 +291,10 @@ class RegistryService:
         """Validate a client body against the path id; server-managed fields are dropped."""
         if not isinstance(body, dict):
             raise BadRequest("device body must be a JSON object", field="body")
-        data = {k: v for k, v in _strip_nulls(body).items() if k not in SERVER_MANAGED}
+        try:
+            data = {k: v for k, v in _strip_nulls(body).items() if k not in SERVER_MANAGED}
+        except RecursionError:  # json.loads accepts deeper nesting than this walk can take
+            raise BadRequest("device body nests too deeply", field="body") from None
         body_id = data.pop("deviceId", data.pop("device_id", device_id))
         if body_id != device_id:
             raise BadRequest(

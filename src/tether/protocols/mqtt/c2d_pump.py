@@ -200,6 +200,7 @@ class C2DPumps:
         self._poll_interval_s = poll_interval_s
         self._pumps: dict[str, tuple[C2DPump, ConnectionHandle]] = {}
         self._watchers: set[asyncio.Task[None]] = set()
+        self._subscribed: set[str] = set()  # devices whose MQTT session holds a C2D subscription
 
     def __len__(self) -> int:
         return len(self._pumps)
@@ -213,7 +214,25 @@ class C2DPumps:
     ) -> None:
         """The session's subscribe hook: start delivering when the device subscribed to C2D."""
         if "c2d" in kinds and principal.device_id and not principal.module_id:
+            self._subscribed.add(principal.device_id)
             await self.start(principal.device_id, handle)
+
+    async def connected(self, principal: Principal, handle: ConnectionHandle, *, clean_session: bool) -> None:
+        """The session's connect hook. With `clean_session=0` Azure keeps the C2D subscription of
+        the previous connection and the device SDK does not subscribe again (e.g. after its token
+        renewal reconnect), so delivery resumes at once; a clean session forgets it. Remembered
+        per process: after a hub restart the device's next SUBSCRIBE starts delivery."""
+        device_id = principal.device_id
+        if not device_id or principal.module_id:
+            return
+        if clean_session:
+            self._subscribed.discard(device_id)
+        elif device_id in self._subscribed:
+            await self.start(device_id, handle)
+
+    def forget(self, device_id: str) -> None:
+        """Drop the remembered subscription (the device was deleted)."""
+        self._subscribed.discard(device_id)
 
     async def start(self, device_id: str, handle: ConnectionHandle) -> C2DPump:
         current = self._pumps.get(device_id)

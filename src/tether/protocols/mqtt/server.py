@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import weakref
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 
@@ -73,8 +73,8 @@ class MqttProtocol(asyncio.Protocol):
         self._ctx = ctx
         self._session: MqttSession | None = None
 
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
+    def connection_made(self, base: asyncio.BaseTransport) -> None:
+        transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass asyncio's
         if not self._ctx.connections.admit():
             DISCONNECTS.labels("mqtt", "max-connections").inc()
             transport.abort()

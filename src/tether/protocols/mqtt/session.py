@@ -115,6 +115,9 @@ class TwinMethodHooks(Protocol):
         """The device subscribed (C2D, desired patches, methods, …): start delivering."""
         ...
 
+    # Optional, looked up with getattr: `async def connected(principal, handle, *, clean_session)`
+    # runs after CONNACK so a persistent session (clean_session=0) resumes its subscriptions.
+
 
 class NullTwinMethodHooks:
     """Behaviour of a hub without twin/method services: nothing stored, nothing invoked."""
@@ -194,6 +197,7 @@ class MqttSession:
         self.closed_reason: str | None = None
         self._closed = asyncio.Event()
         self._model_id: str | None = None
+        self._clean_session = True
         self._registered = False
         self._pending: deque[tuple[int | None, asyncio.Future[Any] | None]] = deque()
         self._inflight_paused = False
@@ -319,6 +323,7 @@ class MqttSession:
                                  {"hostname": user.hostname})
             return
         self._model_id = user.query.get("model-id") or None
+        self._clean_session = packet.clean_session
         self._keepalive_s = packet.keep_alive * KEEPALIVE_FACTOR
         self._state = _State.AUTHENTICATING
         self._link.pause_reading()
@@ -366,6 +371,9 @@ class MqttSession:
             self._early.clear()
         self._start_timers(principal)
         self._spawn(ctx.activity.touch(device_id, connected=True))
+        connected = getattr(ctx.hooks, "connected", None)  # optional hook: resume a persistent session
+        if connected is not None:
+            self._spawn(connected(principal, self, clean_session=self._clean_session))
         self._next_touch = self._loop.time() + ctx.activity_interval_s
         self._link.resume_reading()
         self._drain()

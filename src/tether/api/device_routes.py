@@ -1,0 +1,223 @@
+"""Azure's device HTTPS surface: telemetry in, C2D messages out, authenticated as the DEVICE.
+
+A request carries `Authorization: SharedAccessSignature …` (device key, or a DeviceConnect policy
+token scoped to the device) or, without that header, the mutual-TLS client chain of the connection
+(`peercert_chain` from Tether's TLS layer). The authenticator is called with the device id of the
+path, so a credential for another device is refused there (401, or 403 for a policy without
+DeviceConnect) and audited as `auth.https`.
+
+Telemetry goes through the same `TelemetryPipeline` as MQTT (limits, `iothub-*` annotations,
+durable append) and is answered 204 only once durable. C2D receive locks the oldest visible message
+(`ETag` = lock token); the device completes it (DELETE), rejects it (DELETE `?reject`) or abandons
+it (POST `…/abandon`).
+
+`POST /devices/{id}/messages/deviceBound` on the same path is the *service* send route
+(`c2d_routes`): the method decides which principal is expected.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Final
+
+from aiohttp import web
+from cryptography import x509
+
+from tether.api.auth import refusal_error
+from tether.api.bodies import read_body
+from tether.api.c2d_routes import APP_PREFIX, app_properties, extend_routes, iso_utc
+from tether.api.context import hub_of, peer_of
+from tether.api.routes import Param, Route
+from tether.errors import BadRequest, Throttled, Unauthorized
+from tether.hub import Hub
+from tether.messaging.c2d import c2d_of
+from tether.messaging.telemetry import TelemetryPipeline
+from tether.security.principal import AuthRefused, Permission, Principal
+
+__all__ = ["DEVICE_ROUTES", "add_device_routes", "authenticate_device", "telemetry_of"]
+
+SURFACE: Final = "https"
+DEVICE = Permission.device_connect
+
+# HTTP header → MQTT-style system property key, as `TelemetryPipeline` expects. Several headers
+# may name one property (Azure SDKs differ); the first present wins.
+_SYSTEM_HEADERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
+    ("$.mid", ("iothub-messageid",)),
+    ("$.cid", ("iothub-correlationid",)),
+    ("$.uid", ("iothub-userid",)),
+    ("$.to", ("iothub-to",)),
+    ("$.ct", ("iothub-contenttype", "iothub-content-type", "Content-Type")),
+    ("$.ce", ("iothub-contentencoding", "iothub-content-encoding", "Content-Encoding")),
+    ("$.ctime", ("iothub-creationtimeutc", "iothub-creation-time-utc")),
+    ("$.exp", ("iothub-expiry",)),
+    ("$.ifid", ("iothub-interface-id",)),
+)
+
+
+def telemetry_of(hub: Hub) -> TelemetryPipeline:
+    """The hub's shared telemetry pipeline (`hub.telemetry`), created as the MQTT surface does."""
+    existing = getattr(hub, "telemetry", None)
+    if isinstance(existing, TelemetryPipeline):
+        return existing
+    pipeline = TelemetryPipeline(hub.stream, hub.settings.limits)
+    setattr(hub, "telemetry", pipeline)  # noqa: B010 - Hub does not declare it (yet)
+    return pipeline
+
+
+async def authenticate_device(request: web.Request, device_id: str) -> Principal:
+    """The device principal for `device_id`: SAS from `Authorization`, else the TLS client chain."""
+    hub = hub_of(request)
+    peer = peer_of(request)
+    authorization = request.headers.get("Authorization")
+    try:
+        if authorization is None:
+            transport = request.transport
+            chain: Sequence[x509.Certificate] = (
+                transport.get_extra_info("peercert_chain") if transport else None
+            ) or ()
+            if chain:
+                principal = await hub.authenticator.device_certificate(
+                    list(chain), device_id, surface=SURFACE, peer=peer
+                )
+            else:  # audited as missing-credentials
+                principal = await hub.authenticator.device_sas("", device_id, surface=SURFACE, peer=peer)
+        else:
+            principal = await hub.authenticator.device_sas(
+                authorization, device_id, surface=SURFACE, peer=peer
+            )
+    except AuthRefused as exc:
+        raise refusal_error(exc) from None
+    if principal.device_id != device_id or principal.module_id is not None:  # defence in depth
+        raise Unauthorized("credential is not for this device", code="IotHubUnauthorizedAccess")
+    return principal
+
+
+def _system_properties(headers: Mapping[str, str]) -> dict[str, str]:
+    system: dict[str, str] = {}
+    for key, names in _SYSTEM_HEADERS:
+        for name in names:
+            value = headers.get(name)
+            if value:
+                system[key] = value
+                break
+    return system
+
+
+async def send_event(request: web.Request) -> web.Response:
+    """Device-to-cloud telemetry; 204 once the event is durable in the stream."""
+    hub = hub_of(request)
+    device_id = request.match_info["id"]
+    principal = await authenticate_device(request, device_id)
+    telemetry = telemetry_of(hub)
+    body = await read_body(request, telemetry.max_message_bytes)  # 413 MessageTooLarge above 256 KB
+    if not telemetry.allow(principal):
+        raise Throttled("device message rate exceeded", code="ThrottlingException")
+    system = _system_properties(request.headers)
+    await telemetry.append(principal, body, system, app_properties(request.headers), protocol=SURFACE)
+    await hub.registry.touch(device_id)
+    return web.Response(status=204)
+
+
+async def receive_c2d(request: web.Request) -> web.Response:
+    """Lock the oldest visible C2D message: 200 with body and `iothub-*` headers, 204 when none."""
+    hub = hub_of(request)
+    device_id = request.match_info["id"]
+    await authenticate_device(request, device_id)
+    await hub.registry.touch(device_id)
+    message = await c2d_of(hub).receive(device_id)
+    if message is None:
+        return web.Response(status=204)
+    headers = {
+        "ETag": f'"{message.lock_token}"',
+        "iothub-messageid": message.message_id,
+        "iothub-sequencenumber": str(message.sequence_number),
+        "iothub-to": f"/devices/{device_id}/messages/deviceBound",
+        "iothub-expiry": iso_utc(message.expiry_time),
+        "iothub-enqueuedtime": iso_utc(message.enqueued_time),
+        "iothub-deliverycount": str(message.delivery_count),
+        "iothub-ack": message.ack,
+    }
+    if message.correlation_id:
+        headers["iothub-correlationid"] = message.correlation_id
+    if message.user_id:
+        headers["iothub-userid"] = message.user_id
+    if message.content_type:
+        headers["iothub-contenttype"] = message.content_type
+    if message.content_encoding:
+        headers["iothub-contentencoding"] = message.content_encoding
+    for name, value in message.properties.items():
+        headers[APP_PREFIX + name] = value
+    response = web.Response(status=200, body=message.body, headers=headers)
+    response.content_type = message.content_type or "application/octet-stream"
+    return response
+
+
+def _etag(request: web.Request) -> str:
+    token = request.match_info["etag"].strip()
+    if token.startswith("W/"):
+        token = token[2:]
+    token = token.strip('"')
+    if not token:
+        raise BadRequest("lock token is empty", field="etag")
+    return token
+
+
+async def settle_c2d(request: web.Request) -> web.Response:
+    """Complete (204), or reject with `?reject` (204); 412 DeviceMessageLockLost for a lost lock."""
+    hub = hub_of(request)
+    device_id = request.match_info["id"]
+    await authenticate_device(request, device_id)
+    token = _etag(request)
+    c2d = c2d_of(hub)
+    if "reject" in request.query:
+        await c2d.reject(device_id, token)
+    else:
+        await c2d.complete(device_id, token)
+    return web.Response(status=204)
+
+
+async def abandon_c2d(request: web.Request) -> web.Response:
+    hub = hub_of(request)
+    device_id = request.match_info["id"]
+    await authenticate_device(request, device_id)
+    await c2d_of(hub).abandon(device_id, _etag(request))
+    return web.Response(status=204)
+
+
+_DEVICE_AUTH = ("Device credential: `Authorization: SharedAccessSignature sr={host}/devices/{id}&…` "
+                "or a TLS client certificate.")
+
+DEVICE_ROUTES: tuple[Route, ...] = (
+    Route("POST", "/devices/{id}/messages/events", send_event, "Device: send telemetry", DEVICE,
+          "device-https", request_required=False, status=204,
+          params=(Param("iothub-messageid", "header", "Message id."),
+                  Param("iothub-correlationid", "header", "Correlation id."),
+                  Param("iothub-contenttype", "header", "Content type (else Content-Type)."),
+                  Param("iothub-contentencoding", "header", "Content encoding (else Content-Encoding).")),
+          description=f"{_DEVICE_AUTH} Body ≤ 256 KB (else 413); `iothub-app-{{name}}` headers are "
+                      "application properties. 429 over the per-device rate."),
+    Route("GET", "/devices/{id}/messages/deviceBound", receive_c2d, "Device: receive a C2D message",
+          DEVICE, "device-https",
+          response_headers=("ETag", "iothub-messageid", "iothub-sequencenumber", "iothub-to", "iothub-expiry",
+                            "iothub-enqueuedtime", "iothub-deliverycount", "iothub-correlationid",
+                            "iothub-ack"),
+          description=f"{_DEVICE_AUTH} 200 with the message body (locked for 60 s; ETag = lock token) "
+                      "or 204 when the queue is empty."),
+    Route("DELETE", "/devices/{id}/messages/deviceBound/{etag}", settle_c2d,
+          "Device: complete (or `?reject`) a C2D message", DEVICE, "device-https", status=204,
+          params=(Param("reject", "query", "Present: reject (dead-letter) instead of complete."),),
+          description=f"{_DEVICE_AUTH} 412 DeviceMessageLockLost when the lock is unknown or expired."),
+    Route("POST", "/devices/{id}/messages/deviceBound/{etag}/abandon", abandon_c2d,
+          "Device: abandon a C2D message (redelivered later)", DEVICE, "device-https", status=204,
+          description=f"{_DEVICE_AUTH} 412 DeviceMessageLockLost when the lock is unknown or expired."),
+)
+
+
+def add_device_routes(app: web.Application, hub: Hub) -> None:
+    """Mount the device HTTPS routes (their handlers authenticate the device themselves, so they
+    are not wrapped in the service guard) and list them in the OpenAPI document."""
+    c2d_of(hub)
+    telemetry_of(hub)
+    for route in DEVICE_ROUTES:
+        app.router.add_route(route.method, route.path, route.handler)
+    extend_routes(app, DEVICE_ROUTES)

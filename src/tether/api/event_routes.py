@@ -1,0 +1,593 @@
+"""Telemetry consumer API over HTTPS: a Tether extension.
+
+Azure IoT Hub hands telemetry to back ends through its Event Hubs-compatible AMQP endpoint; Tether
+has no AMQP consumer endpoint, so consumers read the same stream here: partition metadata, consumer
+groups and checkpoints, a long-poll read per partition, and a Server-Sent Events feed across all
+partitions (what `tether monitor` uses against a running hub). Every route needs ServiceConnect, the
+right Azure requires to read the built-in endpoint.
+
+Mount with `add_event_routes(app, hub)` after `build_app(hub)`: it registers `EVENT_ROUTES` through the
+same guard as the core table and refreshes the app's route list and OpenAPI document.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import functools
+import json
+import logging
+import time
+from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
+
+from tether.api.bodies import query_bool, query_int, read_optional_json_object
+from tether.api.context import HUB_KEY, ROUTES_KEY, SPEC_KEY, hub_of, principal_of
+from tether.api.devices import validation_error
+from tether.api.openapi import spec_bytes
+from tether.api.routes import Param, Route
+from tether.errors import BadRequest, NotFound, TetherError
+from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventData, EventStream, StreamError
+from tether.messaging.events import validate_consumer_group as _validate_group
+from tether.registry.models import validate_device_id
+from tether.security.principal import Permission
+
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+__all__ = ["CONSUMERS_KEY", "EVENT_ROUTES", "NEXT_SEQUENCE_HEADER", "add_event_routes", "event_doc"]
+
+log = logging.getLogger("tether.api.events")
+
+NEXT_SEQUENCE_HEADER = "x-tether-next-sequence"
+MAX_POLL_S = 60.0
+DEFAULT_POLL_S = 20.0
+MAX_COUNT = 1000
+HEARTBEAT_S = 15.0
+READ_SLICE_S = 10.0  # one long-poll read of a feed's partition reader; it loops until the feed stops
+WATCH_S = 0.5  # how often a feed looks for client disconnect, shutdown and token expiry
+QUEUE_BATCHES = 8  # batches buffered per feed: a slow client slows its own readers, never the hub
+BATCH = 100
+CHECKPOINT_EVERY_S = 1.0
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
+               "application/x-www-form-urlencoded")
+_compact = functools.partial(json.dumps, separators=(",", ":"))
+
+
+class _Consumers:
+    """Long-lived requests of one app. At shutdown they end at once instead of holding aiohttp's
+    graceful-shutdown wait (a long-poll lasts up to a minute, a feed forever)."""
+
+    def __init__(self) -> None:
+        self.closing = asyncio.Event()
+        self.feeds = 0  # open SSE feeds
+
+    async def on_shutdown(self, _app: web.Application) -> None:
+        self.closing.set()
+
+
+CONSUMERS_KEY: web.AppKey[_Consumers] = web.AppKey("tether_event_consumers")
+
+
+@runtime_checkable
+class _KnowsLatest(Protocol):
+    async def latest_sequence(self, partition: int) -> int: ...
+
+
+# --- wire documents (for the OpenAPI spec; handlers build the same shapes as plain dicts) ----------
+class _Doc(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class EventDoc(_Doc):
+    """One telemetry event. `body` is UTF-8 text, or base64 when `bodyEncoding` says so."""
+
+    partition: int
+    offset: str = Field(description="Opaque position; pass it back as fromOffset.")
+    sequence_number: int = Field(alias="sequenceNumber")
+    enqueued_time: datetime = Field(alias="enqueuedTime")
+    device_id: str = Field(alias="deviceId")
+    module_id: str | None = Field(alias="moduleId")
+    system_properties: dict[str, str] = Field(alias="systemProperties")
+    properties: dict[str, str]
+    body: str
+    body_encoding: str = Field(alias="bodyEncoding", description="utf-8 | base64")
+
+
+class PartitionDoc(_Doc):
+    id: int
+    last_sequence_number: int | None = Field(None, alias="lastSequenceNumber",
+                                             description="-1 when empty; omitted when unknown.")
+
+
+class PartitionsDoc(_Doc):
+    partition_count: int = Field(alias="partitionCount")
+    partitions: list[PartitionDoc]
+
+
+class ConsumerGroupDoc(_Doc):
+    name: str
+
+
+class CheckpointDoc(_Doc):
+    consumer_group: str = Field(alias="consumerGroup")
+    partition: int
+    sequence_number: int | None = Field(alias="sequenceNumber", description="Last processed; null: none.")
+
+
+class CheckpointUpdate(_Doc):
+    """Body of `PUT …/checkpoints/{partition}`: the last processed sequence number."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid")
+    sequence_number: StrictInt = Field(alias="sequenceNumber", ge=0)
+
+
+# --- documents and parameters ----------------------------------------------------------------------
+def iso_time(ms: int) -> str:
+    """ISO 8601 UTC with milliseconds, like Azure's `iothub-enqueuedtime`."""
+    return (EPOCH + timedelta(milliseconds=ms)).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
+
+
+def _declared_binary(system: dict[str, str]) -> bool:
+    """A non-text content type (without a text encoding) means binary on purpose: such bodies are
+    always base64, so whether one happens to decode as UTF-8 cannot change the document's shape."""
+    raw_type = system.get("content-type", "").lower()
+    ctype = raw_type.split(";")[0].strip()
+    if not ctype or "charset=" in raw_type or system.get("content-encoding", "").lower() in ("utf-8", "utf8"):
+        return False
+    return not (ctype.startswith(_TEXT_TYPES) or ctype.endswith(("+json", "+xml")))
+
+
+def event_doc(event: EventData) -> dict[str, Any]:
+    """The consumer API's event JSON (az monitor-events-like names)."""
+    body: str | None = None
+    if not _declared_binary(event.system_properties):
+        with contextlib.suppress(UnicodeDecodeError):
+            body = event.body.decode("utf-8")
+    return {
+        "partition": event.partition, "offset": str(event.offset), "sequenceNumber": event.sequence_number,
+        "enqueuedTime": iso_time(event.enqueued_time_ms), "deviceId": event.device_id,
+        "moduleId": event.module_id, "systemProperties": dict(event.system_properties),
+        "properties": dict(event.properties),
+        "body": body if body is not None else base64.b64encode(event.body).decode("ascii"),
+        "bodyEncoding": "utf-8" if body is not None else "base64",
+    }
+
+
+def _partition(request: web.Request, stream: EventStream) -> int:
+    raw, last = request.match_info["partition"], stream.partition_count - 1
+    if not raw.isdigit():
+        raise BadRequest(f"partition must be a number from 0 to {last}, got {raw!r}", field="partition")
+    if int(raw) > last:
+        raise NotFound(f"partition {int(raw)} does not exist; this hub has partitions 0-{last}",
+                       code="PartitionNotFound", field="partition")
+    return int(raw)
+
+
+def _group_name(name: str, field: str) -> str:
+    try:
+        return _validate_group(name)
+    except BadRequest as exc:
+        raise BadRequest(exc.message, code=exc.code, field=field) from None
+
+
+async def _existing_group(stream: EventStream, name: str | None, field: str = "consumerGroup") -> str:
+    name = _group_name(name or DEFAULT_CONSUMER_GROUP, field)
+    if name not in await stream.consumer_groups():
+        raise NotFound(f"consumer group {name!r} not found", code="ConsumerGroupNotFound", field=field)
+    return name
+
+
+def _query_seconds(request: web.Request, name: str, *, default: float, low: float, high: float) -> float:
+    raw = request.query.get(name) or ""
+    try:
+        value = float(raw) if raw else default
+    except ValueError:
+        raise BadRequest(f"{name} must be a number of seconds", field=name) from None
+    if not low <= value <= high:  # also refuses NaN
+        raise BadRequest(f"{name} must be between {low:g} and {high:g} seconds", field=name)
+    return value
+
+
+def parse_time_ms(raw: str, field: str) -> int:
+    """ISO 8601 (no zone = UTC) or integer milliseconds since the epoch."""
+    if raw.isdigit():
+        return int(raw)
+    try:
+        moment = datetime.fromisoformat(raw.replace("Z", "+00:00"))
+    except ValueError:
+        raise BadRequest(f"{field} must be an ISO 8601 date-time or epoch milliseconds, got {raw!r}",
+                         field=field) from None
+    moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return max(0, (moment - EPOCH) // timedelta(milliseconds=1))
+
+
+async def next_sequence(stream: EventStream, partition: int) -> int:
+    """The sequence the next append to `partition` gets ("end of stream")."""
+    if isinstance(stream, _KnowsLatest):
+        return await stream.latest_sequence(partition)
+    return await stream.find_sequence_at(partition, int(time.time() * 1000) + 86_400_000)
+
+
+async def _after_checkpoint(stream: EventStream, group: str, partition: int) -> int:
+    checkpoint = await stream.get_checkpoint(group, partition)
+    return 0 if checkpoint is None else checkpoint + 1
+
+
+async def _sequence_after_offset(stream: EventStream, partition: int, offset: int) -> int:
+    """First sequence whose event's offset is greater than `offset` (an Event Hubs offset position is
+    exclusive). Offsets grow with sequences, so a binary search of one-event reads finds it."""
+    first = await stream.read(partition, from_sequence=0, max_count=1)
+    if not first or first[0].offset > offset:
+        return first[0].sequence_number if first else 0
+    low, high = first[0].sequence_number, await next_sequence(stream, partition)
+    while high - low > 1:  # the event at `low` has offset <= target; the answer is in (low, high]
+        mid = (low + high) // 2
+        found = await stream.read(partition, from_sequence=mid, max_count=1)
+        if not found or found[0].sequence_number >= high or found[0].offset > offset:
+            high = mid
+        else:
+            low = found[0].sequence_number
+    return high
+
+
+_POSITIONS = ("fromSequence", "fromOffset", "fromEnqueuedTime", "fromCheckpoint")
+
+
+async def _read_start(request: web.Request, stream: EventStream, group: str, partition: int) -> int:
+    given = [name for name in _POSITIONS if request.query.get(name, "") not in ("", "false")]
+    if len(given) > 1:
+        raise BadRequest(f"give at most one of {', '.join(_POSITIONS)} (got {', '.join(given)})",
+                         field=given[1])
+    how = given[0] if given else "fromSequence"
+    raw = request.query.get(how, "")
+    if how == "fromSequence":
+        return query_int(request, how, default=0, low=0, high=2**63 - 1)
+    if how == "fromEnqueuedTime":
+        return await stream.find_sequence_at(partition, parse_time_ms(raw, how))
+    if how == "fromCheckpoint":
+        return await _after_checkpoint(stream, group, partition) if query_bool(request, how) else 0
+    if raw in ("-1", "@latest"):
+        return 0 if raw == "-1" else await next_sequence(stream, partition)
+    if not raw.isdigit():
+        raise BadRequest("fromOffset must be an offset from an event, -1 (start) or @latest", field=how)
+    return await _sequence_after_offset(stream, partition, int(raw))
+
+
+# --- partitions, consumer groups, checkpoints -------------------------------------------------------
+async def list_partitions(request: web.Request) -> web.Response:
+    stream = hub_of(request).stream
+    partitions: list[dict[str, int]] = [{"id": p} for p in range(stream.partition_count)]
+    if isinstance(stream, _KnowsLatest):
+        for doc in partitions:
+            doc["lastSequenceNumber"] = await stream.latest_sequence(doc["id"]) - 1
+    return web.json_response({"partitionCount": stream.partition_count, "partitions": partitions})
+
+
+async def list_consumer_groups(request: web.Request) -> web.Response:
+    return web.json_response([{"name": g} for g in await hub_of(request).stream.consumer_groups()])
+
+
+async def put_consumer_group(request: web.Request) -> web.Response:
+    """Idempotent: 201 when created, 200 when it already exists (`$Default` always does)."""
+    stream, name = hub_of(request).stream, _group_name(request.match_info["group"], "group")
+    if name in await stream.consumer_groups():
+        return web.json_response({"name": name})
+    await stream.create_consumer_group(name)  # a concurrent create surfaces as 409
+    await _audit(request, "consumer-group.create", name)
+    return web.json_response({"name": name}, status=201)
+
+
+async def delete_consumer_group(request: web.Request) -> web.Response:
+    name = request.match_info["group"]
+    await hub_of(request).stream.delete_consumer_group(name)  # $Default → 400, unknown → 404
+    await _audit(request, "consumer-group.delete", name)
+    return web.Response(status=204)
+
+
+async def _audit(request: web.Request, action: str, group: str) -> None:
+    await hub_of(request).audit.record(action, "ok", principal=principal_of(request).name, target=group)
+
+
+async def list_checkpoints(request: web.Request) -> web.Response:
+    stream = hub_of(request).stream
+    group = await _existing_group(stream, request.match_info["group"], "group")
+    return web.json_response([_checkpoint_doc(group, p, await stream.get_checkpoint(group, p))
+                              for p in range(stream.partition_count)])
+
+
+def _checkpoint_doc(group: str, partition: int, sequence: int | None) -> dict[str, Any]:
+    return {"consumerGroup": group, "partition": partition, "sequenceNumber": sequence}
+
+
+async def checkpoint_route(request: web.Request) -> web.Response:
+    """GET or PUT one partition's checkpoint: the last processed sequence number."""
+    stream = hub_of(request).stream
+    group = await _existing_group(stream, request.match_info["group"], "group")
+    partition = _partition(request, stream)
+    if request.method == "GET":
+        sequence = await stream.get_checkpoint(group, partition)
+        return web.json_response(_checkpoint_doc(group, partition, sequence))
+    try:
+        sequence = CheckpointUpdate.model_validate(await read_optional_json_object(request)).sequence_number
+    except ValidationError as exc:
+        raise validation_error(exc) from None
+    if isinstance(stream, _KnowsLatest) and sequence >= (end := await stream.latest_sequence(partition)):
+        raise BadRequest(f"sequenceNumber {sequence} is past the last event of partition {partition} "
+                         f"({end - 1})", field="sequenceNumber")
+    await stream.checkpoint(group, partition, sequence)
+    return web.json_response(_checkpoint_doc(group, partition, sequence))
+
+
+# --- long-poll read ---------------------------------------------------------------------------------
+async def read_messages(request: web.Request) -> web.Response:
+    """Answers as soon as one event is there, or with `[]` after `timeout` seconds (or at shutdown)."""
+    stream = hub_of(request).stream
+    partition = _partition(request, stream)
+    group = await _existing_group(stream, request.query.get("consumerGroup"))
+    max_count = query_int(request, "maxCount", default=100, low=1, high=MAX_COUNT)
+    timeout = _query_seconds(request, "timeout", default=DEFAULT_POLL_S, low=0, high=MAX_POLL_S)
+    start = await _read_start(request, stream, group, partition)
+    read = asyncio.ensure_future(stream.read(partition, from_sequence=start, max_count=max_count,
+                                             timeout_s=timeout))
+    stop = asyncio.ensure_future(request.app[CONSUMERS_KEY].closing.wait())
+    try:
+        await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (read, stop):
+            task.cancel()
+        await asyncio.gather(read, stop, return_exceptions=True)
+    events = [] if read.cancelled() else read.result()
+    following = events[-1].sequence_number + 1 if events else start
+    return web.json_response([event_doc(e) for e in events], dumps=_compact,
+                             headers={NEXT_SEQUENCE_HEADER: str(following)})
+
+
+# --- Server-Sent Events ----------------------------------------------------------------------------
+class _Feed:
+    """One reader task per partition feeding a bounded queue of batches, plus a watcher: aiohttp does
+    not cancel a handler whose client left, so it looks, and also ends the feed at shutdown and when
+    the SAS token expires (the client reconnects with a fresh one). `reason` says why it stopped."""
+
+    def __init__(self, request: web.Request, starts: dict[int, int], device: str | None) -> None:
+        self.stream, self.device = hub_of(request).stream, device
+        self.queue: asyncio.Queue[list[EventData]] = asyncio.Queue(QUEUE_BATCHES)
+        self.stop = asyncio.Event()
+        self.reason = ""
+        self.stopped = asyncio.ensure_future(self.stop.wait())
+        self._get: asyncio.Future[list[EventData]] | None = None
+        self._tasks = [asyncio.create_task(self._read(p, s), name=f"tether-feed-p{p}")
+                       for p, s in starts.items()]
+        self._tasks.append(asyncio.create_task(self._watch(request), name="tether-feed-watch"))
+
+    def end(self, reason: str) -> None:
+        if not self.stop.is_set():
+            self.reason = reason
+            self.stop.set()
+
+    async def _watch(self, request: web.Request) -> None:
+        closing, expires_at = request.app[CONSUMERS_KEY].closing, principal_of(request).expires_at
+        while not self.stop.is_set():
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.end("client disconnected")
+            elif closing.is_set():
+                self.end("hub shutting down")
+            elif expires_at is not None and time.time() >= expires_at:
+                self.end("token expired")
+            else:
+                await asyncio.sleep(WATCH_S)
+
+    async def _read(self, partition: int, sequence: int) -> None:
+        try:
+            while not self.stop.is_set():
+                events = await self.stream.read(partition, from_sequence=sequence, max_count=BATCH,
+                                                timeout_s=READ_SLICE_S)
+                if events:
+                    sequence = events[-1].sequence_number + 1
+                wanted = [e for e in events if self.device is None or e.device_id == self.device]
+                if wanted:
+                    await self.queue.put(wanted)
+        except StreamError as exc:
+            self.end(f"event stream unavailable: {exc.message}")
+        except Exception:  # a bug must end the feed, not leave the client waiting on a dead reader
+            log.exception("event feed reader of partition %d failed", partition)
+            self.end("internal error")
+
+    async def next_batch(self, wait_s: float) -> list[EventData] | None:
+        """Queued events (several batches merged); `[]` when `wait_s` passed idle; None once stopped."""
+        if self._get is None:
+            self._get = asyncio.ensure_future(self.queue.get())
+        await asyncio.wait((self._get, self.stopped), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
+        if self.stop.is_set():
+            return None
+        if not self._get.done():
+            return []
+        batch, self._get = self._get.result(), None
+        while len(batch) < BATCH * QUEUE_BATCHES and not self.queue.empty():
+            batch = batch + self.queue.get_nowait()
+        return batch
+
+    async def send(self, request: web.Request, response: web.StreamResponse, data: bytes) -> None:
+        """Write; if the feed must end while the write waits on a client that stopped reading, drop
+        the connection, so neither this handler nor the hub's shutdown waits on it."""
+        write = asyncio.ensure_future(response.write(data))
+        await asyncio.wait((write, self.stopped), return_when=asyncio.FIRST_COMPLETED)
+        if not write.done():
+            if request.transport is not None:
+                request.transport.abort()
+            write.cancel()
+            await asyncio.gather(write, return_exceptions=True)
+            raise ConnectionError("client stopped reading")
+        write.result()
+
+    async def close(self) -> None:
+        self.end("closed")
+        pending: list[asyncio.Future[Any]] = [*self._tasks, self.stopped, *([self._get] if self._get else [])]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+
+
+async def _feed_starts(request: web.Request, stream: EventStream, group: str, partitions: list[int],
+                       checkpointing: bool) -> dict[int, int]:
+    """Where each partition's reader starts: `Last-Event-ID` (the id of the last event a client saw,
+    `partition:nextSequence,…`) where it names the partition, else the `from` parameter."""
+    how = request.query.get("from") or ("checkpoint" if checkpointing else "end")
+    at_ms = None if how in ("start", "end", "checkpoint") else parse_time_ms(how, "from")
+    raw = request.headers.get("Last-Event-ID", "")
+    pairs = [item.strip().partition(":") for item in raw.split(",") if item.strip()]
+    if not all(p.isdigit() and s.isdigit() and int(p) in partitions for p, _, s in pairs):
+        raise BadRequest("Last-Event-ID must be an event id from this feed (partition:sequence,…)",
+                         field="Last-Event-ID")
+    starts = {int(p): int(s) for p, _, s in pairs}
+    for p in partitions:
+        if p in starts:
+            continue
+        if at_ms is not None:
+            starts[p] = await stream.find_sequence_at(p, at_ms)
+        elif how == "checkpoint":
+            starts[p] = await _after_checkpoint(stream, group, p)
+        else:
+            starts[p] = 0 if how == "start" else await next_sequence(stream, p)
+    return starts
+
+
+def _sse_event(event: EventData, positions: dict[int, int]) -> bytes:
+    """One SSE event. Its id holds every partition's resume position, so a reconnecting client
+    (EventSource sends `Last-Event-ID`) continues exactly after it. The JSON is ASCII-only because
+    line-based SSE parsers may split on Unicode line separators."""
+    ident = ",".join(f"{p}:{s}" for p, s in sorted(positions.items()))
+    return f"id: {ident}\ndata: {_compact(event_doc(event))}\n\n".encode("ascii")
+
+
+async def stream_events(request: web.Request) -> web.StreamResponse:
+    """`text/event-stream` of every partition's events (or one device's), heartbeat comments while
+    idle; with `checkpoint=true` the group is checkpointed, at most every second and at the end, up to
+    the events written to the connection."""
+    stream = hub_of(request).stream
+    group = await _existing_group(stream, request.query.get("consumerGroup"))
+    device = request.query.get("device") or None
+    if device is not None:
+        validate_device_id(device, field="device")
+    checkpointing = query_bool(request, "checkpoint")
+    if checkpointing and device is not None:
+        raise BadRequest("checkpoint=true cannot be combined with device: it would mark other devices' "
+                         "events as processed", field="checkpoint")
+    heartbeat = _query_seconds(request, "heartbeat", default=HEARTBEAT_S, low=1, high=60)
+    partitions = [stream.partition_for(device)] if device else list(range(stream.partition_count))
+    starts = await _feed_starts(request, stream, group, partitions, checkpointing)
+
+    response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    response.content_type, response.charset = "text/event-stream", "utf-8"
+    await response.prepare(request)
+    consumers = request.app[CONSUMERS_KEY]
+    feed = _Feed(request, starts, device)
+    consumers.feeds += 1
+    positions, pending, last_checkpoint = dict(starts), dict[int, int](), time.monotonic()
+    try:
+        await feed.send(request, response, b": connected\n\n")
+        while (batch := await feed.next_batch(heartbeat)) is not None:
+            if not batch:
+                await feed.send(request, response, b": heartbeat\n\n")
+                continue
+            chunks: list[bytes] = []
+            for event in batch:
+                positions[event.partition] = event.sequence_number + 1
+                chunks.append(_sse_event(event, positions))
+            await feed.send(request, response, b"".join(chunks))
+            pending.update({e.partition: e.sequence_number for e in batch})
+            if checkpointing and time.monotonic() - last_checkpoint >= CHECKPOINT_EVERY_S:
+                await _checkpoint(stream, group, pending)
+                last_checkpoint = time.monotonic()
+    except ConnectionError:
+        feed.end("client disconnected")
+    except TetherError as exc:  # a checkpoint failed (group deleted, stream closing)
+        feed.end(f"checkpoint failed: {exc.message}")
+    finally:
+        consumers.feeds -= 1
+        await feed.close()
+    if checkpointing and pending:
+        with contextlib.suppress(TetherError):
+            await _checkpoint(stream, group, pending)
+    if feed.reason != "client disconnected":
+        with contextlib.suppress(ConnectionError):
+            await response.write(f": closing: {feed.reason}\n\n".encode())
+            await response.write_eof()
+    return response
+
+
+async def _checkpoint(stream: EventStream, group: str, pending: dict[int, int]) -> None:
+    for partition, sequence in list(pending.items()):
+        await stream.checkpoint(group, partition, sequence)
+        del pending[partition]
+
+
+# --- route table ------------------------------------------------------------------------------------
+SERVICE = Permission.service_connect
+TAG = "tether-events"
+GROUP = Param("consumerGroup", "query", "Consumer group (default `$Default`); must exist.")
+CHECKPOINT_PATH = "/tether/events/consumergroups/{group}/checkpoints/{partition}"
+EVENT_ROUTES: tuple[Route, ...] = (
+    Route("GET", "/tether/events/partitions", list_partitions, "Partitions of the telemetry stream",
+          SERVICE, TAG, response=PartitionsDoc),
+    Route("GET", "/tether/events/consumergroups", list_consumer_groups, "List consumer groups", SERVICE,
+          TAG, response=ConsumerGroupDoc, array=True),
+    Route("PUT", "/tether/events/consumergroups/{group}", put_consumer_group,
+          "Create a consumer group (idempotent: 201 created, 200 exists)", SERVICE, TAG,
+          response=ConsumerGroupDoc, status=201),
+    Route("DELETE", "/tether/events/consumergroups/{group}", delete_consumer_group,
+          "Delete a consumer group and its checkpoints (not `$Default`: 400)", SERVICE, TAG, status=204),
+    Route("GET", "/tether/events/consumergroups/{group}/checkpoints", list_checkpoints,
+          "Checkpoints of a consumer group, one per partition", SERVICE, TAG, response=CheckpointDoc,
+          array=True),
+    Route("GET", CHECKPOINT_PATH, checkpoint_route, "Checkpoint of one partition", SERVICE, TAG,
+          response=CheckpointDoc),
+    Route("PUT", CHECKPOINT_PATH, checkpoint_route, "Set a checkpoint (last processed sequence number)",
+          SERVICE, TAG, request=CheckpointUpdate, response=CheckpointDoc),
+    Route("GET", "/tether/events/partitions/{partition}/messages", read_messages,
+          "Read events of one partition (long-poll)", SERVICE, TAG, response=EventDoc, array=True,
+          response_headers=(NEXT_SEQUENCE_HEADER,),
+          description="Answers as soon as an event is available, else `[]` after `timeout`. Continue "
+                      f"from the `{NEXT_SEQUENCE_HEADER}` header. At most one `from…` parameter.",
+          params=(GROUP,
+                  Param("fromSequence", "query", "Default 0 (oldest retained).", {"type": "integer"}),
+                  Param("fromOffset", "query", "After this offset (exclusive); `-1` start, `@latest` end."),
+                  Param("fromEnqueuedTime", "query", "ISO 8601 date-time or epoch milliseconds."),
+                  Param("fromCheckpoint", "query", "After the group's checkpoint.", {"type": "boolean"}),
+                  Param("maxCount", "query", "1-1000, default 100.", {"type": "integer"}),
+                  Param("timeout", "query", "Seconds to wait, 0-60, default 20.", {"type": "number"}))),
+    Route("GET", "/tether/events/stream", stream_events, "Server-Sent Events feed of all partitions",
+          SERVICE, TAG,
+          description="`text/event-stream`: `id: {resume position}` + `data: {event JSON}` per event, "
+                      "`: heartbeat` comments while idle. Ends when the client leaves, the token "
+                      "expires or the hub stops; send `Last-Event-ID` to resume.",
+          params=(GROUP,
+                  Param("from", "query", "start | end (default) | checkpoint (default with checkpoint=true) "
+                        "| ISO 8601 time | epoch ms."),
+                  Param("device", "query", "Only this device's events (reads its partition only)."),
+                  Param("checkpoint", "query", "Checkpoint the group as events are written.",
+                        {"type": "boolean"}),
+                  Param("heartbeat", "query", "Seconds between heartbeats, 1-60, default 15.",
+                        {"type": "number"}),
+                  Param("Last-Event-ID", "header", "Resume after this event id."))),
+)
+
+
+def add_event_routes(app: web.Application, hub: Hub) -> None:
+    """Mount the consumer API on an app from `build_app` (before it starts)."""
+    from tether.api.app import register  # not at import time: app.py may import this module
+
+    if HUB_KEY not in app:
+        app[HUB_KEY] = hub
+    app[CONSUMERS_KEY] = consumers = _Consumers()
+    app.on_shutdown.append(consumers.on_shutdown)
+    register(app, EVENT_ROUTES)
+    routes = (*app.get(ROUTES_KEY, ()), *EVENT_ROUTES)
+    app[ROUTES_KEY] = routes
+    app[SPEC_KEY] = spec_bytes(routes)

@@ -1,0 +1,181 @@
+"""The hub's real `TwinMethodHooks`: what an MQTT session's twin, method and subscription traffic does.
+
+- twin GET → `TwinService.get_for_device`; reported patch → `TwinService.update_reported` (204 with
+  the new reported `$version`; refusals keep their HTTP status and carry `{"errorCode","message"}`);
+- method responses → `MethodService.response` (the pending service call with that rid, if any);
+- subscriptions: methods and desired patches are remembered per identity (Azure keeps an MQTT
+  session's subscriptions across reconnects with `clean_session=0`, and the SDK does not subscribe
+  again after it reconnects to renew its token); a C2D subscription starts the device's C2D pump.
+  `connected(principal, handle, clean_session=…)` is the session's cue after CONNACK (not yet part
+  of `TwinMethodHooks`): a clean session forgets the subscriptions, a persistent one restarts C2D;
+- desired changes: one `TwinService` desired listener pushes each patch, QoS 0 as Azure does, to the
+  device's live MQTT connection when the device subscribed to `$iothub/twin/PATCH/properties/desired/#`.
+
+Module twins are not stored by `TwinService` yet, so modules get the answers of a hub without twins
+(`NullTwinMethodHooks`): the empty twin, and 503 for reported patches.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from tether.messaging.c2d import c2d_of
+from tether.messaging.methods import MethodService, methods_of
+from tether.messaging.presence import ConnectionHandle, ConnectionRegistry, attach
+from tether.messaging.twins import TwinService
+from tether.protocols.mqtt.c2d_pump import C2DPumps
+from tether.protocols.mqtt.session import MqttSession, NullTwinMethodHooks
+from tether.protocols.mqtt.topics import SubscriptionKind, desired_patch_topic, method_request_topic
+from tether.registry.models import Device
+from tether.security.principal import Principal
+from tether.storage.sql.twins import SqlTwinRepository
+
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+__all__ = ["MQTT_METHODS", "HubDeviceHooks", "c2d_pumps_of", "twins_of_hub"]
+
+log = logging.getLogger("tether.mqtt.hooks")
+
+Key = tuple[str, str | None]
+
+
+class _MqttMethodChannel:
+    """Direct-method requests over MQTT: `$iothub/methods/POST/{name}/?$rid={rid}` on a session."""
+
+    def request_topic(self, method_name: str, rid: str) -> str:
+        return method_request_topic(method_name, rid)
+
+    def serves(self, handle: ConnectionHandle) -> bool:
+        return isinstance(handle, MqttSession)
+
+
+MQTT_METHODS = _MqttMethodChannel()
+
+
+def twins_of_hub(hub: Hub) -> TwinService:
+    """The hub's TwinService (`hub.twins`), created over the hub's storage if missing. REST routes
+    and these hooks must share it, or desired patches written through REST reach no device."""
+    existing = getattr(hub, "twins", None)
+    if isinstance(existing, TwinService):
+        return existing
+    service = TwinService(SqlTwinRepository(hub.storage.db), hub.registry, hub.audit)
+    setattr(hub, "twins", service)  # noqa: B010 - Hub does not declare the attribute (yet)
+    return service
+
+
+def c2d_pumps_of(hub: Hub) -> C2DPumps:
+    """The hub's C2D pumps (`hub.c2d_pumps`, one pump per subscribed device), created if missing."""
+    existing = getattr(hub, "c2d_pumps", None)
+    if isinstance(existing, C2DPumps):
+        return existing
+    pumps = C2DPumps(c2d_of(hub))
+    setattr(hub, "c2d_pumps", pumps)  # noqa: B010 - Hub does not declare the attribute (yet)
+    return pumps
+
+
+class HubDeviceHooks:
+    """`TwinMethodHooks` over the hub's twin, method and C2D services: set `hub.twin_hooks` to one
+    before the first MQTT listener starts, and `await close()` when the hub stops."""
+
+    def __init__(
+        self,
+        hub: Hub,
+        *,
+        twins: TwinService | None = None,
+        methods: MethodService | None = None,
+        c2d_pumps: C2DPumps | None = None,
+        connections: ConnectionRegistry | None = None,
+    ) -> None:
+        self.connections = connections or attach(hub)
+        self.twins = twins or twins_of_hub(hub)
+        self.methods = methods or methods_of(hub)
+        self.c2d_pumps = c2d_pumps or c2d_pumps_of(hub)
+        self._null = NullTwinMethodHooks()
+        self._desired: set[Key] = set()  # identities subscribed to desired patches
+        self.twins.add_desired_listener(self._on_desired)
+        hub.registry.add_status_listener(self._on_status)
+
+    # --- TwinMethodHooks ----------------------------------------------------------------------
+    async def twin_get(self, principal: Principal) -> tuple[int, bytes]:
+        device_id = principal.device_id
+        if device_id is None or principal.module_id:
+            return await self._null.twin_get(principal)
+        return await self.twins.device_get(device_id)
+
+    async def twin_patch_reported(self, principal: Principal, body: bytes) -> tuple[int, bytes, int | None]:
+        device_id = principal.device_id
+        if device_id is None or principal.module_id:
+            return await self._null.twin_patch_reported(principal, body)
+        return await self.twins.device_patch_reported(device_id, body)
+
+    async def method_response(self, principal: Principal, rid: str, status: int, body: bytes) -> None:
+        if principal.device_id is not None:
+            self.methods.response(principal.device_id, principal.module_id, rid, status, body)
+
+    async def subscribed(
+        self, principal: Principal, handle: ConnectionHandle, kinds: Sequence[SubscriptionKind]
+    ) -> None:
+        device_id = principal.device_id
+        if device_id is None:
+            return
+        key = (device_id, principal.module_id)
+        if "methods" in kinds:
+            self.methods.subscribed(device_id, principal.module_id, MQTT_METHODS)
+        if "desired-patches" in kinds:
+            self._desired.add(key)
+        if "c2d" in kinds:
+            await self.c2d_pumps.subscribed(principal, handle, kinds)
+
+    async def connected(self, principal: Principal, handle: ConnectionHandle, *, clean_session: bool) -> None:
+        """After CONNACK (needs the session to call it; see the module docstring): a clean session
+        forgets the identity's subscriptions, a persistent one resumes them (C2D delivery restarts;
+        methods and desired patches need nothing, they are looked up per identity)."""
+        device_id = principal.device_id
+        if device_id is None:
+            return
+        if clean_session:
+            self.methods.unsubscribed(device_id, principal.module_id)
+            self._desired.discard((device_id, principal.module_id))
+        await self.c2d_pumps.connected(principal, handle, clean_session=clean_session)
+
+    # --- desired patches ----------------------------------------------------------------------
+    def desired_subscribed(self, device_id: str, module_id: str | None = None) -> bool:
+        """Whether the identity subscribed to desired-property patches (diagnostics, tests)."""
+        return (device_id, module_id) in self._desired
+
+    async def _on_desired(self, device_id: str, patch: dict[str, Any]) -> None:
+        """TwinService listener (runs under the twin's write lock: only a QoS 0 write, no waiting)."""
+        if (device_id, None) not in self._desired:
+            return
+        handle = self.connections.get(device_id)
+        if not isinstance(handle, MqttSession) or handle.closed:
+            return  # offline: the device reads the whole twin when it connects again
+        version = patch.get("$version")
+        if not isinstance(version, int):
+            log.error("desired patch for %s without $version", device_id)
+            return
+        body = json.dumps(patch, separators=(",", ":")).encode()
+        sent = handle.deliver(desired_patch_topic(version), body, qos=0)
+        sent.add_done_callback(_ignore_result)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def _on_status(self, device: Device) -> None:
+        """A deleted device's session state goes with it (a deleted device is reported enabled;
+        a disabled one keeps its subscriptions, as an Azure session survives a disable)."""
+        if device.enabled:
+            self._desired = {key for key in self._desired if key[0] != device.device_id}
+            self.c2d_pumps.forget(device.device_id)
+
+    async def close(self) -> None:
+        """Stop the C2D pumps and fail pending method calls (call when the hub stops)."""
+        await asyncio.gather(self.c2d_pumps.close(), self.methods.close(), return_exceptions=True)
+
+
+def _ignore_result(done: asyncio.Future[None]) -> None:
+    if not done.cancelled():
+        done.exception()  # a dropped connection is not an error here: mark it retrieved

@@ -1,0 +1,92 @@
+"""Helpers for the query tests (a copy of tests/twins/twin_helpers.py, kept separate so each
+test area runs on its own): a real hub (SQLite in a temp dir, or a given database URL) served by
+aiohttp on 127.0.0.1:0 with the twin and query routes mounted, policy tokens and device bodies."""
+
+from __future__ import annotations
+
+import base64
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+from aiohttp import web
+
+from tether.api.app import register
+from tether.api.bodies import BULK_FACTOR
+from tether.api.context import HUB_KEY, ROUTES_KEY, SPEC_KEY
+from tether.api.errors import error_middleware
+from tether.api.query_routes import add_query_routes
+from tether.api.routes import ROUTES
+from tether.api.twin_routes import add_twin_routes
+from tether.config import load_settings
+from tether.hub import Hub
+from tether.security.sas import build_token
+
+API = "?api-version=2021-04-12"
+HOST = "localhost"
+MINE = ("/twins/{id}", "/devices/query")  # mounted by add_twin_routes/add_query_routes below
+
+
+def new_key() -> str:
+    return base64.b64encode(os.urandom(32)).decode()
+
+
+def device_body(device_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "deviceId": device_id,
+        "authentication": {
+            "type": "sas",
+            "symmetricKey": {"primaryKey": new_key(), "secondaryKey": new_key()},
+        },
+        **extra,
+    }
+
+
+def make_hub(data_dir: Path, database_url: str | None = None, hostname: str = HOST) -> Hub:
+    storage = {"database_url": database_url} if database_url else {}
+    return Hub(load_settings(hub={"hostname": hostname, "data_dir": data_dir}, storage=storage))
+
+
+def build_test_app(hub: Hub) -> web.Application:
+    """The REST app as the lead will wire it: the shared route table without the placeholder twin
+    route, plus `add_twin_routes` and `add_query_routes`."""
+    app = web.Application(
+        middlewares=[error_middleware],
+        client_max_size=hub.settings.limits.max_request_body_bytes * BULK_FACTOR,
+    )
+    app[HUB_KEY] = hub
+    app[ROUTES_KEY] = ROUTES
+    app[SPEC_KEY] = b"{}"
+    register(app, tuple(r for r in ROUTES if r.path not in MINE))
+    add_twin_routes(app, hub)
+    add_query_routes(app, hub)
+    return app
+
+
+@asynccontextmanager
+async def serving(hub: Hub) -> AsyncIterator[str]:
+    runner = web.AppRunner(build_test_app(hub), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    host, port = runner.addresses[0][:2]
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        await runner.cleanup()
+
+
+async def policy_token(hub: Hub, policy: str = "registryReadWrite", *, ttl: int = 3600) -> str:
+    record = await hub.policies.get(policy)
+    return build_token(HOST, record.primary_key, int(time.time()) + ttl, policy)
+
+
+async def create_device(client: httpx.AsyncClient, device_id: str) -> dict[str, Any]:
+    r = await client.put(f"/devices/{device_id}{API}", json=device_body(device_id))
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
