@@ -13,7 +13,9 @@ from types import TracebackType
 from typing import Any
 
 from tether.config import Settings
+from tether.messaging.c2d import C2DService
 from tether.messaging.events import EventStream, open_stream
+from tether.messaging.telemetry import TelemetryPipeline
 from tether.messaging.twins import TwinService
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
@@ -45,6 +47,8 @@ class Hub:
             retention_bytes=settings.storage.stream_retention_bytes,
         )
         self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit)
+        self.telemetry = TelemetryPipeline(self.stream, settings.limits)
+        self.c2d = C2DService(self.storage.db, audit=self.audit)
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
         self.authenticator = Authenticator(
@@ -66,6 +70,7 @@ class Hub:
         """Connect storage (running migrations), the stream, and create default policies."""
         await self.storage.start()
         await self.stream.start()
+        await self.c2d.start()
         await self.policies.ensure_defaults()
         self._tasks.append(asyncio.create_task(self._flush_activity_forever()))
 
@@ -112,6 +117,8 @@ class Hub:
                 await closer()
         with contextlib.suppress(Exception):
             await self.registry.flush_activity()
+        with contextlib.suppress(Exception):
+            await self.c2d.close()
         await self.stream.close()
         await self.audit.close()
         await self.storage.close()
