@@ -112,13 +112,14 @@ class TetherHub:
     """A `tether run` process on its own data dir: prepare once, start/kill/restart as often as needed."""
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", limits: dict[str, Any] | None = None,
-                 plain: bool = True, uvloop: bool = False) -> None:
+                 plain: bool = True, uvloop: bool = False, profile_out: Path | None = None) -> None:
         self.data_dir = data_dir.resolve()
         self.host = host
         self.config = self.data_dir / "bench.toml"
         self.limits = {"device_messages_per_second": 1_000_000.0, **(limits or {})}
         self.plain = plain
         self.uvloop = uvloop
+        self.profile_out = profile_out
         self.proc: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
         self.service_connection_string = ""
@@ -156,8 +157,11 @@ class TetherHub:
             asyncio.run(provision()) if not _loop_running() else _run_in_thread(provision)
 
     def command(self) -> list[str]:
+        if self.profile_out is not None:
+            return [sys.executable, str(Path(__file__).with_name("profile_hub.py")), str(self.profile_out)]
         if self.uvloop:  # the server module's own entry point (uvloop), which `tether run` does not use
-            code = "from tether.config import load_settings; from tether.server import run; run(load_settings())"
+            code = ("from tether.config import load_settings; from tether.server import run; "
+                    "run(load_settings())")
             return [sys.executable, "-c", code]
         return [sys.executable, "-m", "tether.cli.main", "--config", str(self.config), "run"]
 
@@ -212,10 +216,20 @@ class TetherHub:
                 self.proc.kill()
                 self.proc.wait(10)
 
+    def service_token(self, ttl: int = 7200) -> str:
+        from tether.security.connstr import ServiceConnectionString
+        from tether.security.sas import build_token
+
+        cs = ServiceConnectionString.parse(self.service_connection_string)
+        return build_token(cs.host_name, cs.shared_access_key, int(time.time()) + ttl, cs.shared_access_key_name)
+
     def broker(self) -> Broker:
+        sse = {"url": f"https://{self.host}:{self.ports['https']}/tether/events/stream", "ca_file": str(self.ca_file),
+               "token": self.service_token()}
         return Broker("tether", self.host, self.ports.get("mqtt"), self.ports.get("mqtts"), self.ca_file,
-                      self.pid, {"kind": "sas", "hostname": HOSTNAME, "key": BENCH_KEY},
-                      "durable: PUBACK after fsync (group commit)", self.proc)
+                      self.pid, {"kind": "sas", "hostname": HOSTNAME, "key": BENCH_KEY, "sse": sse},
+                      "durable: PUBACK after fsync (group commit); consumer: SSE /tether/events/stream",
+                      self.proc)
 
 
 def _loop_running() -> bool:
@@ -291,7 +305,8 @@ def start_mosquitto_tls(workdir: Path, cert: Path, key: Path, ca: Path) -> Broke
 def ensure_amqtt(log: Any = print) -> Path:
     """The bench-only venv with amqtt (created on first use); returns its python."""
     python = AMQTT_VENV / "bin" / "python"
-    if python.exists() and subprocess.run([str(python), "-c", "import amqtt"], capture_output=True).returncode == 0:
+    probe = [str(python), "-c", "import amqtt"]
+    if python.exists() and subprocess.run(probe, capture_output=True).returncode == 0:
         return python
     log("bench: creating bench/.venv-amqtt and installing amqtt (first use only)")
     base = os.environ.get("BENCH_BASE_PYTHON", "python3")

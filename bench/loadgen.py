@@ -9,6 +9,8 @@ Runs as worker processes (`python -m bench.loadgen --worker`, one JSON spec on s
   and publish→delivery latency (monotonic clock in the payload, same host).
 - `idle`: connect every device and hold the connections until told to stop (RSS scenario).
 - `storm`: `concurrency` loops of connect → CONNACK → abort (connect-rate scenario).
+- `sse`: Tether's consumer API (`GET /tether/events/stream`, Server-Sent Events over HTTPS with a
+  service SAS token), the Tether counterpart of the subscriber: deliveries/s and publish→consumer latency.
 
 Only the interval [start + warmup, start + duration) counts; each worker reports its own CPU
 seconds over that interval (`time.process_time`), so client overhead is visible in the results.
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -30,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.mqttclient import (
+    STAMP,
     Counters,
     Histogram,
     MqttClient,
@@ -190,6 +194,36 @@ class Worker:
 
         await asyncio.gather(*(loop_one(s) for s in range(self.spec.get("concurrency", 50))))
 
+    async def open_sse(self) -> Any:
+        """Open the SSE feed (from the end of the stream) and start reading it in the background."""
+        import aiohttp
+
+        sse = self.spec["sse"]
+        ctx = client_context(sse["ca_file"])
+        session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
+        resp = await session.get(sse["url"], params={"from": "end", "heartbeat": "1"},
+                                 headers={"Authorization": sse["token"]}, ssl=ctx)
+        if resp.status != 200:
+            raise RuntimeError(f"SSE feed answered {resp.status}: {await resp.text()}")
+        counters = self.counters
+
+        async def read() -> None:
+            async for line in resp.content:
+                if not line.startswith(b"data: "):
+                    continue
+                now = time.monotonic_ns()
+                if not counters.in_window(now):
+                    continue
+                doc = json.loads(line[6:])
+                body = doc["body"]
+                raw = base64.b64decode(body) if doc.get("bodyEncoding") == "base64" else body.encode()
+                counters.received += 1
+                if len(raw) >= STAMP.size:
+                    counters.e2e_latency.add_ns(now - STAMP.unpack_from(raw)[0])
+
+        self._sse = (session, resp, asyncio.create_task(read()))
+        return self._sse
+
     # --- worker main ------------------------------------------------------------------------------
     async def main(self) -> None:
         raise_nofile()
@@ -197,6 +231,8 @@ class Worker:
         connect_started = time.monotonic()
         if mode in ("publish", "idle"):
             await self.connect_all()
+        elif mode == "sse":
+            await self.open_sse()
         elif mode == "subscribe":
             client = await self.connect_one(0, self.spec["devices"][0])
             if client is not None:
@@ -225,6 +261,11 @@ class Worker:
             await asyncio.sleep(max(0.0, (window[1] - time.monotonic_ns()) / 1e9) + 2.0)
         await asyncio.sleep(max(0.0, (window[1] - time.monotonic_ns()) / 1e9) + 0.01)
         disconnected = sum(1 for c in self.clients if not c.is_open())
+        if mode == "sse":
+            session, resp, reader = self._sse
+            reader.cancel()
+            resp.close()
+            await session.close()
         for client in self.clients:
             client.disconnect() if mode != "idle" else client.abort()
         c = self.counters
@@ -276,6 +317,7 @@ class LoadResult:
     client_cpu_s: float = 0.0
     errors: dict[str, int] = field(default_factory=dict)
     ready: list[dict[str, Any]] = field(default_factory=list)
+    broker_cpu_s: float | None = None  # CPU the broker process used inside the window
 
     @property
     def ack_rate(self) -> float:
@@ -335,10 +377,12 @@ class LoadRun:
             self.workers.append(worker)
         return list(await asyncio.gather(*(w.recv(connect_timeout) for w in self.workers)))
 
-    async def run(self, warmup: float, duration: float, *, hold: float | None = None) -> LoadResult:
+    async def run(self, warmup: float, duration: float, *, hold: float | None = None,
+                  broker_pid: int | None = None) -> LoadResult:
         start = time.monotonic_ns() + 200_000_000
         for w in self.workers:
             await w.send({"start_ns": start, "warmup": warmup, "duration": duration})
+        cpu_task = asyncio.create_task(self._broker_cpu(broker_pid, start, warmup, duration))
         if hold is not None:  # idle mode: keep the connections `hold` seconds, then stop
             await asyncio.sleep(hold)
             for w in self.workers:
@@ -347,8 +391,23 @@ class LoadRun:
         result = LoadResult(window_s=duration - warmup)
         for reply in replies:
             result.add(reply["result"])
+        result.broker_cpu_s = await cpu_task
         await self.close()
         return result
+
+    @staticmethod
+    async def _broker_cpu(pid: int | None, start: int, warmup: float, duration: float) -> float | None:
+        if pid is None:
+            return None
+        from bench.brokers import cpu_seconds
+
+        try:
+            await asyncio.sleep(max(0.0, (start - time.monotonic_ns()) / 1e9 + warmup))
+            before = cpu_seconds(pid)
+            await asyncio.sleep(duration - warmup)
+            return cpu_seconds(pid) - before
+        except OSError:
+            return None
 
     async def close(self) -> None:
         for w in self.workers:
@@ -364,7 +423,8 @@ def split(items: list[str], parts: int) -> list[list[str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--worker", action="store_true", help="run as a worker (spec JSON on stdin)")
     args = parser.parse_args()
     if args.worker:

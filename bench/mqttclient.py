@@ -18,7 +18,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tether.protocols.mqtt.codec import NEED_DATA, MqttConnection, ProtocolError, encode_puback, encode_publish
+from tether.protocols.mqtt.codec import (
+    NEED_DATA,
+    MqttConnection,
+    ProtocolError,
+    encode_puback,
+    encode_publish,
+)
 from tether.protocols.mqtt.packets import ConnAck, Connect, PingResp, PubAck, Publish, SubAck, Subscribe
 from tether.security.sas import build_token
 

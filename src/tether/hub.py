@@ -15,8 +15,12 @@ from typing import Any
 from tether.config import Settings
 from tether.messaging.c2d import C2DService
 from tether.messaging.events import EventStream, open_stream
+from tether.messaging.methods import MethodService
+from tether.messaging.presence import ConnectionRegistry
 from tether.messaging.telemetry import TelemetryPipeline
 from tether.messaging.twins import TwinService
+from tether.protocols.mqtt.c2d_pump import C2DPumps
+from tether.protocols.mqtt.hooks import HubDeviceHooks
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.security.authenticator import Authenticator
@@ -49,6 +53,15 @@ class Hub:
         self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit)
         self.telemetry = TelemetryPipeline(self.stream, settings.limits)
         self.c2d = C2DService(self.storage.db, audit=self.audit)
+        self.connections = ConnectionRegistry(settings.limits.max_connections)
+        self.registry.add_status_listener(self.connections.status_listener())
+        self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit)
+        self.registry.add_status_listener(self.methods.status_listener())
+        self.c2d_pumps = C2DPumps(self.c2d)
+        self.twin_hooks = HubDeviceHooks(
+            self, twins=self.twins, methods=self.methods, c2d_pumps=self.c2d_pumps,
+            connections=self.connections,
+        )
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
         self.authenticator = Authenticator(
@@ -107,6 +120,10 @@ class Hub:
     async def close(self) -> None:
         for server in self._servers:
             server.close()
+        with contextlib.suppress(Exception):
+            await self.connections.close_all("hub-stopping")
+        with contextlib.suppress(Exception):
+            await self.twin_hooks.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -13,8 +13,6 @@ from aiohttp import web
 from c2d.helpers import API, c2d_of_hub, refused, running_hub
 
 from tether.api.app import build_app
-from tether.api.c2d_routes import add_c2d_routes
-from tether.api.device_routes import add_device_routes
 from tether.config import TlsSettings
 from tether.hub import Hub
 from tether.security import pki
@@ -27,8 +25,6 @@ async def tls_hub(tmp_path: Path, sqlite_url: str) -> AsyncIterator[tuple[Hub, s
     files = pki.init_pki(tmp_path / "pki", ["localhost"], ["127.0.0.1"])
     async with running_hub(tmp_path, sqlite_url) as hub:
         app = build_app(hub)
-        add_c2d_routes(app, hub)
-        add_device_routes(app, hub)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         assert runner.server is not None

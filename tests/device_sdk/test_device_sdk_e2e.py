@@ -159,9 +159,14 @@ def test_sdk_device_receives_c2d_with_properties_and_the_sender_gets_feedback(
 
 def test_sdk_methods_keep_working_after_the_token_renewal_reconnect(harness: HubHarness, rest: httpx.Client,
                                                                     sdk_client: Any) -> None:
-    """The SDK renews its token 120 s before expiry by reconnecting, without subscribing again."""
+    """The SDK renews its token 120 s before expiry by reconnecting, without subscribing again:
+    methods, desired patches and C2D must all keep flowing on the new connection."""
     client = sdk_client("sdk-renew", sastoken_ttl=124)
     answer_methods(client, [])
+    received: queue.Queue[Message] = queue.Queue()
+    patches: queue.Queue[dict[str, Any]] = queue.Queue()
+    client.on_message_received = received.put
+    client.on_twin_desired_properties_patch_received = patches.put
     harness.wait(lambda: harness.methods.online("sdk-renew") is not None, what="method subscription")
     first = harness.hub.connections.get("sdk-renew")  # type: ignore[attr-defined]
     harness.wait(lambda: harness.hub.connections.get("sdk-renew") not in (None, first), timeout=15,  # type: ignore[attr-defined]
@@ -170,6 +175,17 @@ def test_sdk_methods_keep_working_after_the_token_renewal_reconnect(harness: Hub
                                                            "connectTimeoutInSeconds": 5})
     assert r.status_code == 200, r.text
     assert r.json()["payload"]["name"] == "afterRenewal"
+    rest.patch(f"/twins/sdk-renew{API}", json={"properties": {"desired": {"after": "renewal"}}})
+    # after reconnecting, the SDK itself fetches the twin and hands its desired section over as a
+    # patch ({"$version": 1} here) so nothing is missed; the pushed patch follows
+    seen = [patches.get(timeout=10)]
+    while seen[-1] != {"after": "renewal", "$version": 2}:
+        seen.append(patches.get(timeout=10))
+    assert all(p["$version"] in (1, 2) for p in seen), seen
+    with harness.rest("service") as service:
+        sent = service.post(f"/devices/sdk-renew/messages/deviceBound{API}", content=b"after renewal")
+        assert sent.status_code == 201, sent.text
+    assert received.get(timeout=10).data == b"after renewal"
 
 
 def test_sdk_devices_in_parallel_each_answer_their_own_methods(harness: HubHarness, sdk_client: Any) -> None:

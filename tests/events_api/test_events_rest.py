@@ -204,9 +204,9 @@ async def test_checkpoints_validate_and_list(client: httpx.AsyncClient, hub: Hub
     p = event.partition
     url = f"/tether/events/consumergroups/$Default/checkpoints/{p}"
     assert (await client.get(url)).json()["sequenceNumber"] is None
-    for body, field in (({"sequenceNumber": "1"}, "sequenceNumber"), ({"sequenceNumber": -1}, "sequenceNumber"),
-                        ({"sequenceNumber": 5}, "sequenceNumber"), ({}, "sequenceNumber"),
-                        ({"sequenceNumber": 1, "x": 1}, "x")):
+    seq = "sequenceNumber"
+    for body, field in (({seq: "1"}, seq), ({seq: -1}, seq), ({seq: 5}, seq), ({}, seq),
+                        ({seq: 1.0}, seq), ({seq: True}, seq), ({seq: 1, "x": 1}, "x")):
         r = await client.put(url, json=body)
         assert r.status_code == 400 and r.json()["field"] == field, (body, r.text)
     assert (await client.put(url, json={"sequenceNumber": 1})).status_code == 200

@@ -253,7 +253,8 @@ queries = st.builds(
                                      min_size=1, max_size=3).map(", ".join)),
     st.sampled_from(["devices", "devices.modules", "x"]),
     st.one_of(st.just(""), conditions.map(lambda c: f" WHERE {c}")),
-    st.one_of(st.just(""), st.lists(paths, min_size=1, max_size=2).map(lambda p: " GROUP BY " + ", ".join(p))),
+    st.one_of(st.just(""),
+              st.lists(paths, min_size=1, max_size=2).map(lambda p: " GROUP BY " + ", ".join(p))),
 )
 query_inputs = st.one_of(
     queries, st.text(max_size=80), st.sampled_from(QUERY_SEEDS),
@@ -308,8 +309,8 @@ HARNESSES = [
     Harness("rest.registry_validation", registry_cases, check_registry,
             seeds=[("create", seed, "seed-dev") for seed in DEVICE_SEEDS]),
     Harness("query.parse", query_inputs, check_query, seeds=QUERY_SEEDS),
-    Harness("query.continuation_token", st.tuples(st.sampled_from(QUERY_SEEDS) | st.text(max_size=20), tokens),
-            check_token),
+    Harness("query.continuation_token",
+            st.tuples(st.sampled_from(QUERY_SEEDS) | st.text(max_size=20), tokens), check_token),
 ]
 
 

@@ -68,7 +68,8 @@ def mutated(draw: st.DrawFn, seeds: list[str]) -> str:
         if op == "replace" and text:
             text[at] = draw(st.characters())
         elif op == "insert":
-            text[at:at] = list(draw(st.one_of(percent, st.text(max_size=3), st.sampled_from(["&", "=", ";"]))))
+            piece = st.one_of(percent, st.text(max_size=3), st.sampled_from(["&", "=", ";"]))
+            text[at:at] = list(draw(piece))
         elif op == "delete" and text:
             del text[at]
         elif op == "truncate":

@@ -21,15 +21,7 @@ import httpx
 import paho.mqtt.client as mqtt
 from aiohttp import web
 
-from tether.api.app import register
-from tether.api.bodies import BULK_FACTOR
-from tether.api.c2d_routes import C2D_ROUTES, add_c2d_routes
-from tether.api.context import HUB_KEY, ROUTES_KEY, SPEC_KEY
-from tether.api.errors import error_middleware
-from tether.api.method_routes import METHOD_PATHS, add_method_routes
-from tether.api.openapi import spec_bytes
-from tether.api.routes import ROUTES
-from tether.api.twin_routes import TWIN_ROUTES, add_twin_routes
+from tether.api.app import build_app
 from tether.config import load_settings
 from tether.hub import Hub
 from tether.messaging.c2d import C2DService
@@ -63,23 +55,8 @@ def make_certs(directory: Path, ip: str) -> tuple[Path, Path, Path]:
 
 
 def build_rest_app(hub: Hub) -> web.Application:
-    """The REST app as the lead will wire it: the shared route table (minus the routes the feature
-    modules mount themselves) plus the twin, direct-method and C2D routes."""
-    app = web.Application(
-        middlewares=[error_middleware],
-        client_max_size=hub.settings.limits.max_request_body_bytes * BULK_FACTOR,
-    )
-    mounted = {(m, p) for m, p, _, _ in TWIN_ROUTES}
-    mounted |= set(METHOD_PATHS) | {(r.method, r.path) for r in C2D_ROUTES}
-    base = tuple(r for r in ROUTES if (r.method, r.path) not in mounted)
-    app[HUB_KEY] = hub
-    app[ROUTES_KEY] = base
-    app[SPEC_KEY] = spec_bytes(base)
-    register(app, base)
-    add_twin_routes(app, hub)
-    add_method_routes(app, hub)
-    add_c2d_routes(app, hub)
-    return app
+    """The hub's real REST app (twin, direct-method and C2D routes included)."""
+    return build_app(hub)
 
 
 class HubHarness:
@@ -105,11 +82,12 @@ class HubHarness:
         hub = Hub(self.settings)
         await hub.open()
         c2d = getattr(hub, "c2d", None)
-        if not isinstance(c2d, C2DService):  # until the hub builds its own
+        self._own_c2d = not isinstance(c2d, C2DService)
+        if not isinstance(c2d, C2DService):  # a hub that does not build its own yet
             c2d = C2DService(hub.storage.db, audit=hub.audit, sweep_interval_s=0.2)
-            hub.c2d = c2d  # type: ignore[attr-defined]
-        await c2d.start()
-        self.c2d = c2d
+            hub.c2d = c2d
+            await c2d.start()
+        self.c2d: C2DService = c2d
         self.hooks = HubDeviceHooks(hub)
         hub.twin_hooks = self.hooks  # type: ignore[attr-defined]  # read by the MQTT context
         self._mqtt = await start_mqtt(hub, host=self.ip, port=self._mqtt_port, tls=self.tls)
@@ -150,7 +128,8 @@ class HubHarness:
             self._mqtt.close()
             await stop_mqtt(self.hub)
             await self.hooks.close()
-            await self.c2d.close()
+            if self._own_c2d:
+                await self.c2d.close()
             await self.hub.close()
 
         try:
@@ -247,10 +226,14 @@ class PahoDevice:
         self.messages.put(message)
 
     def _run(self) -> None:
-        while not self._stop:
-            if self.client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
-                self.disconnected.set()
-                return
+        try:
+            while not self._stop:
+                if self.client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
+                    return
+        except (OSError, ValueError):  # the socket went away under paho (hub closed it, or close())
+            return
+        finally:
+            self.disconnected.set()
 
     def connect(self, timeout: float = 10) -> PahoDevice:
         self.client.connect(self.host, self.port, 60)

@@ -13,7 +13,7 @@ from methods_helpers import API, DeviceFactory, HubHarness, echo_responder, pars
 
 from tether.api.app import build_app
 from tether.api.context import ROUTES_KEY, SPEC_KEY
-from tether.api.method_routes import METHOD_PATHS, add_method_routes
+from tether.api.method_routes import METHOD_PATHS
 from tether.messaging.methods import MAX_PAYLOAD_BYTES
 
 
@@ -256,10 +256,8 @@ def test_paho_device_sees_only_its_own_requests(harness: HubHarness, device: Dev
     assert b.messages.empty()
 
 
-def test_add_method_routes_mounts_once_and_documents_the_routes(harness: HubHarness) -> None:
+def test_method_routes_are_mounted_once_and_documented(harness: HubHarness) -> None:
     app = build_app(harness.hub)
-    add_method_routes(app, harness.hub)
-    add_method_routes(app, harness.hub)  # already in the table: nothing registered twice
     paths = [(r.method, r.path) for r in app[ROUTES_KEY]]
     assert all(paths.count(p) == 1 for p in METHOD_PATHS)
     assert "/twins/{id}/modules/{mid}/methods" in json.loads(app[SPEC_KEY])["paths"]

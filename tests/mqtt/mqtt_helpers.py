@@ -151,14 +151,15 @@ class HubRunner:
 
 
 class PahoDevice:
-    """A paho 1.6.1 client driven by its own thread with no automatic reconnect."""
+    """A paho 1.6.1 client on paho's network thread (`loop_start`, so only that thread writes to
+    the socket) with automatic reconnects off."""
 
     def __init__(self, runner: HubRunner, device_id: str, password: str | None, *,
                  client_id: str | None = None, username: str | None = None,
                  certfile: Path | None = None, keyfile: Path | None = None, keepalive: int = 60) -> None:
         self.device_id = device_id
         self.client = mqtt.Client(client_id=client_id or device_id, clean_session=False,
-                                  protocol=mqtt.MQTTv311)
+                                  protocol=mqtt.MQTTv311, reconnect_on_failure=False)
         user = username or f"{runner.hostname}/{device_id}/?api-version=2021-04-12"
         self.client.username_pw_set(user, password)
         if runner.tls:
@@ -172,13 +173,11 @@ class PahoDevice:
         self.suback: dict[int, tuple[int, ...]] = {}
         self.messages: list[mqtt.MQTTMessage] = []
         self._cond = threading.Condition()
-        self._stop = False
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = lambda c, u, rc: self.disconnected.set()
         self.client.on_publish = self._on_publish
         self.client.on_subscribe = self._on_subscribe
         self.client.on_message = lambda c, u, m: self.messages.append(m)
-        self._thread: threading.Thread | None = None
 
     def _on_connect(self, client: Any, userdata: Any, flags: Any, rc: int) -> None:
         self.connack = rc
@@ -194,21 +193,10 @@ class PahoDevice:
             self.suback[mid] = tuple(granted)
             self._cond.notify_all()
 
-    def _run(self) -> None:
-        while not self._stop:
-            try:
-                rc = self.client.loop(0.05)
-            except OSError:  # paho lets TLS errors of a socket the hub closed escape
-                rc = mqtt.MQTT_ERR_CONN_LOST
-            if rc != mqtt.MQTT_ERR_SUCCESS:
-                self.disconnected.set()
-                return
-
     def connect(self, timeout: float = 10) -> int:
         """Connect; returns the CONNACK code (-1 if the hub closed without one)."""
         self.client.connect(self.host, self.port, self.keepalive)
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
+        self.client.loop_start()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.connected.is_set():
@@ -240,17 +228,9 @@ class PahoDevice:
 
     def close(self) -> None:
         if not self.disconnected.is_set():
-            try:
-                self.client.disconnect()
-                self.disconnected.wait(2)
-            except OSError:
-                pass
-        self._stop = True
-        if self._thread is not None:
-            self._thread.join(2)
-        sock = self.client.socket()
-        if sock:
-            sock.close()
+            self.client.disconnect()
+            self.disconnected.wait(2)
+        self.client.loop_stop()
 
 
 def raw_socket(runner: HubRunner, timeout: float = 10) -> socket.socket:

@@ -17,23 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import paho.mqtt.client as mqtt
-from aiohttp import web
+import paho.mqtt.client as mqtt  # type: ignore[import-untyped]
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from tether.api.app import build_app
-from tether.api.security_routes import add_security_routes
 from tether.config import Settings, load_settings
 from tether.hub import Hub
 from tether.protocols.mqtt.codec import encode_packet
 from tether.protocols.mqtt.packets import Connect
-from tether.protocols.mqtt.server import start_mqtt, stop_mqtt
+from tether.protocols.mqtt.server import stop_mqtt
 from tether.registry.models import Device
 from tether.security import pki
 from tether.security.sas import build_token
-from tether.security.tls import TlsContextFactory, start_tls_server
 from tether.server import start_listeners
 from tether.storage.base import AuditRecord
 
@@ -53,30 +49,9 @@ def hub_settings(data_dir: Path) -> Settings:
     )
 
 
-def app_mounts_security(hub: Hub) -> bool:
-    """True once the lead's `build_app` mounts `add_security_routes` itself."""
-    app = build_app(hub)
-    return any(getattr(r.resource, "canonical", None) == BUNDLE for r in app.router.routes())
-
-
 async def start_secured_listeners(hub: Hub) -> None:
-    """`server.start_listeners(hub)` when `build_app` already mounts the security routes; until then
-    the same listeners (one TlsContextFactory for HTTPS and MQTT) with `add_security_routes` applied."""
-    if app_mounts_security(hub):
-        await start_listeners(hub)
-        return
-    settings = hub.settings
-    host = settings.listeners.host
-    tls = TlsContextFactory(settings.tls, settings.cert_file, settings.key_file, settings.tls.chain_file)
-    hub.tls = tls
-    app = build_app(hub)
-    add_security_routes(app, hub)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
-    await runner.setup()
-    assert runner.server is not None
-    https = await start_tls_server(runner.server, host, settings.listeners.https_port, tls)
-    hub.add_server("https", https, closer=runner.cleanup)
-    hub.add_server("mqtts", await start_mqtt(hub, host=host, port=settings.listeners.mqtt_port, tls=True))
+    """The hub's real listeners (`server.start_listeners`): HTTPS with the security routes, MQTT/TLS."""
+    await start_listeners(hub)
 
 
 @asynccontextmanager
@@ -98,7 +73,8 @@ def pem(certs: Sequence[x509.Certificate]) -> str:
     return "".join(c.public_bytes(serialization.Encoding.PEM).decode() for c in certs)
 
 
-def client_ctx(roots: Sequence[x509.Certificate], identity: tuple[Path, Path] | None = None) -> ssl.SSLContext:
+def client_ctx(roots: Sequence[x509.Certificate],
+               identity: tuple[Path, Path] | None = None) -> ssl.SSLContext:
     """A device-side TLS context that trusts exactly `roots` (host name checked)."""
     ctx = ssl.create_default_context(cadata=pem(roots))
     if identity is not None:
@@ -205,7 +181,8 @@ def tamper(data: bytes, extra_root: x509.Certificate) -> bytes:
     doc = json.loads(data)
     body = json.loads(base64.b64decode(doc["payload"]))
     body["roots"].append(pem([extra_root]))
-    doc["payload"] = base64.b64encode(json.dumps(body, separators=(",", ":"), sort_keys=True).encode()).decode()
+    payload = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    doc["payload"] = base64.b64encode(payload).decode()
     return json.dumps(doc).encode()
 
 

@@ -42,7 +42,8 @@ TETHER = Path(sys.executable).with_name("tether")
 
 def renew_server_certificate(pki_dir: Path) -> x509.Certificate:
     """A new server certificate (new key) under the same root, as a renewal job would write it."""
-    root, root_key = pki.load_certificate(pki_dir / "root-ca.pem"), pki.load_private_key(pki_dir / "root-ca.key")
+    root = pki.load_certificate(pki_dir / "root-ca.pem")
+    root_key = pki.load_private_key(pki_dir / "root-ca.key")
     cert, key = pki.issue_server_cert(["localhost"], ["127.0.0.1"], root, root_key, days=90)
     pki.write_private_key(pki_dir / "server.key", key)  # key first: a reload in between fails safely
     pki.write_certificates(pki_dir / "server.pem", [cert])
@@ -145,7 +146,8 @@ async def tether_process(
     owner_key = init.stdout.decode().strip().split("SharedAccessKey=", 1)[1]
     with log.open("wb") as err:
         proc = await asyncio.create_subprocess_exec(
-            str(TETHER), "--data-dir", str(data_dir), "run", env=env, stdout=asyncio.subprocess.PIPE, stderr=err)
+            str(TETHER), "--data-dir", str(data_dir), "run", env=env, stdout=asyncio.subprocess.PIPE,
+            stderr=err)
     ports: dict[str, int] = {}
     try:
         assert proc.stdout is not None

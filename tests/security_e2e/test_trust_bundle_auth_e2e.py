@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 from e2e_helpers import (
     BUNDLE,
     HttpsConn,
@@ -28,7 +29,7 @@ ADMIN_POSTS = ("/tether/admin/tls/reload", "/tether/admin/trust/next-root", "/te
                "/tether/admin/trust/retire")
 
 
-def _root(hub: Hub) -> list[pki.x509.Certificate]:
+def _root(hub: Hub) -> list[x509.Certificate]:
     return [pki.load_certificate(hub.settings.pki_dir / "root-ca.pem")]
 
 

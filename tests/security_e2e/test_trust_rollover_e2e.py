@@ -108,7 +108,12 @@ async def test_root_rollover_end_to_end(hub: Hub, data_dir: Path) -> None:
     # Every step is in the audit log with the owner as actor.
     actions = [r.action for r in await hub.audit.query(action_prefix="trust.", outcome="ok")]
     assert {"trust.next_root", "trust.switch", "trust.retire"} <= set(actions)
-    assert (await hub.audit.query(action_prefix="tls.reload", outcome="ok"))[0].principal == "policy:iothubowner"
+    # ... and every fetch, so the operator can see which devices hold which version before switching.
+    fetches = await hub.audit.query(action_prefix="trust.fetch", principal="device:sensor-1")
+    assert sorted({r.details["version"] for r in fetches}) == [1, 2, 3]
+    assert fetches[0].details["notModified"] is True
+    reloads = await hub.audit.query(action_prefix="tls.reload", outcome="ok")
+    assert reloads[0].principal == "policy:iothubowner" and reloads[0].details["cause"] == "trust.switch"
 
 
 async def test_bundle_version_persists_across_restarts(tmp_path: Path) -> None:

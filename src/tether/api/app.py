@@ -18,6 +18,8 @@ from tether.api.errors import error_middleware
 from tether.api.openapi import spec_bytes
 from tether.api.routes import ROUTES, Route
 from tether.hub import Hub
+from tether.observability.metrics import metrics_handler
+from tether.protocols.mqtt.websocket import mqtt_websocket_handler
 from tether.security.principal import Permission
 
 
@@ -35,11 +37,27 @@ def _guarded(handler: Handler, permission: Permission) -> Handler:
 
 def register(app: web.Application, routes: tuple[Route, ...]) -> None:
     for route in routes:
-        handler = route.handler if route.permission is None else _guarded(route.handler, route.permission)
+        guard = route.permission is not None and not route.self_auth
+        handler = _guarded(route.handler, route.permission) if guard else route.handler  # type: ignore[arg-type]
         app.router.add_route(route.method, route.path, handler)
 
 
+def mount(app: web.Application, routes: tuple[Route, ...]) -> None:
+    """Register `routes` and add them to the app's route table and served OpenAPI document, so
+    what is served and what is documented cannot drift."""
+    register(app, routes)
+    table = (*app.get(ROUTES_KEY, ()), *routes)
+    app[ROUTES_KEY] = table
+    app[SPEC_KEY] = spec_bytes(table)
+
+
 def build_app(hub: Hub) -> web.Application:
+    from tether.api.c2d_routes import add_c2d_routes
+    from tether.api.device_routes import add_device_routes
+    from tether.api.event_routes import add_event_routes
+    from tether.api.method_routes import add_method_routes
+    from tether.api.security_routes import add_security_routes
+
     # aiohttp's own cap is the largest body any route accepts (bulk import); each handler then
     # reads with its own limit, so ordinary routes still answer 413 above the normal limit.
     app = web.Application(
@@ -47,7 +65,16 @@ def build_app(hub: Hub) -> web.Application:
         client_max_size=hub.settings.limits.max_request_body_bytes * BULK_FACTOR,
     )
     app[HUB_KEY] = hub
-    app[ROUTES_KEY] = ROUTES
-    app[SPEC_KEY] = spec_bytes(ROUTES)
-    register(app, ROUTES)
+    mount(app, ROUTES)
+    add_c2d_routes(app, hub)
+    add_device_routes(app, hub)
+    add_method_routes(app, hub)
+    add_event_routes(app, hub)
+    add_security_routes(app, hub)
+    mount(app, (
+        Route("GET", "/metrics", metrics_handler, "Prometheus metrics", None, "operations"),
+        Route("GET", "/$iothub/websocket", mqtt_websocket_handler(hub), "MQTT 3.1.1 over WebSockets "
+              "(subprotocol `mqtt`); the device authenticates in CONNECT", Permission.device_connect,
+              "device-mqtt", self_auth=True),
+    ))
     return app

@@ -24,11 +24,9 @@ from typing import Final
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
-from tether.api.app import register
 from tether.api.bodies import body_limit, read_body
-from tether.api.context import ROUTES_KEY, SPEC_KEY, hub_of, principal_of
+from tether.api.context import hub_of, principal_of
 from tether.api.devices import path_device_id
-from tether.api.openapi import spec_bytes
 from tether.api.routes import Param, Route
 from tether.errors import BadRequest
 from tether.hub import Hub
@@ -36,7 +34,7 @@ from tether.messaging.c2d import c2d_of
 from tether.messaging.feedback import FEEDBACK_CONTENT_TYPE, MAX_WAIT_S
 from tether.security.principal import Permission
 
-__all__ = ["APP_PREFIX", "C2D_ROUTES", "add_c2d_routes", "app_properties", "extend_routes", "iso_utc"]
+__all__ = ["APP_PREFIX", "C2D_ROUTES", "add_c2d_routes", "app_properties", "iso_utc"]
 
 APP_PREFIX: Final = "iothub-app-"
 SERVICE = Permission.service_connect
@@ -223,15 +221,8 @@ C2D_ROUTES: tuple[Route, ...] = (
 )
 
 
-def extend_routes(app: web.Application, routes: tuple[Route, ...]) -> None:
-    """Append route descriptions to the app's table and rebuild the served OpenAPI document."""
-    table = app[ROUTES_KEY] + routes
-    app[ROUTES_KEY] = table
-    app[SPEC_KEY] = spec_bytes(table)
-
-
 def add_c2d_routes(app: web.Application, hub: Hub) -> None:
     """Mount the service-side C2D routes on an app from `build_app(hub)` (before it starts)."""
-    c2d_of(hub)
-    register(app, C2D_ROUTES)
-    extend_routes(app, C2D_ROUTES)
+    from tether.api.app import mount  # not at import time: app.py imports this module
+
+    mount(app, C2D_ROUTES)

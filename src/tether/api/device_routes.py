@@ -25,7 +25,7 @@ from cryptography import x509
 
 from tether.api.auth import refusal_error
 from tether.api.bodies import read_body
-from tether.api.c2d_routes import APP_PREFIX, app_properties, extend_routes, iso_utc
+from tether.api.c2d_routes import APP_PREFIX, app_properties, iso_utc
 from tether.api.context import hub_of, peer_of
 from tether.api.routes import Param, Route
 from tether.errors import BadRequest, Throttled, Unauthorized
@@ -56,12 +56,7 @@ _SYSTEM_HEADERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
 
 def telemetry_of(hub: Hub) -> TelemetryPipeline:
     """The hub's shared telemetry pipeline (`hub.telemetry`), created as the MQTT surface does."""
-    existing = getattr(hub, "telemetry", None)
-    if isinstance(existing, TelemetryPipeline):
-        return existing
-    pipeline = TelemetryPipeline(hub.stream, hub.settings.limits)
-    setattr(hub, "telemetry", pipeline)  # noqa: B010 - Hub does not declare it (yet)
-    return pipeline
+    return hub.telemetry
 
 
 async def authenticate_device(request: web.Request, device_id: str) -> Principal:
@@ -195,29 +190,29 @@ DEVICE_ROUTES: tuple[Route, ...] = (
                   Param("iothub-contenttype", "header", "Content type (else Content-Type)."),
                   Param("iothub-contentencoding", "header", "Content encoding (else Content-Encoding).")),
           description=f"{_DEVICE_AUTH} Body ≤ 256 KB (else 413); `iothub-app-{{name}}` headers are "
-                      "application properties. 429 over the per-device rate."),
+                      "application properties. 429 over the per-device rate.", self_auth=True),
     Route("GET", "/devices/{id}/messages/deviceBound", receive_c2d, "Device: receive a C2D message",
           DEVICE, "device-https",
           response_headers=("ETag", "iothub-messageid", "iothub-sequencenumber", "iothub-to", "iothub-expiry",
                             "iothub-enqueuedtime", "iothub-deliverycount", "iothub-correlationid",
                             "iothub-ack"),
           description=f"{_DEVICE_AUTH} 200 with the message body (locked for 60 s; ETag = lock token) "
-                      "or 204 when the queue is empty."),
+                      "or 204 when the queue is empty.", self_auth=True),
     Route("DELETE", "/devices/{id}/messages/deviceBound/{etag}", settle_c2d,
           "Device: complete (or `?reject`) a C2D message", DEVICE, "device-https", status=204,
           params=(Param("reject", "query", "Present: reject (dead-letter) instead of complete."),),
-          description=f"{_DEVICE_AUTH} 412 DeviceMessageLockLost when the lock is unknown or expired."),
+          description=f"{_DEVICE_AUTH} 412 DeviceMessageLockLost when the lock is unknown or expired.",
+          self_auth=True),
     Route("POST", "/devices/{id}/messages/deviceBound/{etag}/abandon", abandon_c2d,
           "Device: abandon a C2D message (redelivered later)", DEVICE, "device-https", status=204,
-          description=f"{_DEVICE_AUTH} 412 DeviceMessageLockLost when the lock is unknown or expired."),
+          description=f"{_DEVICE_AUTH} 412 DeviceMessageLockLost when the lock is unknown or expired.",
+          self_auth=True),
 )
 
 
 def add_device_routes(app: web.Application, hub: Hub) -> None:
     """Mount the device HTTPS routes (their handlers authenticate the device themselves, so they
     are not wrapped in the service guard) and list them in the OpenAPI document."""
-    c2d_of(hub)
-    telemetry_of(hub)
-    for route in DEVICE_ROUTES:
-        app.router.add_route(route.method, route.path, route.handler)
-    extend_routes(app, DEVICE_ROUTES)
+    from tether.api.app import mount  # not at import time: app.py imports this module
+
+    mount(app, DEVICE_ROUTES)

@@ -26,11 +26,10 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 
 from tether.api.bodies import query_bool, query_int, read_optional_json_object
-from tether.api.context import HUB_KEY, ROUTES_KEY, SPEC_KEY, hub_of, principal_of
+from tether.api.context import hub_of, principal_of
 from tether.api.devices import validation_error
-from tether.api.openapi import spec_bytes
 from tether.api.routes import Param, Route
-from tether.errors import BadRequest, NotFound, TetherError
+from tether.errors import BadRequest, NotFound, TetherError, Throttled
 from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventData, EventStream, StreamError
 from tether.messaging.events import validate_consumer_group as _validate_group
 from tether.registry.models import validate_device_id
@@ -53,6 +52,7 @@ WATCH_S = 0.5  # how often a feed looks for client disconnect, shutdown and toke
 QUEUE_BATCHES = 8  # batches buffered per feed: a slow client slows its own readers, never the hub
 BATCH = 100
 CHECKPOINT_EVERY_S = 1.0
+MAX_FEEDS = 256  # open SSE feeds per hub: each holds a reader task per partition
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
                "application/x-www-form-urlencoded")
@@ -480,6 +480,8 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
         raise BadRequest("checkpoint=true cannot be combined with device: it would mark other devices' "
                          "events as processed", field="checkpoint")
     heartbeat = _query_seconds(request, "heartbeat", default=HEARTBEAT_S, low=1, high=60)
+    if request.app[CONSUMERS_KEY].feeds >= MAX_FEEDS:
+        raise Throttled(f"this hub serves at most {MAX_FEEDS} event feeds at a time; use fewer or long-poll")
     partitions = [stream.partition_for(device)] if device else list(range(stream.partition_count))
     starts = await _feed_starts(request, stream, group, partitions, checkpointing)
 
@@ -510,11 +512,11 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     except TetherError as exc:  # a checkpoint failed (group deleted, stream closing)
         feed.end(f"checkpoint failed: {exc.message}")
     finally:
-        consumers.feeds -= 1
         await feed.close()
-    if checkpointing and pending:
-        with contextlib.suppress(TetherError):
-            await _checkpoint(stream, group, pending)
+        if checkpointing and pending:
+            with contextlib.suppress(TetherError):
+                await _checkpoint(stream, group, pending)
+        consumers.feeds -= 1
     if feed.reason != "client disconnected":
         with contextlib.suppress(ConnectionError):
             await response.write(f": closing: {feed.reason}\n\n".encode())
@@ -581,13 +583,8 @@ EVENT_ROUTES: tuple[Route, ...] = (
 
 def add_event_routes(app: web.Application, hub: Hub) -> None:
     """Mount the consumer API on an app from `build_app` (before it starts)."""
-    from tether.api.app import register  # not at import time: app.py may import this module
+    from tether.api.app import mount  # not at import time: app.py imports this module
 
-    if HUB_KEY not in app:
-        app[HUB_KEY] = hub
     app[CONSUMERS_KEY] = consumers = _Consumers()
     app.on_shutdown.append(consumers.on_shutdown)
-    register(app, EVENT_ROUTES)
-    routes = (*app.get(ROUTES_KEY, ()), *EVENT_ROUTES)
-    app[ROUTES_KEY] = routes
-    app[SPEC_KEY] = spec_bytes(routes)
+    mount(app, EVENT_ROUTES)

@@ -22,9 +22,8 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.api.bodies import read_json_object
-from tether.api.context import ROUTES_KEY, SPEC_KEY, hub_of, principal_of
+from tether.api.context import hub_of, principal_of
 from tether.api.devices import path_device_id
-from tether.api.openapi import spec_bytes
 from tether.errors import BadRequest
 from tether.messaging.methods import (
     CONNECT_TIMEOUT_RANGE,
@@ -132,13 +131,6 @@ def method_route_table() -> tuple[Route, ...]:
 
 def add_method_routes(app: web.Application, hub: Hub) -> None:
     """Mount the direct-method routes on an app from `build_app(hub)` (before it starts)."""
-    from tether.api.app import register
+    from tether.api.app import mount  # not at import time: app.py imports this module
 
-    methods_of(hub)
-    table: tuple[Route, ...] = app.get(ROUTES_KEY, ())
-    present = {(r.method, r.path) for r in table}
-    missing = tuple(r for r in method_route_table() if (r.method, r.path) not in present)
-    register(app, missing)
-    if ROUTES_KEY in app and missing:
-        app[ROUTES_KEY] = table + missing
-        app[SPEC_KEY] = spec_bytes(app[ROUTES_KEY])
+    mount(app, method_route_table())

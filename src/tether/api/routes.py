@@ -48,6 +48,9 @@ class Route:
     params: tuple[Param, ...] = ()
     response_headers: tuple[str, ...] = ()
     description: str = ""
+    # The handler authenticates by itself (device credentials or "any principal"); `permission`
+    # then only documents the right it checks.
+    self_auth: bool = False
 
     @property
     def extension(self) -> bool:

@@ -29,8 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from tether.api.auth import OWNER_RIGHTS, refusal_error, require_all
 from tether.api.auth import SURFACE as SERVICE_SURFACE
-from tether.api.context import ROUTES_KEY, SPEC_KEY, hub_of, peer_of, principal_of
-from tether.api.openapi import spec_bytes
+from tether.api.context import hub_of, peer_of, principal_of
 from tether.api.routes import Param, Route
 from tether.errors import Conflict, TetherError
 from tether.security.principal import AuthRefused, Permission, Principal
@@ -219,10 +218,16 @@ def _json(model: _Wire) -> web.Response:
 
 async def get_trust_bundle(request: web.Request) -> web.Response:
     """The signed bundle as stored; `If-None-Match` with the ETag answers 304."""
-    await authenticate_any(request)
+    principal = await authenticate_any(request)
     bundle = await trust_of(request).bundle()
     headers = {"ETag": bundle.etag, VERSION_HEADER: str(bundle.version), "Cache-Control": "no-cache"}
-    if bundle.etag in {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}:
+    unchanged = bundle.etag in {t.strip() for t in request.headers.get("If-None-Match", "").split(",")}
+    # One record per fetch: during a rollover the operator checks which devices hold the new version.
+    await hub_of(request).audit.record(
+        "trust.fetch", "ok", principal=principal.name, credential=principal.credential.value,
+        peer=peer_of(request), details={"version": bundle.version, "notModified": unchanged},
+    )
+    if unchanged:
         return web.Response(status=304, headers=headers)
     return web.Response(body=bundle.data, content_type="application/json", headers=headers)
 
@@ -311,7 +316,7 @@ TRUST_BUNDLE_ROUTE = Route(
                 "DeviceConnect policy token with `skn` too), a device client certificate over mutual "
                 "TLS (no Authorization header), or a policy with ServiceConnect or RegistryRead. Devices "
                 "must verify the signature with the root they already pin and refuse versions older than "
-                "the one they hold.")
+                "the one they hold.", self_auth=True)
 
 ADMIN_ROUTES: tuple[Route, ...] = (
     Route("POST", "/tether/admin/tls/reload", reload_tls, "Reload the TLS certificate files (like SIGHUP)",
@@ -339,22 +344,13 @@ ADMIN_ROUTES: tuple[Route, ...] = (
 SECURITY_ROUTES: tuple[Route, ...] = (TRUST_BUNDLE_ROUTE, *ADMIN_ROUTES)
 
 
-def _publish(app: web.Application, routes: tuple[Route, ...]) -> None:
-    """Add route descriptions to the app's table and regenerate the served OpenAPI document."""
-    table = app[ROUTES_KEY] + routes
-    app[ROUTES_KEY] = table
-    app[SPEC_KEY] = spec_bytes(table)
-
-
 def add_security_routes(app: web.Application, hub: Hub) -> None:
     """Mount the trust-bundle and admin routes on an app from `build_app(hub)` (before it starts).
 
     The bundle route authenticates inside its handler (any principal), so it is added directly;
     the admin routes go through the standard guard."""
-    from tether.api.app import register  # here, so build_app may import this module without a cycle
+    from tether.api.app import mount  # not at import time: app.py imports this module
 
     app[TRUST_KEY] = TrustService.for_settings(hub.settings, audit=hub.audit)
-    app.router.add_route(TRUST_BUNDLE_ROUTE.method, TRUST_BUNDLE_ROUTE.path, get_trust_bundle)
-    register(app, ADMIN_ROUTES)
-    _publish(app, SECURITY_ROUTES)
+    mount(app, SECURITY_ROUTES)
 

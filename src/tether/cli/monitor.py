@@ -23,7 +23,7 @@ import typer
 from tether.cli.context import CliState, run, state_of
 from tether.cli.output import echo_json
 from tether.config import ConfigError, Settings
-from tether.errors import NotFound, TetherError
+from tether.errors import BadRequest, NotFound, TetherError
 
 if TYPE_CHECKING:
     import httpx
@@ -204,7 +204,6 @@ async def _monitor_local(state: CliState, settings: Settings, opts: _Options) ->
                 f"running hub could be monitored instead ({why}); stop the hub first, pass --hub-url and "
                 "--connection-string, or use a NATS stream (storage.stream_url = nats://…)"
             ) from None
-        typer.echo("the event stream belongs to the running hub: following its feed", err=True)
         await _monitor_remote(backend, opts)
         return
     try:
@@ -235,6 +234,8 @@ async def _running_hub(state: CliState, settings: Settings) -> tuple[RemoteBacke
         return None, "no shared access policy with ServiceConnect in the data dir"
     policy = min(usable, key=lambda p: (p.name != "service", len(p.permissions), p.name))
     ca = state.ca_file or settings.pki_dir / "root-ca.pem"
+    if state.ca_file is not None and not ca.is_file():
+        raise BadRequest(f"CA file {ca} does not exist", field="ca_file")
     verify: str | bool = str(ca) if ca.is_file() else True
     backend = RemoteBackend(url, service_connection_string(settings.hub.hostname, policy), verify=verify)
     await backend.open()
@@ -242,21 +243,25 @@ async def _running_hub(state: CliState, settings: Settings) -> tuple[RemoteBacke
         response = await backend.client.get("/tether/events/partitions", timeout=PROBE_TIMEOUT_S)
     except httpx.HTTPError as exc:
         await backend.close()
-        return None, f"nothing answered at {url}: {str(exc) or type(exc).__name__}"
+        return None, f"cannot reach {url}: {str(exc) or type(exc).__name__}"
     if response.status_code != 200:
         await backend.close()
         return None, f"the hub at {url} refused: {error_from_response(response).message}"
+    typer.echo(f"the event stream is held by the hub running at {url}: following its feed", err=True)
     return backend, ""
 
 
-async def _sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
-    """The `data` of each Server-Sent Event; comments (heartbeats) and other fields are skipped."""
+async def _sse_data(lines: AsyncIterator[str], closing: list[str]) -> AsyncIterator[str]:
+    """The `data` of each Server-Sent Event; comments (heartbeats) and other fields are skipped, but
+    the hub's `: closing: {reason}` is kept in `closing`."""
     data: list[str] = []
     async for line in lines:
         if not line:
             if data:
                 yield "\n".join(data)
             data = []
+        elif line.startswith(": closing:"):
+            closing.append(line.removeprefix(": closing:").strip())
         elif not line.startswith(":"):
             name, _, value = line.partition(":")
             if name == "data":
@@ -288,15 +293,19 @@ async def _monitor_remote(backend: RemoteBackend, opts: _Options) -> None:
             if response.status_code >= 400:
                 await response.aread()
                 raise _stream_error(response)
-            events = _sse_data(response.aiter_lines())
+            closing: list[str] = []
+            events = _sse_data(response.aiter_lines(), closing)
             while not printer.done.is_set():
                 wait = None if opts.timeout <= 0 else opts.timeout - (time.monotonic() - printer.last_event)
                 if wait is not None and wait <= 0:
                     return
                 try:
                     data = await asyncio.wait_for(anext(events), wait)
-                except (StopAsyncIteration, TimeoutError):
+                except TimeoutError:
                     return
+                except StopAsyncIteration:
+                    reason = ", ".join(closing) or "no reason given"
+                    raise TetherError(f"the hub ended the feed: {reason}") from None
                 printer.emit(event_from_doc(json.loads(data)))
     finally:
         await backend.close()

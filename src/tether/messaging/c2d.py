@@ -323,9 +323,4 @@ def c2d_of(hub: Hub) -> C2DService:
 
     A service created here has no sweeper running (the hub's `open()`/`close()` should own it);
     queues still behave correctly, only Expired feedback then waits for the next receive or send."""
-    existing = getattr(hub, "c2d", None)
-    if isinstance(existing, C2DService):
-        return existing
-    service = C2DService(hub.storage.db, audit=hub.audit)
-    setattr(hub, "c2d", service)  # noqa: B010 - Hub does not declare the attribute (yet)
-    return service
+    return hub.c2d

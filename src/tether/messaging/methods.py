@@ -26,7 +26,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, runtime_checkable
 
 from tether.errors import BadRequest, GatewayTimeout, NotFound, TetherError
-from tether.messaging.presence import ConnectionHandle, ConnectionRegistry, attach
+from tether.messaging.presence import ConnectionHandle, ConnectionRegistry
 from tether.registry.models import Device, validate_device_id
 from tether.registry.service import RegistryService
 from tether.security.authenticator import AuditSink
@@ -341,10 +341,4 @@ class MethodService:
 def methods_of(hub: Hub) -> MethodService:
     """The hub's MethodService (`hub.methods`), created on first use over the hub's presence
     registry and subscribed to device status changes, so REST routes and MQTT hooks share one."""
-    existing = getattr(hub, "methods", None)
-    if isinstance(existing, MethodService):
-        return existing
-    service = MethodService(attach(hub), registry=hub.registry, audit=hub.audit)
-    hub.registry.add_status_listener(service.status_listener())
-    setattr(hub, "methods", service)  # noqa: B010 - Hub does not declare the attribute (yet)
-    return service
+    return hub.methods

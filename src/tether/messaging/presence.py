@@ -143,10 +143,4 @@ async def _close_quietly(handle: ConnectionHandle, reason: str) -> None:
 def attach(hub: Hub) -> ConnectionRegistry:
     """The hub's ConnectionRegistry (`hub.connections`), created and subscribed to device status
     changes on first use, so every protocol listener of the hub shares one."""
-    existing = getattr(hub, "connections", None)
-    if isinstance(existing, ConnectionRegistry):
-        return existing
-    registry = ConnectionRegistry(hub.settings.limits.max_connections)
-    hub.registry.add_status_listener(registry.status_listener())
-    setattr(hub, "connections", registry)  # noqa: B010 - Hub does not declare the attribute (yet)
-    return registry
+    return hub.connections

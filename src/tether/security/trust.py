@@ -260,7 +260,14 @@ class TrustService:
         stored = self._read_stored()
         if stored is not None and stored.roots == prints and stored.signer == signer:
             return TrustBundle(stored.version, self.bundle_file.read_bytes(), roots, signer)
-        key = pki.load_private_key(self.pki_dir / pki.ROOT_KEY)
+        try:
+            key = pki.load_private_key(self.pki_dir / pki.ROOT_KEY)
+        except FileNotFoundError:
+            raise TetherError(
+                f"the roots changed, so the bundle must be re-signed, but {pki.ROOT_KEY} is not in "
+                f"{self.pki_dir}: put the current root's key back for the rollover step",
+                code="TrustRootKeyMissing",
+            ) from None
         if not _same_key(current, key):
             raise TetherError(f"{pki.ROOT_KEY} does not belong to {pki.ROOT_CERT} in {self.pki_dir}",
                               code="TrustRootKeyMismatch")

@@ -23,7 +23,6 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from tether.messaging.c2d import c2d_of
 from tether.messaging.methods import MethodService, methods_of
 from tether.messaging.presence import ConnectionHandle, ConnectionRegistry, attach
 from tether.messaging.twins import TwinService
@@ -32,7 +31,6 @@ from tether.protocols.mqtt.session import MqttSession, NullTwinMethodHooks
 from tether.protocols.mqtt.topics import SubscriptionKind, desired_patch_topic, method_request_topic
 from tether.registry.models import Device
 from tether.security.principal import Principal
-from tether.storage.sql.twins import SqlTwinRepository
 
 if TYPE_CHECKING:
     from tether.hub import Hub
@@ -60,22 +58,12 @@ MQTT_METHODS = _MqttMethodChannel()
 def twins_of_hub(hub: Hub) -> TwinService:
     """The hub's TwinService (`hub.twins`), created over the hub's storage if missing. REST routes
     and these hooks must share it, or desired patches written through REST reach no device."""
-    existing = getattr(hub, "twins", None)
-    if isinstance(existing, TwinService):
-        return existing
-    service = TwinService(SqlTwinRepository(hub.storage.db), hub.registry, hub.audit)
-    setattr(hub, "twins", service)  # noqa: B010 - Hub does not declare the attribute (yet)
-    return service
+    return hub.twins
 
 
 def c2d_pumps_of(hub: Hub) -> C2DPumps:
     """The hub's C2D pumps (`hub.c2d_pumps`, one pump per subscribed device), created if missing."""
-    existing = getattr(hub, "c2d_pumps", None)
-    if isinstance(existing, C2DPumps):
-        return existing
-    pumps = C2DPumps(c2d_of(hub))
-    setattr(hub, "c2d_pumps", pumps)  # noqa: B010 - Hub does not declare the attribute (yet)
-    return pumps
+    return hub.c2d_pumps
 
 
 class HubDeviceHooks:

@@ -16,9 +16,8 @@ from typing import TYPE_CHECKING, Any, cast
 from cryptography import x509
 
 from tether.messaging.presence import attach
-from tether.messaging.telemetry import TelemetryPipeline
 from tether.observability.metrics import DISCONNECTS, watch_stream
-from tether.protocols.mqtt.session import MqttContext, MqttSession, NullTwinMethodHooks, TwinMethodHooks
+from tether.protocols.mqtt.session import MqttContext, MqttSession, TwinMethodHooks
 from tether.security.tls import TlsContextFactory, start_tls_server
 
 if TYPE_CHECKING:
@@ -38,12 +37,9 @@ def context_for(hub: Hub) -> MqttContext:
     if ctx is not None:
         return ctx
     settings = hub.settings
-    telemetry = getattr(hub, "telemetry", None)
-    if not isinstance(telemetry, TelemetryPipeline):
-        telemetry = TelemetryPipeline(hub.stream, settings.limits)
-        setattr(hub, "telemetry", telemetry)  # noqa: B010 - Hub does not declare it (yet)
+    telemetry = hub.telemetry
     watch_stream(hub.stream)
-    hooks: TwinMethodHooks = getattr(hub, "twin_hooks", None) or NullTwinMethodHooks()
+    hooks: TwinMethodHooks = hub.twin_hooks
     ctx = MqttContext(
         hostname=settings.hub.hostname,
         authenticator=hub.authenticator,

@@ -1,0 +1,294 @@
+"""Benchmarks: Tether vs Mosquitto vs amqtt under the same load, plus the long kill -9 rig.
+
+    .venv/bin/python -m bench.run --short        # every scenario, reduced (< 3 minutes; `make bench`)
+    .venv/bin/python -m bench.run                # the full run behind docs/performance.md
+    .venv/bin/python -m bench.run --only a,c     # some scenarios: a b c d durability
+    .venv/bin/python -m bench.run --only a --profile   # Tether under pyinstrument (bench/.venv-tools)
+
+Prints one table with Tether/peer ratios from the same run and the targets, and writes the raw
+numbers to bench/results/last-{short|full}.json. Everything listens on 127.0.0.x only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from bench import scenarios
+from bench.brokers import Broker, TetherHub, start_amqtt, start_mosquitto_tls, system_mosquitto
+from bench.loadgen import raise_nofile
+from bench.scenarios import Row
+
+RESULTS = Path(__file__).resolve().parent / "results"
+MODES: dict[str, dict[str, Any]] = {
+    "short": {"a_devices": 100, "a_duration": 6.0, "a_warmup": 1.5, "idle": 1000, "storm_pool": 1000,
+              "storm_duration": 6.0, "storm_warmup": 1.5, "d_devices": 100, "kill9": None},
+    "full": {"a_devices": 100, "a_duration": 20.0, "a_warmup": 3.0, "idle": 10_000, "storm_pool": 10_000,
+             "storm_duration": 20.0, "storm_warmup": 3.0, "d_devices": 1000,
+             "kill9": {"devices": 20, "load_s": 30.0, "cycles": 3}},
+}
+TARGETS = {
+    "durable QoS 1 ingest >= 0.5x Mosquitto QoS 1 pub->sub and >= 5x amqtt": "a",
+    "10,000 TLS connections <= 1 GiB RSS": "b",
+    ">= 500 TLS+SAS connects/s": "c",
+    "C2D / direct-method p99 <= 10 ms": "d",
+}
+
+
+def log(msg: str) -> None:
+    print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def machine() -> dict[str, Any]:
+    mem_kb = int(next(line for line in Path("/proc/meminfo").read_text().splitlines()
+                      if line.startswith("MemTotal")).split()[1])
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    from OpenSSL import SSL
+
+    mosq = subprocess.run(["mosquitto", "-h"], capture_output=True, text=True).stdout.splitlines()
+    return {"cpus": len(os.sched_getaffinity(0)), "cpu": cpu, "ram_gib": round(mem_kb / 2**20, 1),
+            "python": platform.python_version(), "openssl_stdlib": ssl.OPENSSL_VERSION,
+            "openssl_pyopenssl": SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode(),
+            "mosquitto": mosq[0] if mosq else "?", "kernel": platform.release(),
+            "load_avg_at_start": Path("/proc/loadavg").read_text().split()[:3]}
+
+
+async def run_all(mode: str, only: set[str], work: Path, *, uvloop: bool, profile: bool,
+                  brokers: set[str]) -> list[Row]:
+    cfg = MODES[mode]
+    rows: list[Row] = []
+    n_devices = max(cfg["a_devices"], cfg["idle"], cfg["storm_pool"], cfg["d_devices"])
+    ids = [f"bench-{i}" for i in range(n_devices)]
+    profile_out = work / "tether-profile.txt" if profile else None
+    hub = TetherHub(work / "tether", uvloop=uvloop, profile_out=profile_out)
+    log(f"provisioning {n_devices} devices")
+    hub.prepare(ids)
+    hub.start()
+    log(f"tether run: pid {hub.pid} ports {hub.ports}")
+    pki = hub.data_dir / "pki"
+    mosq_tls = mosq_plain = amqtt = None
+    if "mosquitto" in brokers:
+        mosq_tls = start_mosquitto_tls(work / "mosquitto", pki / "server.pem", pki / "server.key",
+                                       pki / "root-ca.pem")
+        mosq_plain = system_mosquitto()
+    if "amqtt" in brokers:
+        amqtt = start_amqtt(work / "amqtt", pki / "server.pem", pki / "server.key", pki / "root-ca.pem")
+    tether = hub.broker()
+    others: list[Broker] = [b for b in (mosq_tls, amqtt) if b is not None]
+    tether_windows: list[tuple[str, int, int]] = []
+    try:
+        if "a" in only:
+            for tls in (False, True):
+                runs: list[tuple[Broker | None, bool]] = [(tether, True)]
+                if mode == "full":
+                    runs.append((tether, False))  # ingest alone, nobody reading the stream
+                runs += [(mosq_tls if tls else mosq_plain, True), (amqtt, True)]
+                for broker, consumer in runs:
+                    if broker is None:
+                        continue
+                    log(f"(a) throughput {broker.name} {'tls' if tls else 'plain'} consumer={consumer}")
+                    wall = time.time_ns()
+                    row = await scenarios.throughput(
+                        broker, tls, ids[: cfg["a_devices"]], duration=cfg["a_duration"],
+                        warmup=cfg["a_warmup"], subscriber=consumer)
+                    if not consumer:
+                        row.scenario = "a-throughput-no-consumer"
+                        tether_windows.append((row.transport, wall + int((cfg["a_warmup"] + 0.2) * 1e9),
+                                               wall + int((cfg["a_duration"] + 0.2) * 1e9)))
+                    rows.append(row)
+        if "b" in only:
+            for broker in (tether, *others):
+                log(f"(b) {cfg['idle']} idle TLS connections to {broker.name}")
+                rows.append(await scenarios.idle(broker, ids[: cfg["idle"]],
+                                                 connect_timeout=600 if mode == "full" else 120))
+        if "c" in only:
+            for broker in (tether, *others):
+                log(f"(c) connect storm {broker.name}")
+                rows.append(await scenarios.storm(broker, ids[: cfg["storm_pool"]],
+                                                  duration=cfg["storm_duration"], warmup=cfg["storm_warmup"]))
+        if "d" in only:
+            log("(d) C2D / direct-method round trips")
+            rows += await scenarios.c2d_and_methods(hub, ids[: cfg["d_devices"]])
+    finally:
+        hub.stop()
+        for b in others:
+            b.stop()
+    for transport, since, until in tether_windows:
+        extra = await scenarios.stream_latency(hub.data_dir, since, until)
+        for row in rows:
+            if row.scenario == "a-throughput-no-consumer" and row.transport == transport:
+                row.metrics.update(extra)
+    if profile_out is not None and profile_out.exists():
+        dest = RESULTS / f"tether-profile-{mode}.txt"
+        RESULTS.mkdir(exist_ok=True)
+        shutil.copy(profile_out, dest)
+        log(f"pyinstrument profile of the hub: {dest}")
+    if "durability" in only and cfg["kill9"] is not None:
+        rows.append(kill9(work / "kill9", **cfg["kill9"]))
+    return rows
+
+
+def kill9(data_dir: Path, **kwargs: Any) -> Row:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests" / "durability"))
+    from rig import run_kill9  # tests/durability/rig.py
+
+    log(f"kill -9 durability rig {kwargs}")
+    outcome = run_kill9(data_dir, **kwargs)
+    return Row("kill9-durability", "tether", "plain", {
+        "cycles": outcome.cycles, "sent": outcome.sent, "acked": outcome.acked_total,
+        "lost_acked": outcome.lost_total, "duplicates": outcome.duplicates,
+        "stored_without_puback": outcome.unacked_stored, "out_of_order_devices": len(outcome.out_of_order),
+        "served_after_restart": outcome.served_after_restart}, outcome.summary())
+
+
+# ------------------------------------------------------------------------------------------ report
+
+
+def _get(rows: list[Row], scenario: str, broker: str, transport: str | None = None) -> dict[str, Any]:
+    for row in rows:
+        if row.scenario == scenario and row.broker == broker and transport in (None, row.transport):
+            return row.metrics
+    return {}
+
+
+def _ratio(a: Any, b: Any) -> str:
+    return f"{a / b:.2f}x" if isinstance(a, int | float) and isinstance(b, int | float) and b else "-"
+
+
+def table(rows: list[Row]) -> str:
+    lines = ["| scenario | transport | metric | Tether | Mosquitto | amqtt | Tether/Mosquitto | Tether/amqtt |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def add(scenario: str, transport: str, metric: str, t: Any, m: Any, a: Any, invert: bool = False) -> None:
+        r1, r2 = (_ratio(m, t), _ratio(a, t)) if invert else (_ratio(t, m), _ratio(t, a))
+        lines.append(f"| {scenario} | {transport} | {metric} | {t if t is not None else '-'} | "
+                     f"{m if m is not None else '-'} | {a if a is not None else '-'} | {r1} | {r2} |")
+
+    for transport in ("plain", "tls"):
+        t, m, a = (_get(rows, "a-throughput", b, transport) for b in ("tether", "mosquitto", "amqtt"))
+        if not t:
+            continue
+        peer_rate = [x.get("delivered_per_s") for x in (m, a)]
+        add("(a) QoS 1 ingest, msg/s", transport, "Tether PUBACK (durable) vs peer pub→sub delivered",
+            t.get("puback_per_s"), peer_rate[0], peer_rate[1])
+        add("(a)", transport, "PUBACK/s at the publishers", t.get("puback_per_s"), m.get("puback_per_s"),
+            a.get("puback_per_s"))
+        for key in ("puback_p50_ms", "puback_p99_ms"):
+            add("(a)", transport, key.replace("_", " "), t.get(key), m.get(key), a.get(key), invert=True)
+        add("(a)", transport, "pub→consumer p50 ms (Tether: →enqueued)", t.get("enqueue_p50_ms"),
+            m.get("e2e_p50_ms"), a.get("e2e_p50_ms"), invert=True)
+        add("(a)", transport, "pub→consumer p99 ms (Tether: →enqueued)", t.get("enqueue_p99_ms"),
+            m.get("e2e_p99_ms"), a.get("e2e_p99_ms"), invert=True)
+        add("(a)", transport, "broker CPU %", t.get("broker_cpu_pct"), m.get("broker_cpu_pct"),
+            a.get("broker_cpu_pct"))
+        add("(a)", transport, "client CPU % (all load processes)", t.get("client_cpu_pct"),
+            m.get("client_cpu_pct"), a.get("client_cpu_pct"))
+    t, m, a = (_get(rows, "b-idle-tls", b) for b in ("tether", "mosquitto", "amqtt"))
+    if t:
+        add("(b) idle TLS connections", "tls", "connected", t.get("connected"), m.get("connected"), a.get("connected"))
+        add("(b)", "tls", "RSS after, MiB", t.get("rss_after_mb"), m.get("rss_after_mb"), a.get("rss_after_mb"),
+            invert=True)
+        add("(b)", "tls", "RSS per connection, KiB", t.get("rss_per_conn_kb"), m.get("rss_per_conn_kb"),
+            a.get("rss_per_conn_kb"), invert=True)
+        add("(b)", "tls", "ramp-up connects/s", t.get("ramp_conn_per_s"), m.get("ramp_conn_per_s"),
+            a.get("ramp_conn_per_s"))
+    t, m, a = (_get(rows, "c-connect-storm", b) for b in ("tether", "mosquitto", "amqtt"))
+    if t:
+        add("(c) connect storm", "tls", "CONNACK 0 per s", t.get("connacks_per_s"), m.get("connacks_per_s"),
+            a.get("connacks_per_s"))
+        for key in ("connect_p50_ms", "connect_p99_ms"):
+            add("(c)", "tls", key.replace("_", " "), t.get(key), m.get(key), a.get(key), invert=True)
+        add("(c)", "tls", "broker CPU ms per connect", t.get("broker_cpu_ms_per_connect"),
+            m.get("broker_cpu_ms_per_connect"), a.get("broker_cpu_ms_per_connect"), invert=True)
+        add("(c)", "tls", "client CPU %", t.get("client_cpu_pct"), m.get("client_cpu_pct"), a.get("client_cpu_pct"))
+    for row in rows:
+        if row.scenario in ("d-c2d-method-rtt", "kill9-durability"):
+            lines.append(f"| {row.scenario} | {row.transport} | {json.dumps(row.metrics)} | | | | | |")
+    return "\n".join(lines)
+
+
+def verdicts(rows: list[Row]) -> list[str]:
+    out = []
+    for transport in ("plain", "tls"):
+        t, m, a = (_get(rows, "a-throughput", b, transport) for b in ("tether", "mosquitto", "amqtt"))
+        if t and m and a:
+            tr, mr, ar = t.get("puback_per_s") or 0, m.get("delivered_per_s") or 0, a.get("delivered_per_s") or 0
+            ok = mr and ar and tr >= 0.5 * mr and tr >= 5 * ar
+            out.append(f"(a) {transport}: Tether {tr}/s vs 0.5x Mosquitto {0.5 * mr:.0f}/s and 5x amqtt "
+                       f"{5 * ar:.0f}/s -> {'PASS' if ok else 'FAIL'}")
+    b = _get(rows, "b-idle-tls", "tether")
+    if b.get("connected"):
+        per10k = b["rss_before_mb"] + b["rss_per_conn_kb"] * 10_000 / 1024
+        out.append(f"(b) {b['connected']} TLS connections: {b['rss_after_mb']} MiB "
+                   f"(~{per10k:.0f} MiB at 10,000) -> {'PASS' if per10k <= 1024 else 'FAIL'}")
+    c = _get(rows, "c-connect-storm", "tether")
+    if c:
+        out.append(f"(c) {c.get('connacks_per_s')} TLS+SAS connects/s -> "
+                   f"{'PASS' if (c.get('connacks_per_s') or 0) >= 500 else 'FAIL'}")
+    d = [r for r in rows if r.scenario == "d-c2d-method-rtt"]
+    if d:
+        if d[0].metrics.get("status") == "pending":
+            out.append(f"(d) {d[0].notes}")
+        else:
+            out += [f"(d) {r.metrics.get('kind')}: p99 {r.metrics.get('p99_ms')} ms -> "
+                    f"{'PASS' if (r.metrics.get('p99_ms') or 1e9) <= 10 else 'FAIL'}" for r in d]
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--short", action="store_true", help="reduced version of every scenario (< 3 min)")
+    parser.add_argument("--only", default="a,b,c,d,durability", help="comma list of a,b,c,d,durability")
+    parser.add_argument("--tether-uvloop", action="store_true",
+                        help="start the hub with tether.server.run (uvloop) instead of `tether run`")
+    parser.add_argument("--profile", action="store_true", help="run the hub under pyinstrument")
+    parser.add_argument("--brokers", default="tether,mosquitto,amqtt", help="which brokers (Tether always)")
+    parser.add_argument("--keep", action="store_true", help="keep the temp work dir")
+    args = parser.parse_args()
+    mode = "short" if args.short else "full"
+    only = set(args.only.split(","))
+    raise_nofile()
+    info = machine()
+    work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
+    started = time.monotonic()
+    try:
+        rows = asyncio.run(run_all(mode, only, work, uvloop=args.tether_uvloop, profile=args.profile,
+                                   brokers=set(args.brokers.split(","))))
+    finally:
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.monotonic() - started
+    report = table(rows)
+    checks = verdicts(rows)
+    print(f"\nTether benchmark ({mode}, {elapsed:.0f} s) on {info['cpus']} CPUs, {info['ram_gib']} GiB, "
+          f"Python {info['python']}, {info['openssl_stdlib']}\n")
+    print(report)
+    print("\nTargets:")
+    print("\n".join(f"- {c}" for c in checks))
+    for row in rows:
+        if row.notes:
+            print(f"note {row.scenario} {row.broker} {row.transport}: {row.notes}")
+    RESULTS.mkdir(exist_ok=True)
+    out = RESULTS / f"last-{mode}.json"
+    out.write_text(json.dumps({"mode": mode, "elapsed_s": elapsed, "machine": info,
+                               "uvloop": args.tether_uvloop, "rows": [asdict(r) for r in rows],
+                               "targets": checks}, indent=1))
+    print(f"\nraw results: {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Make the repository root importable: the rig drives the hub with the bench's MQTT client."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = str(Path(__file__).resolve().parents[2])
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
