@@ -221,11 +221,12 @@ class TetherHub:
         from tether.security.sas import build_token
 
         cs = ServiceConnectionString.parse(self.service_connection_string)
-        return build_token(cs.host_name, cs.shared_access_key, int(time.time()) + ttl, cs.shared_access_key_name)
+        expiry = int(time.time()) + ttl
+        return build_token(cs.host_name, cs.shared_access_key, expiry, cs.shared_access_key_name)
 
     def broker(self) -> Broker:
-        sse = {"url": f"https://{self.host}:{self.ports['https']}/tether/events/stream", "ca_file": str(self.ca_file),
-               "token": self.service_token()}
+        sse = {"url": f"https://{self.host}:{self.ports['https']}/tether/events/stream",
+               "ca_file": str(self.ca_file), "token": self.service_token()}
         return Broker("tether", self.host, self.ports.get("mqtt"), self.ports.get("mqtts"), self.ca_file,
                       self.pid, {"kind": "sas", "hostname": HOSTNAME, "key": BENCH_KEY, "sse": sse},
                       "durable: PUBACK after fsync (group commit); consumer: SSE /tether/events/stream",

@@ -40,12 +40,14 @@ def _c2d_path() -> str | None:
     return None
 
 
-async def method_and_c2d_round_trips(hub: TetherHub, devices: list[str], *, calls: int = 2000,
+async def method_and_c2d_round_trips(hub: TetherHub, devices: list[str], *, calls: int = 500,
                                      concurrency: int = 16) -> list[dict[str, Any]]:
+    """Sequential calls (latency: the target's p99) then `concurrency` at once (throughput and
+    latency under load), for direct methods and C2D, with every device in `devices` connected."""
     import aiohttp
 
     ctx = ssl.create_default_context(cafile=str(hub.ca_file))
-    c2d_hist = Histogram()
+    c2d_hist: list[Histogram] = [Histogram()]
     clients: dict[str, MqttClient] = {}
 
     def on_message(client: MqttClient, packet: Publish) -> None:
@@ -54,7 +56,7 @@ async def method_and_c2d_round_trips(hub: TetherHub, devices: list[str], *, call
             if match:
                 client.queue_publish(f"$iothub/methods/res/200/?$rid={match.group(1)}", b'{"ok":true}', 0)
         elif "/messages/devicebound/" in packet.topic and len(packet.payload) >= STAMP.size:
-            c2d_hist.add_ns(time.monotonic_ns() - STAMP.unpack_from(packet.payload)[0])
+            c2d_hist[0].add_ns(time.monotonic_ns() - STAMP.unpack_from(packet.payload)[0])
 
     gate = asyncio.Semaphore(64)
 
@@ -75,23 +77,26 @@ async def method_and_c2d_round_trips(hub: TetherHub, devices: list[str], *, call
     ids = list(clients)
     base = f"https://127.0.0.1:{hub.ports['https']}"
     headers = {"Authorization": _service_token(hub)}
-    method_hist = Histogram()
     errors: dict[str, int] = {}
     c2d_path = _c2d_path()
+    results: list[dict[str, Any]] = []
+
+    def error(key: str) -> None:
+        errors[key] = errors.get(key, 0) + 1
 
     async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=ctx, limit=concurrency)) as http:
-        async def method_call(i: int) -> None:
+        async def method_call(i: int, hist: Histogram) -> None:
             body = {"methodName": "ping", "payload": {"i": i}, "responseTimeoutInSeconds": 10}
             started = time.monotonic_ns()
             async with http.post(f"{base}/twins/{ids[i % len(ids)]}/methods?api-version=2021-04-12",
                                  json=body, headers=headers) as resp:
                 await resp.read()
                 if resp.status == 200:
-                    method_hist.add_ns(time.monotonic_ns() - started)
+                    hist.add_ns(time.monotonic_ns() - started)
                 else:
-                    errors[f"method-{resp.status}"] = errors.get(f"method-{resp.status}", 0) + 1
+                    error(f"method-{resp.status}")
 
-        async def c2d_call(i: int) -> None:
+        async def c2d_call(i: int, _hist: Histogram) -> None:
             assert c2d_path is not None
             payload = STAMP.pack(time.monotonic_ns(), time.time_ns(), i) + b"c" * 64
             path = c2d_path.replace("{id}", ids[i % len(ids)]).replace("{deviceId}", ids[i % len(ids)])
@@ -99,30 +104,36 @@ async def method_and_c2d_round_trips(hub: TetherHub, devices: list[str], *, call
                                  headers={**headers, "Content-Type": "application/octet-stream"}) as resp:
                 await resp.read()
                 if resp.status >= 300:
-                    errors[f"c2d-{resp.status}"] = errors.get(f"c2d-{resp.status}", 0) + 1
+                    error(f"c2d-{resp.status}")
 
-        async def drive(call: Any) -> None:
-            sem = asyncio.Semaphore(concurrency)
+        async def drive(kind: str, call: Any, parallel: int) -> None:
+            hist = Histogram()
+            c2d_hist[0] = Histogram()
+            sem = asyncio.Semaphore(parallel)
 
             async def one(i: int) -> None:
                 async with sem:
                     try:
-                        await call(i)
+                        await call(i, hist)
                     except (aiohttp.ClientError, TimeoutError) as exc:
-                        errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+                        error(type(exc).__name__)
 
+            started = time.monotonic()
             await asyncio.gather(*(one(i) for i in range(calls)))
+            elapsed = time.monotonic() - started
+            if kind == "c2d":
+                await asyncio.sleep(2.0)  # deliveries still on their way
+                hist = c2d_hist[0]
+            results.append({"kind": kind, "concurrency": parallel, "connected": len(ids), "calls": calls,
+                            "per_s": round(calls / elapsed), "p50_ms": hist.percentile_ms(50),
+                            "p99_ms": hist.percentile_ms(99), "completed": hist.total,
+                            "errors": dict(errors)})
+            errors.clear()
 
-        await drive(method_call)
-        if c2d_path is not None:
-            await drive(c2d_call)
-            await asyncio.sleep(2.0)
+        for parallel in (1, concurrency):
+            await drive("direct-method", method_call, parallel)
+            if c2d_path is not None:
+                await drive("c2d", c2d_call, parallel)
     for client in clients.values():
         client.disconnect()
-    return [
-        {"kind": "direct-method", "connected": len(ids), "calls": calls,
-         "p50_ms": method_hist.percentile_ms(50), "p99_ms": method_hist.percentile_ms(99), "errors": errors},
-        {"kind": "c2d", "connected": len(ids), "calls": calls if c2d_path else 0,
-         "p50_ms": c2d_hist.percentile_ms(50), "p99_ms": c2d_hist.percentile_ms(99),
-         "route": c2d_path or "no POST …devicebound route in C2D_ROUTES"},
-    ]
+    return results

@@ -177,7 +177,7 @@ def c2d_method_routes() -> dict[str, bool]:
             for name in ("c2d_routes", "method_routes")}
 
 
-async def c2d_and_methods(hub: TetherHub, devices: list[str]) -> list[Row]:
+async def c2d_and_methods(hub: TetherHub, devices: list[str], calls: int = 500) -> list[Row]:
     """Round trips through the service REST API while `devices` are connected. Runs only once the
     routes exist; until then the rows say what is missing."""
     routes = c2d_method_routes()
@@ -188,4 +188,4 @@ async def c2d_and_methods(hub: TetherHub, devices: list[str]) -> list[Row]:
     from bench.roundtrip import method_and_c2d_round_trips
 
     return [Row("d-c2d-method-rtt", "tether", "tls", metrics, "")
-            for metrics in await method_and_c2d_round_trips(hub, devices)]
+            for metrics in await method_and_c2d_round_trips(hub, devices, calls=calls)]

@@ -109,7 +109,7 @@ def test_several_sdk_devices_at_once_keep_their_own_order(runner: HubRunner) -> 
         check_events(runner, device_id, 15)
 
 
-def test_sdk_get_twin_works_without_a_twin_service(runner: HubRunner) -> None:
+def test_sdk_get_twin_of_a_new_device(runner: HubRunner) -> None:
     client = sas_client(runner, "sdk-twin")
     try:
         client.connect()

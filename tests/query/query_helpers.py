@@ -22,7 +22,6 @@ from tether.security.sas import build_token
 
 API = "?api-version=2021-04-12"
 HOST = "localhost"
-MINE = ("/twins/{id}", "/devices/query")  # mounted by add_twin_routes/add_query_routes below
 
 
 def new_key() -> str:

@@ -14,20 +14,13 @@ from typing import Any
 import httpx
 from aiohttp import web
 
-from tether.api.app import register
-from tether.api.bodies import BULK_FACTOR
-from tether.api.context import HUB_KEY, ROUTES_KEY, SPEC_KEY
-from tether.api.errors import error_middleware
-from tether.api.query_routes import add_query_routes
-from tether.api.routes import ROUTES
-from tether.api.twin_routes import add_twin_routes
+from tether.api.app import build_app
 from tether.config import load_settings
 from tether.hub import Hub
 from tether.security.sas import build_token
 
 API = "?api-version=2021-04-12"
 HOST = "localhost"
-MINE = ("/twins/{id}", "/devices/query")  # mounted by add_twin_routes/add_query_routes below
 
 
 def new_key() -> str:
@@ -51,19 +44,8 @@ def make_hub(data_dir: Path, database_url: str | None = None, hostname: str = HO
 
 
 def build_test_app(hub: Hub) -> web.Application:
-    """The REST app as the lead will wire it: the shared route table without the placeholder twin
-    route, plus `add_twin_routes` and `add_query_routes`."""
-    app = web.Application(
-        middlewares=[error_middleware],
-        client_max_size=hub.settings.limits.max_request_body_bytes * BULK_FACTOR,
-    )
-    app[HUB_KEY] = hub
-    app[ROUTES_KEY] = ROUTES
-    app[SPEC_KEY] = b"{}"
-    register(app, tuple(r for r in ROUTES if r.path not in MINE))
-    add_twin_routes(app, hub)
-    add_query_routes(app, hub)
-    return app
+    """The hub's real REST app (twin and query routes are in the shared route table)."""
+    return build_app(hub)
 
 
 @asynccontextmanager

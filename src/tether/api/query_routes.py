@@ -11,13 +11,12 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.api.bodies import read_json_object
-from tether.api.twin_routes import Handler, guarded, twin_service, twins_of
+from tether.api.twin_routes import twins_of
 from tether.errors import BadRequest
 from tether.messaging.query import DEFAULT_PAGE, MAX_PAGE, QueryService
-from tether.security.principal import Permission
 
 if TYPE_CHECKING:
-    from tether.hub import Hub
+    pass
 
 MAX_ITEM_COUNT = "x-ms-max-item-count"
 CONTINUATION = "x-ms-continuation"
@@ -65,15 +64,4 @@ async def query_devices(request: web.Request) -> web.Response:
     return web.json_response(page.items, headers=headers)
 
 
-QUERY_ROUTES: tuple[tuple[str, str, Handler, Permission], ...] = (
-    ("POST", "/devices/query", query_devices, Permission.registry_read),
-)
-
-
-def add_query_routes(app: web.Application, hub: Hub) -> None:
-    twin_service(app, hub)
-    for method, path, handler, permission in QUERY_ROUTES:
-        app.router.add_route(method, path, guarded(handler, permission))
-
-
-__all__ = ["QUERY_ROUTES", "QuerySpecification", "add_query_routes", "query_devices"]
+__all__ = ["QuerySpecification", "query_devices"]

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 from datetime import datetime
-from typing import Any
+from typing import Any, Protocol
 
 from tether.registry.models import utcnow
 from tether.storage.base import AuditRecord, AuditRepository
@@ -59,6 +59,23 @@ def _scrub(value: Any, depth: int = 0) -> Any:
     if value is None or isinstance(value, bool | int | float):
         return value
     return _clip(str(value))
+
+
+class AuditSink(Protocol):
+    """What a component needs of the audit log (AuditLog satisfies it structurally)."""
+
+    async def record(
+        self,
+        action: str,
+        outcome: str,
+        *,
+        principal: str | None = None,
+        credential: str | None = None,
+        reason: str | None = None,
+        peer: str | None = None,
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None: ...
 
 
 class AuditLog:

@@ -26,12 +26,11 @@ import binascii
 import hashlib
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from tether.config import Settings
 from tether.errors import Conflict, NotFound, TetherError
 from tether.security import pki
+from tether.security.audit import AuditSink
 
 __all__ = [
     "BUNDLE_FILE",
@@ -57,21 +57,6 @@ BUNDLE_FILE = "trust-bundle.json"
 _Stat = tuple[int, int, int] | None
 
 
-class AuditSink(Protocol):
-    """The part of `AuditLog` this module needs."""
-
-    async def record(
-        self,
-        action: str,
-        outcome: str,
-        *,
-        principal: str | None = None,
-        credential: str | None = None,
-        reason: str | None = None,
-        peer: str | None = None,
-        target: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None: ...
 
 
 class TrustPhase(StrEnum):
@@ -127,20 +112,6 @@ def server_names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
     ips = [str(ip) for ip in san.get_values_for_type(x509.IPAddress)]
     return list(san.get_values_for_type(x509.DNSName)), ips
 
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Write-then-rename, so a crash or a concurrent reader never sees half a bundle."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o644)  # the bundle holds public certificates only
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _stat(path: Path) -> _Stat:
@@ -273,7 +244,7 @@ class TrustService:
                               code="TrustRootKeyMismatch")
         version = stored.version + 1 if stored is not None else 1
         data = pki.build_trust_bundle(current, key, list(roots), version)
-        _atomic_write(self.bundle_file, data)
+        pki.atomic_write(self.bundle_file, data, 0o644)  # the bundle holds public certificates only
         return TrustBundle(version, data, roots, signer)
 
     def _server_certificate(self) -> x509.Certificate | None:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -41,6 +41,7 @@ from cryptography.x509.verification import (
 
 from tether.errors import BadRequest, NotFound, PreconditionFailed
 from tether.registry.models import AuthType, Device
+from tether.security.audit import AuditSink
 from tether.security.principal import AuthRefused, CredentialKind
 from tether.storage.sql.cas import CaRecord, CaRepository
 
@@ -99,21 +100,6 @@ def _serial_key(value: str | int) -> str:
 # --- audit ---------------------------------------------------------------------------------------
 
 
-class AuditSink(Protocol):
-    """The part of tether.security.audit.AuditLog this module needs (structural typing)."""
-
-    async def record(
-        self,
-        action: str,
-        outcome: str,
-        *,
-        principal: str | None = None,
-        credential: str | None = None,
-        reason: str | None = None,
-        peer: str | None = None,
-        target: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None: ...
 
 
 # --- CA registry ---------------------------------------------------------------------------------
