@@ -112,13 +112,13 @@ class TetherHub:
     """A `tether run` process on its own data dir: prepare once, start/kill/restart as often as needed."""
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", limits: dict[str, Any] | None = None,
-                 plain: bool = True, uvloop: bool = False, profile_out: Path | None = None) -> None:
+                 plain: bool = True, stdlib_loop: bool = False, profile_out: Path | None = None) -> None:
         self.data_dir = data_dir.resolve()
         self.host = host
         self.config = self.data_dir / "bench.toml"
         self.limits = {"device_messages_per_second": 1_000_000.0, **(limits or {})}
         self.plain = plain
-        self.uvloop = uvloop
+        self.stdlib_loop = stdlib_loop
         self.profile_out = profile_out
         self.proc: subprocess.Popen[bytes] | None = None
         self.ports: dict[str, int] = {}
@@ -159,9 +159,9 @@ class TetherHub:
     def command(self) -> list[str]:
         if self.profile_out is not None:
             return [sys.executable, str(Path(__file__).with_name("profile_hub.py")), str(self.profile_out)]
-        if self.uvloop:  # the server module's own entry point (uvloop), which `tether run` does not use
-            code = ("from tether.config import load_settings; from tether.server import run; "
-                    "run(load_settings())")
+        if self.stdlib_loop:  # `tether run` uses uvloop when installed; this measures the stdlib loop
+            code = ("import asyncio; from tether.config import load_settings; "
+                    "from tether.server import serve; asyncio.run(serve(load_settings()))")
             return [sys.executable, "-c", code]
         return [sys.executable, "-m", "tether.cli.main", "--config", str(self.config), "run"]
 

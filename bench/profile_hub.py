@@ -1,4 +1,4 @@
-"""Run the hub exactly like `tether run` (asyncio, `serve(settings)`), under pyinstrument.
+"""Run the hub exactly like `tether run` (`tether.server.run`: uvloop when installed), under pyinstrument.
 
 py-spy cannot attach in this sandbox ("Failed to find python version from target process": the
 process memory it reads is not available), so the bench profiles in-process: pyinstrument comes from
@@ -9,7 +9,6 @@ the tools venv `bench/.venv-tools` (never the project venv) and is put on `sys.p
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -22,12 +21,12 @@ def main(out: Path) -> None:
     from pyinstrument import Profiler
 
     from tether.config import load_settings
-    from tether.server import serve
+    from tether.server import run
 
     profiler = Profiler(interval=0.001)
     profiler.start()
     try:
-        asyncio.run(serve(load_settings()))
+        run(load_settings())
     finally:
         profiler.stop()
         out.write_text(profiler.output_text(unicode=False, color=False, show_all=False))

@@ -66,14 +66,14 @@ def machine() -> dict[str, Any]:
             "load_avg_at_start": Path("/proc/loadavg").read_text().split()[:3]}
 
 
-async def run_all(mode: str, only: set[str], work: Path, *, uvloop: bool, profile: bool,
+async def run_all(mode: str, only: set[str], work: Path, *, stdlib_loop: bool, profile: bool,
                   brokers: set[str]) -> list[Row]:
     cfg = MODES[mode]
     rows: list[Row] = []
     n_devices = max(cfg["a_devices"], cfg["idle"], cfg["storm_pool"], cfg["d_devices"])
     ids = [f"bench-{i}" for i in range(n_devices)]
     profile_out = work / "tether-profile.txt" if profile else None
-    hub = TetherHub(work / "tether", uvloop=uvloop, profile_out=profile_out)
+    hub = TetherHub(work / "tether", stdlib_loop=stdlib_loop, profile_out=profile_out)
     log(f"provisioning {n_devices} devices")
     hub.prepare(ids)
     hub.start()
@@ -280,8 +280,8 @@ def main() -> None:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="reduced version of every scenario (< 3 min)")
     parser.add_argument("--only", default="a,b,c,d,durability", help="comma list of a,b,c,d,durability")
-    parser.add_argument("--tether-uvloop", action="store_true",
-                        help="start the hub with tether.server.run (uvloop) instead of `tether run`")
+    parser.add_argument("--tether-stdlib-loop", action="store_true",
+                        help="run the hub on asyncio's own loop instead of `tether run`'s uvloop")
     parser.add_argument("--profile", action="store_true", help="run the hub under pyinstrument")
     parser.add_argument("--brokers", default="tether,mosquitto,amqtt", help="which brokers (Tether always)")
     parser.add_argument("--keep", action="store_true", help="keep the temp work dir")
@@ -293,8 +293,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="tether-bench-"))
     started = time.monotonic()
     try:
-        rows = asyncio.run(run_all(mode, only, work, uvloop=args.tether_uvloop, profile=args.profile,
-                                   brokers=set(args.brokers.split(","))))
+        rows = asyncio.run(run_all(mode, only, work, stdlib_loop=args.tether_stdlib_loop,
+                                   profile=args.profile, brokers=set(args.brokers.split(","))))
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -312,7 +312,7 @@ def main() -> None:
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"last-{mode}.json"
     out.write_text(json.dumps({"mode": mode, "elapsed_s": elapsed, "machine": info,
-                               "uvloop": args.tether_uvloop, "rows": [asdict(r) for r in rows],
+                               "stdlib_loop": args.tether_stdlib_loop, "rows": [asdict(r) for r in rows],
                                "targets": checks}, indent=1))
     print(f"\nraw results: {out}")
 

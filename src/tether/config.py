@@ -8,6 +8,7 @@ start-up with pydantic's message, which names the setting.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -99,6 +100,37 @@ class StorageSettings(Section):
     stream_retention_bytes: int = Field(1 << 30, ge=1 << 20)
 
 
+class ClusterSettings(Section):
+    nats_url: str | None = Field(
+        None, description="NATS server the hub nodes signal each other through; unset = single node."
+    )
+    node_id: str | None = Field(None, description="This node's id in the cluster; default hostname-pid.")
+    subject_prefix: str = Field(
+        "tether", description="Prefix of the cluster's NATS subjects and KV buckets (one per cluster)."
+    )
+
+    @field_validator("nats_url")
+    @classmethod
+    def _nats_url_ok(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("nats://", "tls://")):
+            raise ValueError("must be a nats:// or tls:// URL")
+        return v
+
+    @field_validator("node_id")
+    @classmethod
+    def _node_id_ok(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", v):
+            raise ValueError("must be 1-64 letters, digits, '_' or '-'")
+        return v
+
+    @field_validator("subject_prefix")
+    @classmethod
+    def _prefix_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", v):
+            raise ValueError("must be 1-32 letters, digits, '_' or '-'")
+        return v
+
+
 class Settings(BaseSettings):
     """All of Tether's settings. Sections map to TOML tables and `TETHER_{SECTION}__{KEY}` variables."""
 
@@ -109,6 +141,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = TlsSettings()
     limits: LimitSettings = LimitSettings()
     storage: StorageSettings = StorageSettings()
+    cluster: ClusterSettings = ClusterSettings()
 
     @classmethod
     def settings_customise_sources(

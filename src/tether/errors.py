@@ -12,6 +12,7 @@ class TetherError(Exception):
 
     http_status = 500
     default_code = "ServerError"
+    headers: dict[str, str] | None = None  # extra response headers, e.g. Retry-After on 429
 
     def __init__(self, message: str, *, code: str | None = None, field: str | None = None) -> None:
         super().__init__(message)

@@ -1,7 +1,8 @@
 """Composition root: builds every service from `Settings` and starts/stops the listeners.
 
 Protocol surfaces receive the `Hub` and use only its public service attributes; nothing else wires
-modules together. Embedded defaults: SQLite + local segment files under `settings.data_dir`.
+modules together. Embedded defaults: SQLite + local segment files under `settings.data_dir`; with
+`cluster.nats_url` set, a `ClusterBus` connects this process to the other hub nodes (`hub.cluster`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import logging
 from types import TracebackType
 from typing import Any
 
+from tether.cluster.bus import ClusterBus
+from tether.cluster.node import resolve_node_id
 from tether.config import Settings
 from tether.messaging.c2d import C2DService
 from tether.messaging.events import EventStream, open_stream
@@ -62,6 +65,16 @@ class Hub:
             self, twins=self.twins, methods=self.methods, c2d_pumps=self.c2d_pumps,
             connections=self.connections,
         )
+        self.node_id = resolve_node_id(settings.cluster.node_id)
+        self.cluster: ClusterBus | None = None
+        if settings.cluster.nats_url is not None:
+            self.cluster = ClusterBus(settings.cluster, node_id=self.node_id)
+            self.cluster.attach(registry=self.registry, connections=self.connections, c2d=self.c2d,
+                                twins=self.twins, methods=self.methods, hooks=self.twin_hooks)
+            if settings.storage.database_url is None or settings.stream_url.startswith("file:"):
+                log.warning("cluster.nats_url is set but storage is embedded (SQLite / file stream): "
+                            "hub nodes only share state through storage.database_url = postgresql+"
+                            "asyncpg://… and storage.stream_url = nats://…")
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
         self.authenticator = Authenticator(
@@ -72,6 +85,7 @@ class Hub:
             clock_skew_s=settings.limits.sas_clock_skew_s,
             max_token_lifetime_s=settings.limits.sas_max_lifetime_s,
             cert_verifier=self.cert_verifier,
+            failure_rate=settings.limits.auth_failures_per_second,
         )
         self._servers: list[asyncio.AbstractServer] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -85,6 +99,8 @@ class Hub:
         await self.stream.start()
         await self.c2d.start()
         await self.policies.ensure_defaults()
+        if self.cluster is not None:
+            await self.cluster.start()
         self._tasks.append(asyncio.create_task(self._flush_activity_forever()))
 
     async def _flush_activity_forever(self) -> None:
@@ -124,6 +140,9 @@ class Hub:
             await self.connections.close_all("hub-stopping")
         with contextlib.suppress(Exception):
             await self.twin_hooks.close()
+        if self.cluster is not None:
+            with contextlib.suppress(Exception):
+                await self.cluster.close()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -64,6 +64,8 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         print(f"Tether hub '{settings.hub.hostname}' is running", flush=True)
         for name, port in hub.ports.items():
             print(f"  {name:6s} listening on {settings.listeners.host}:{port}", flush=True)
+        if hub.cluster is not None:
+            print(f"Cluster node {hub.node_id} (NATS subjects {hub.cluster.names.prefix}.*)", flush=True)
         print(f"Service connection string: {await hub.service_connection_string()}", flush=True)
         if ready is not None:
             ready.set()

@@ -1,8 +1,9 @@
 """Service authentication for REST routes: every guarded route goes through `authenticate`.
 
 The authenticator verifies the `Authorization: SharedAccessSignature …` header and writes the audit
-record; this module only maps its refusal to 401 (bad credential) or 403 (valid but lacking the
-right). Messages carry the refusal slug, never the token.
+record; this module only maps its refusal to 401 (bad credential), 403 (valid but lacking the
+right) or 429 (the peer is over its authentication-failure budget). Messages carry the refusal slug,
+never the token.
 """
 
 from __future__ import annotations
@@ -12,8 +13,9 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from tether.api.context import hub_of, peer_of
-from tether.errors import Forbidden, TetherError, Unauthorized
+from tether.errors import Forbidden, TetherError, Throttled, Unauthorized
 from tether.security.principal import AuthRefused, Permission, Principal
+from tether.security.throttle import RATE_LIMITED, AuthThrottled
 
 SURFACE = "rest"
 OWNER_RIGHTS = frozenset(Permission)  # policy management needs all four rights
@@ -25,7 +27,18 @@ _TELLABLE = frozenset({"missing-credentials", "malformed", "expired", "lifetime-
                        "device-token-not-allowed", "wrong-scope", "wrong-hub"})
 
 
+class AuthRateLimited(Throttled):
+    """429 for a peer over its authentication-failure budget; `headers` carries `Retry-After`."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(f"too many failed authentications from this address: retry in {retry_after_s} s",
+                         code="ThrottlingException")
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 def refusal_error(exc: AuthRefused) -> TetherError:
+    if exc.reason == RATE_LIMITED:
+        return AuthRateLimited(exc.retry_after_s if isinstance(exc, AuthThrottled) else 1)
     if exc.not_authorized:
         return Forbidden(f"not authorized: {exc.detail or exc.reason}", code="IotHubUnauthorizedAccess")
     if exc.reason in _TELLABLE:

@@ -65,7 +65,7 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         check_api_version(request)
         return await handler(request)
     except TetherError as exc:
-        return web.json_response(exc.to_json(), status=exc.http_status)
+        return web.json_response(exc.to_json(), status=exc.http_status, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like pass through untouched
             raise

@@ -7,7 +7,6 @@ audit commands go over the running hub's REST API instead (remote mode).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -15,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from tether.cli import audit, devices, pki, policies, tokens, transfer
+from tether.cli import audit, cluster, devices, pki, policies, tokens, transfer, trust
 from tether.cli.context import CONFIG_FILE_NAME, CliState, cli_errors, run, state_of
 from tether.cli.local import LocalServices
 from tether.cli.monitor import monitor_command
@@ -157,9 +156,9 @@ def run_hub(ctx: typer.Context) -> None:
     with cli_errors():
         settings = state.settings()
         LocalServices(settings).check_data_dir()
-        from tether.server import serve
+        from tether.server import run as serve_until_stopped  # uvloop when available
 
-        asyncio.run(serve(settings))
+        serve_until_stopped(settings)
 
 
 app.add_typer(devices.app, name="device")
@@ -169,8 +168,11 @@ app.command("import")(transfer.import_command)
 app.command("export")(transfer.export_command)
 app.command("audit")(audit.audit_command)
 app.command("monitor")(monitor_command)
+app.command("cluster")(cluster.cluster_command)
 app.add_typer(pki.pki_app, name="pki")
 app.add_typer(pki.ca_app, name="ca")
+app.add_typer(trust.tls_app, name="tls")
+app.add_typer(trust.trust_app, name="trust")
 
 
 def main() -> None:

@@ -120,6 +120,7 @@ class C2DService:
         self._clock = clock
         self._listeners: list[EnqueueListener] = []
         self._device_listeners: dict[str, list[EnqueueListener]] = {}
+        self._relays: list[EnqueueListener] = []
         self._sweeper: asyncio.Task[None] | None = None
         self._background: set[asyncio.Future[Any]] = set()
 
@@ -149,6 +150,16 @@ class C2DService:
         else:
             self._device_listeners.setdefault(device_id, []).append(cb)
 
+    def add_enqueue_relay(self, cb: EnqueueListener) -> None:
+        """Like a global enqueue listener, but not fired by `fire_from_peer`: the cluster bus tells
+        the other hub nodes with it (they must not echo the news back)."""
+        self._relays.append(cb)
+
+    def fire_from_peer(self, device_id: str) -> None:
+        """Another hub node queued (or made visible) a message for `device_id`: wake this process's
+        listeners (the device's pump, if it is connected here)."""
+        self._fire(device_id, relay=False)
+
     def remove_enqueue_listener(self, cb: EnqueueListener, *, device_id: str | None = None) -> None:
         if device_id is None:
             with contextlib.suppress(ValueError):
@@ -162,8 +173,9 @@ class C2DService:
         if not callbacks:
             del self._device_listeners[device_id]
 
-    def _fire(self, device_id: str) -> None:
-        for cb in (*self._listeners, *self._device_listeners.get(device_id, ())):
+    def _fire(self, device_id: str, *, relay: bool = True) -> None:
+        relays = self._relays if relay else ()
+        for cb in (*self._listeners, *self._device_listeners.get(device_id, ()), *relays):
             try:
                 result = cb(device_id)
             except Exception:

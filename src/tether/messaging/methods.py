@@ -44,6 +44,7 @@ __all__ = [
     "MethodChannel",
     "MethodResult",
     "MethodService",
+    "RemoteMethods",
     "methods_of",
     "validate_method_name",
 ]
@@ -57,6 +58,7 @@ CONNECT_TIMEOUT_RANGE: Final = (0, 300)
 DEFAULT_RESPONSE_TIMEOUT_S: Final = 30
 DEFAULT_CONNECT_TIMEOUT_S: Final = 0
 ONLINE_POLL_S: Final = 0.1  # re-check presence this often while waiting for a device to connect
+REMOTE_POLL_S: Final = 0.25  # with a cluster bus: ask the other hub nodes this often while waiting
 _NAME_RE: Final = re.compile(r"[\x20-\x7e]+")  # printable ASCII; `/` is refused separately
 
 Key = tuple[str, str | None]
@@ -79,6 +81,16 @@ class MethodChannel(Protocol):
 
     def serves(self, handle: ConnectionHandle) -> bool:
         """Whether `handle` speaks this protocol (a device may reconnect over another one)."""
+        ...
+
+
+class RemoteMethods(Protocol):
+    """Reaches identities connected to other hub nodes (the cluster bus implements it)."""
+
+    async def invoke(self, device_id: str, module_id: str | None, method_name: str, body: bytes,
+                     response_timeout_s: int) -> MethodResult | None:
+        """The answer of the node holding the identity, None when no node has it online for methods;
+        raises the holder's error (504 GatewayTimeout, 404 DeviceNotOnline when it disconnected)."""
         ...
 
 
@@ -157,6 +169,11 @@ class MethodService:
         self._rids = itertools.count(1)
         self._online_changed = asyncio.Event()
         self._closed = False
+        self._remote: RemoteMethods | None = None
+
+    def set_remote(self, remote: RemoteMethods | None) -> None:
+        """Route calls for identities not online here through `remote` (other hub nodes)."""
+        self._remote = remote
 
     # --- what the protocol hooks report ------------------------------------------------------
     def subscribed(self, device_id: str, module_id: str | None, channel: MethodChannel) -> None:
@@ -255,7 +272,46 @@ class MethodService:
         route = self.online(device_id, module_id)
         if route is None:
             await self._check_exists(device_id)
+            if self._remote is not None:
+                return await self._invoke_anywhere(self._remote, device_id, module_id, name, body,
+                                                   response_s, connect_s)
             route = await self._wait_online(device_id, module_id, connect_s)
+        return await self._send(route, device_id, module_id, name, body, response_s)
+
+    async def invoke_local(self, device_id: str, module_id: str | None, method_name: str, body: bytes,
+                           response_timeout_s: int) -> MethodResult | None:
+        """Another hub node's call for an identity that should be connected here: None when it is
+        not online for methods in this process (never asks the other nodes back); not audited (the
+        calling node audits)."""
+        if self._closed:
+            return None
+        route = self.online(device_id, module_id)
+        if route is None:
+            return None
+        return await self._send(route, device_id, module_id, method_name, body, response_timeout_s)
+
+    async def _invoke_anywhere(self, remote: RemoteMethods, device_id: str, module_id: str | None,
+                               name: str, body: bytes, response_s: int, connect_s: int) -> MethodResult:
+        """This node first, then the node holding the identity; until `connect_s` has passed."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + connect_s
+        while True:
+            route = self.online(device_id, module_id)
+            if route is not None:
+                return await self._send(route, device_id, module_id, name, body, response_s)
+            result = await remote.invoke(device_id, module_id, name, body, response_s)
+            if result is not None:
+                return result
+            remaining = deadline - loop.time()
+            if remaining <= 0 or self._closed:
+                why = "not connected or not subscribed to methods"
+                raise _not_online(device_id, module_id, why + (f" within {connect_s} s" if connect_s else ""))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._online_changed.wait(), min(remaining, REMOTE_POLL_S))
+
+    async def _send(self, route: tuple[ConnectionHandle, MethodChannel], device_id: str,
+                    module_id: str | None, name: str, body: bytes, response_s: int) -> MethodResult:
+        """One request on a local connection and its answer (or 404 / 504)."""
         handle, channel = route
         rid = f"{next(self._rids):x}"
         key = (device_id, module_id, rid)

@@ -41,6 +41,7 @@ class ConnectionHandle(Protocol):
 
 
 Key = tuple[str, str | None]
+IdentityCallback = Callable[[str, str | None], None]
 
 
 class ConnectionRegistry:
@@ -55,6 +56,8 @@ class ConnectionRegistry:
         self._by_device: dict[str, dict[str | None, ConnectionHandle]] = {}
         self._count = 0
         self._epochs: dict[str, int] = {}
+        self._on_connect: list[IdentityCallback] = []
+        self._on_disconnect: list[IdentityCallback] = []
 
     # --- socket admission ---------------------------------------------------------------------------
     def admit(self) -> bool:
@@ -68,6 +71,13 @@ class ConnectionRegistry:
         self.open_sockets = max(0, self.open_sockets - 1)
 
     # --- presence ----------------------------------------------------------------------------------
+    def add_presence_listener(self, on_connect: IdentityCallback, on_disconnect: IdentityCallback) -> None:
+        """`on_connect(device_id, module_id)` after an identity registered (also when it replaced its
+        own previous connection), `on_disconnect(...)` once it has no connection left in this process.
+        Synchronous and called on the connect path: only note or enqueue (the cluster bus does)."""
+        self._on_connect.append(on_connect)
+        self._on_disconnect.append(on_disconnect)
+
     def __len__(self) -> int:
         return self._count
 
@@ -89,6 +99,8 @@ class ConnectionRegistry:
             self._count += 1
         elif previous is not handle:
             await _close_quietly(previous, "connection-replaced")
+        if self._on_connect:
+            _call_each(self._on_connect, device_id, module_id)
         return previous
 
     def unregister(self, device_id: str, module_id: str | None, handle: ConnectionHandle) -> bool:
@@ -101,6 +113,8 @@ class ConnectionRegistry:
         self._count -= 1
         if not per_device:
             del self._by_device[device_id]
+        if self._on_disconnect:
+            _call_each(self._on_disconnect, device_id, module_id)
         return True
 
     def epoch(self, device_id: str) -> int:
@@ -117,6 +131,15 @@ class ConnectionRegistry:
         handles = list(per_device.values())
         await asyncio.gather(*(_close_quietly(h, reason) for h in handles))
         return len(handles)
+
+    async def close_identity(self, device_id: str, module_id: str | None, reason: str) -> bool:
+        """Close the identity's connection in this process (another hub node took it over);
+        False when it had none."""
+        handle = self.get(device_id, module_id)
+        if handle is None:
+            return False
+        await _close_quietly(handle, reason)
+        return True
 
     async def close_all(self, reason: str = "hub-stopping") -> None:
         handles = [h for mods in self._by_device.values() for h in mods.values()]
@@ -138,6 +161,14 @@ async def _close_quietly(handle: ConnectionHandle, reason: str) -> None:
         await handle.close(reason)
     except Exception:  # a broken transport must not stop the others from closing
         log.exception("closing a %s connection failed", handle.protocol)
+
+
+def _call_each(callbacks: list[IdentityCallback], device_id: str, module_id: str | None) -> None:
+    for cb in callbacks:
+        try:
+            cb(device_id, module_id)
+        except Exception:  # a listener's bug must not fail the device's connect or disconnect
+            log.exception("presence listener failed for %s", device_id)
 
 
 def attach(hub: Hub) -> ConnectionRegistry:

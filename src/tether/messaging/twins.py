@@ -201,6 +201,7 @@ class TwinService:
         self._audit = audit
         self._clock = clock
         self._listeners: list[DesiredListener] = []
+        self._relays: list[DesiredListener] = []
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         registry.add_status_listener(self._on_device_status)
 
@@ -211,8 +212,19 @@ class TwinService:
         exactly the body and `$version` of `$iothub/twin/PATCH/properties/desired/?$version=n`. Each
         call gets its own copy. Within this process calls for one device come in `$version` order
         (the twin's write lock is held while listeners run, so keep them quick: enqueue, don't wait on
-        the network); other hub nodes' writes are not seen. Exceptions are logged and ignored."""
+        the network); other hub nodes' writes arrive through `notify_from_peer` when a cluster bus
+        is configured. Exceptions are logged and ignored."""
         self._listeners.append(cb)
+
+    def add_desired_relay(self, cb: DesiredListener) -> None:
+        """Like a desired listener, but skipped by `notify_from_peer`: the cluster bus forwards this
+        process's desired changes to the other hub nodes with it (called in `$version` order)."""
+        self._relays.append(cb)
+
+    async def notify_from_peer(self, device_id: str, patch: dict[str, Any]) -> None:
+        """A desired change committed by another hub node: run this process's desired listeners
+        (which push it to the device if it is connected here)."""
+        await self._notify(device_id, patch, relay=False)
 
     # Reads -----------------------------------------------------------------------------------
     async def get(self, device_id: str) -> dict[str, Any]:
@@ -410,8 +422,9 @@ class TwinService:
         raise PreconditionFailed(f"twin {device_id} is changing too fast, try again",
                                  code="PreconditionFailed")
 
-    async def _notify(self, device_id: str, notice: dict[str, Any]) -> None:
-        for cb in list(self._listeners):
+    async def _notify(self, device_id: str, notice: dict[str, Any], *, relay: bool = True) -> None:
+        callbacks = [*self._listeners, *self._relays] if relay else list(self._listeners)
+        for cb in callbacks:
             try:
                 await cb(device_id, copy.deepcopy(notice))
             except Exception:

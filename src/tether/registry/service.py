@@ -114,11 +114,21 @@ class RegistryService:
         self._repo = repo
         self._audit = audit
         self._listeners: list[StatusListener] = []
+        self._relays: list[StatusListener] = []
         self._pending: dict[str, ActivityUpdate] = {}
         self._flush_lock = asyncio.Lock()  # batches are written in order
 
     def add_status_listener(self, cb: StatusListener) -> None:
         self._listeners.append(cb)
+
+    def add_status_relay(self, cb: StatusListener) -> None:
+        """Like a status listener, but only for changes made through this process: the cluster bus
+        uses it to tell the other hub nodes (which run `status_changed_elsewhere`)."""
+        self._relays.append(cb)
+
+    async def status_changed_elsewhere(self, device: Device) -> None:
+        """Another hub node disabled or deleted `device`: run this process's listeners, not relays."""
+        await self._notify(device, relay=False)
 
     # Reads -----------------------------------------------------------------------------------
     async def find(self, device_id: str) -> Device | None:
@@ -393,8 +403,9 @@ class RegistryService:
             fields["connection_state_updated_time"] = update.at
         return device.model_copy(update=fields)
 
-    async def _notify(self, device: Device) -> None:
-        for cb in list(self._listeners):
+    async def _notify(self, device: Device, *, relay: bool = True) -> None:
+        callbacks = [*self._relays, *self._listeners] if relay else list(self._listeners)
+        for cb in callbacks:
             try:
                 await cb(device)
             except Exception:

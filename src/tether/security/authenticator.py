@@ -2,7 +2,8 @@
 
 A surface hands over the raw credential and the claimed identity and gets back a `Principal` or an
 `AuthRefused` with a reason slug. Every call writes exactly one audit record
-(`auth.{surface}`, outcome `allowed` | `refused`); tokens and keys never reach the audit log.
+(`auth.{surface}`, outcome `allowed` | `refused`) — except throttled refusals, written in aggregate
+(below); tokens and keys never reach the audit log.
 
 Rules (Azure's):
 
@@ -18,6 +19,12 @@ Rules (Azure's):
   is ignored (the service SDK signs `localhost:8443` while devices sign `localhost`).
 * Modules authenticate only when a `ModuleLookup` is supplied (the registry has no module
   identities yet); otherwise a module claim is refused with `unknown-module`.
+
+With `failure_rate` set (the hub passes `limits.auth_failures_per_second`), every refusal (401 and 403
+alike; not internal errors) is charged to the peer's address (`tether.security.throttle`): a peer over
+its budget is refused with `auth-rate-limited` (`AuthThrottled`, carrying `retry_after`) before any
+lookup or HMAC, whatever it presents, and those refusals are audited in aggregate. Internal calls
+(`peer=None`) are never throttled.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ from tether.security.sas import (
     parse_token,
     scope_covers,
 )
+from tether.security.throttle import DEFAULT_MAX_PEERS, RATE_LIMITED, AuthThrottle, AuthThrottled
 from tether.storage.base import PolicyRecord
 
 __all__ = [
@@ -149,6 +157,9 @@ class Authenticator:
         now: Callable[[], float] = time.time,
         max_token_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
         modules: ModuleLookup | None = None,
+        failure_rate: float | None = None,
+        throttle_clock: Callable[[], float] = time.monotonic,
+        throttle_max_peers: int = DEFAULT_MAX_PEERS,
     ) -> None:
         self.hostname = hostname
         self._devices = devices
@@ -157,6 +168,11 @@ class Authenticator:
         self._cert_verifier = cert_verifier
         self._modules = modules
         self.tokens = TokenVerifier(clock_skew_s=clock_skew_s, max_lifetime_s=max_token_lifetime_s, now=now)
+        self.throttle: AuthThrottle | None = (
+            AuthThrottle(failure_rate, clock=throttle_clock, max_peers=throttle_max_peers)
+            if failure_rate is not None
+            else None
+        )
 
     # Public API ---------------------------------------------------------------------------------
     async def device_sas(
@@ -171,7 +187,7 @@ class Authenticator:
         """Authenticate a device or module presenting a SAS token (MQTT password, HTTP header, …)."""
         attempt = _Attempt(principal=_label(_device_name(device_id, module_id)), target=_label(device_id))
         return await self._audited(
-            surface, peer, attempt, self._device_sas(token, device_id, module_id, attempt)
+            surface, peer, attempt, lambda: self._device_sas(token, device_id, module_id, attempt)
         )
 
     async def device_certificate(
@@ -186,7 +202,7 @@ class Authenticator:
         """Authenticate a device or module by its TLS client certificate chain (leaf first)."""
         attempt = _Attempt(principal=_label(_device_name(device_id, module_id)), target=_label(device_id))
         return await self._audited(
-            surface, peer, attempt, self._device_certificate(chain, device_id, module_id, attempt)
+            surface, peer, attempt, lambda: self._device_certificate(chain, device_id, module_id, attempt)
         )
 
     async def service(
@@ -200,21 +216,30 @@ class Authenticator:
         """Authenticate a service call by its policy SAS token; 403 (`not_authorized`) when the
         policy lacks `required`."""
         attempt = _Attempt(principal=None, target=None)
-        return await self._audited(surface, peer, attempt, self._service(authorization, required, attempt))
+        return await self._audited(
+            surface, peer, attempt, lambda: self._service(authorization, required, attempt)
+        )
 
     # Audit wrapper ------------------------------------------------------------------------------
     async def _audited(
-        self, surface: str, peer: str | None, attempt: _Attempt, work: Awaitable[Principal]
+        self,
+        surface: str,
+        peer: str | None,
+        attempt: _Attempt,
+        work: Callable[[], Awaitable[Principal]],
     ) -> Principal:
         action = f"auth.{surface}"
+        held = await self._admit(action, peer, attempt) if peer is not None else None
         try:
-            principal = await work
-        except AuthRefused as exc:
+            principal = await work()
+        except AuthRefused as exc:  # the peer's token stays spent (so does a cancelled attempt's)
             await self._refused(action, peer, attempt, exc.reason)
             raise
         except Exception:
+            self._refund(held)  # our failure, not the peer's
             await self._refused(action, peer, attempt, "internal-error")
             raise
+        self._refund(held)
         await self._audit.record(
             action,
             "allowed",
@@ -226,7 +251,40 @@ class Authenticator:
         )
         return principal
 
-    async def _refused(self, action: str, peer: str | None, attempt: _Attempt, reason: str) -> None:
+    async def _admit(self, action: str, peer: str, attempt: _Attempt) -> str | None:
+        """Take a token from the peer's failure budget (its key, to refund on success), or raise
+        `AuthThrottled` before any work is done; the refusal is audited only when it is due."""
+        throttle = self.throttle
+        if throttle is None:
+            return None
+        admission = throttle.admit(peer, action)
+        for summary in throttle.take_summaries():
+            await self._audit.record(
+                summary.action,
+                "refused",
+                reason=RATE_LIMITED,
+                peer=summary.peer,
+                details={"suppressed": summary.suppressed, "summary": True},
+            )
+        if admission.allowed:
+            return admission.key
+        if admission.record:
+            await self._refused(action, peer, attempt, RATE_LIMITED, {"suppressed": admission.suppressed})
+        raise AuthThrottled(admission.retry_after)
+
+    def _refund(self, held: str | None) -> None:
+        if held is not None and self.throttle is not None:
+            self.throttle.refund(held)
+
+    async def _refused(
+        self,
+        action: str,
+        peer: str | None,
+        attempt: _Attempt,
+        reason: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        details = {**attempt.details, **extra} if extra else attempt.details
         await self._audit.record(
             action,
             "refused",
@@ -235,7 +293,7 @@ class Authenticator:
             reason=reason,
             peer=peer,
             target=attempt.target,
-            details=attempt.details or None,
+            details=details or None,
         )
 
     # Device SAS ---------------------------------------------------------------------------------

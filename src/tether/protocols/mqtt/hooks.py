@@ -9,7 +9,10 @@
   `connected(principal, handle, clean_session=…)` is the session's cue after CONNACK (not yet part
   of `TwinMethodHooks`): a clean session forgets the subscriptions, a persistent one restarts C2D;
 - desired changes: one `TwinService` desired listener pushes each patch, QoS 0 as Azure does, to the
-  device's live MQTT connection when the device subscribed to `$iothub/twin/PATCH/properties/desired/#`.
+  device's live MQTT connection when the device subscribed to `$iothub/twin/PATCH/properties/desired/#`;
+- with several hub nodes (`sessions`, a `SessionStore` set by the cluster bus) the subscriptions of a
+  persistent session are shared, so a device that reconnects to another node (its node died, the load
+  balancer moved it) keeps receiving methods, desired patches and C2D without subscribing again.
 
 Module twins are not stored by `TwinService` yet, so modules get the answers of a hub without twins
 (`NullTwinMethodHooks`): the empty twin, and 503 for reported patches.
@@ -21,7 +24,7 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from tether.messaging.methods import MethodService, methods_of
 from tether.messaging.presence import ConnectionHandle, ConnectionRegistry, attach
@@ -35,11 +38,25 @@ from tether.security.principal import Principal
 if TYPE_CHECKING:
     from tether.hub import Hub
 
-__all__ = ["MQTT_METHODS", "HubDeviceHooks", "c2d_pumps_of", "twins_of_hub"]
+__all__ = ["MQTT_METHODS", "HubDeviceHooks", "SessionStore", "c2d_pumps_of", "twins_of_hub"]
 
 log = logging.getLogger("tether.mqtt.hooks")
 
 Key = tuple[str, str | None]
+_KIND_ORDER: tuple[SubscriptionKind, ...] = ("methods", "desired-patches", "c2d")
+SESSION_KINDS = frozenset(_KIND_ORDER)
+
+
+class SessionStore(Protocol):
+    """Persistent-session subscriptions shared by the hub nodes (implemented by the cluster bus)."""
+
+    def remember(self, device_id: str, module_id: str | None, kinds: frozenset[str]) -> None:
+        """Store the identity's subscription kinds (empty: forget them); fire-and-forget, in order."""
+        ...
+
+    async def recall(self, device_id: str, module_id: str | None) -> frozenset[str]:
+        """The kinds stored by any node (empty when none or the store is unreachable)."""
+        ...
 
 
 class _MqttMethodChannel:
@@ -85,6 +102,8 @@ class HubDeviceHooks:
         self.c2d_pumps = c2d_pumps or c2d_pumps_of(hub)
         self._null = NullTwinMethodHooks()
         self._desired: set[Key] = set()  # identities subscribed to desired patches
+        self.sessions: SessionStore | None = None  # set by the cluster bus (several hub nodes)
+        self._kinds: dict[Key, frozenset[str]] = {}  # what `sessions` holds, for identities seen here
         self.twins.add_desired_listener(self._on_desired)
         hub.registry.add_status_listener(self._on_status)
 
@@ -118,6 +137,12 @@ class HubDeviceHooks:
             self._desired.add(key)
         if "c2d" in kinds:
             await self.c2d_pumps.subscribed(principal, handle, kinds)
+        if self.sessions is not None:
+            known = self._kinds.get(key, frozenset())
+            merged = known | (SESSION_KINDS & set(kinds))
+            if merged != known:
+                self._kinds[key] = merged
+                self.sessions.remember(device_id, principal.module_id, merged)
 
     async def connected(self, principal: Principal, handle: ConnectionHandle, *, clean_session: bool) -> None:
         """After CONNACK (needs the session to call it; see the module docstring): a clean session
@@ -126,10 +151,21 @@ class HubDeviceHooks:
         device_id = principal.device_id
         if device_id is None:
             return
+        key = (device_id, principal.module_id)
         if clean_session:
             self.methods.unsubscribed(device_id, principal.module_id)
-            self._desired.discard((device_id, principal.module_id))
+            self._desired.discard(key)
         await self.c2d_pumps.connected(principal, handle, clean_session=clean_session)
+        if self.sessions is None:
+            return
+        if clean_session:
+            self._kinds.pop(key, None)
+            self.sessions.remember(device_id, principal.module_id, frozenset())
+            return
+        stored = await self.sessions.recall(device_id, principal.module_id)
+        self._kinds[key] = self._kinds.get(key, frozenset()) | stored
+        if stored:  # subscriptions made on another node: resume them on this connection
+            await self.subscribed(principal, handle, [k for k in _KIND_ORDER if k in stored])
 
     # --- desired patches ----------------------------------------------------------------------
     def desired_subscribed(self, device_id: str, module_id: str | None = None) -> bool:
@@ -158,6 +194,10 @@ class HubDeviceHooks:
         if device.enabled:
             self._desired = {key for key in self._desired if key[0] != device.device_id}
             self.c2d_pumps.forget(device.device_id)
+            for key in [key for key in self._kinds if key[0] == device.device_id]:
+                del self._kinds[key]
+                if self.sessions is not None:
+                    self.sessions.remember(key[0], key[1], frozenset())
 
     async def close(self) -> None:
         """Stop the C2D pumps and fail pending method calls (call when the hub stops)."""
