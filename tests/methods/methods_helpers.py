@@ -230,7 +230,8 @@ class PahoDevice:
             while not self._stop:
                 if self.client.loop(0.05) != mqtt.MQTT_ERR_SUCCESS:
                     return
-        except (OSError, ValueError):  # the socket went away under paho (hub closed it, or close())
+        except (OSError, ValueError, AttributeError):  # the socket went away under paho (closed by
+            # the hub or by close() from another thread: paho then finds `_sock` is None)
             return
         finally:
             self.disconnected.set()
