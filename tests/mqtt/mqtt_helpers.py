@@ -1,6 +1,7 @@
 """Helpers for the MQTT tests: a real hub running on its own event loop in a background thread (so
 the sync-threaded paho and Azure SDK clients can be driven from plain test functions), dev-PKI
-certificates, device tokens, a paho device wrapper and a raw TLS socket for hand-made bytes."""
+certificates, device tokens, a paho device wrapper, a raw TLS socket for hand-made bytes and a
+service-side reader of the hub's telemetry consumer API."""
 
 from __future__ import annotations
 
@@ -15,8 +16,12 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
+import httpx
 import paho.mqtt.client as mqtt
+from aiohttp import web
 
+from tether.api.app import build_app
+from tether.api.event_routes import NEXT_SEQUENCE_HEADER
 from tether.config import load_settings
 from tether.hub import Hub
 from tether.messaging.events import EventData
@@ -148,6 +153,73 @@ class HubRunner:
 
     def connected(self, device_id: str) -> bool:
         return self.hub.connections.get(device_id) is not None  # type: ignore[attr-defined]
+
+
+class ServiceConsumer:
+    """A back end reading telemetry the way Tether hands it out: the consumer API of the same hub
+    (`build_app`, plain HTTP on 127.0.0.1:0, served on the hub's loop), authorised by a `service`
+    policy token (ServiceConnect only, the right Azure requires to read the built-in endpoint).
+    Reads go over a real socket, so what a test checks is what a consumer group sees."""
+
+    def __init__(self, runner: HubRunner, ttl: int = 3600) -> None:
+        self.runner = runner
+        self._app_runner, base_url, token = runner.call(self._start(ttl))
+        self.http = httpx.Client(base_url=base_url, headers={"Authorization": token}, timeout=30)
+        r = self.http.get("/tether/events/partitions")
+        assert r.status_code == 200, r.text
+        self.partition_count: int = r.json()["partitionCount"]
+
+    async def _start(self, ttl: int) -> tuple[web.AppRunner, str, str]:
+        hub = self.runner.hub
+        app_runner = web.AppRunner(build_app(hub), access_log=None)
+        await app_runner.setup()
+        await web.TCPSite(app_runner, "127.0.0.1", 0).start()
+        host, port = app_runner.addresses[0][:2]
+        policy = await hub.policies.get("service")
+        token = build_token(self.runner.hostname, policy.primary_key, int(time.time()) + ttl,
+                            policy_name="service")
+        return app_runner, f"http://{host}:{port}", token
+
+    def close(self) -> None:
+        self.http.close()
+        self.runner.call(self._app_runner.cleanup())
+
+    def partition_of(self, device_id: str) -> int:
+        return self.runner.hub.stream.partition_for(device_id)
+
+    def create_group(self, name: str) -> str:
+        """A fresh consumer group (201: it did not exist before)."""
+        r = self.http.put(f"/tether/events/consumergroups/{name}")
+        assert r.status_code == 201, r.text
+        assert r.json() == {"name": name}
+        return name
+
+    def read(self, partition: int, group: str, *, wait: float = 5,
+             **position: str) -> tuple[list[dict[str, Any]], int]:
+        """(every event from `position` on, the next sequence to read). The first long-poll waits
+        up to `wait` s; the following pages, from `x-tether-next-sequence`, do not (drain)."""
+        params: dict[str, str] = {"consumerGroup": group, "timeout": str(wait), "maxCount": "1000",
+                                  **position}
+        events: list[dict[str, Any]] = []
+        while True:
+            r = self.http.get(f"/tether/events/partitions/{partition}/messages", params=params)
+            assert r.status_code == 200, r.text
+            page: list[dict[str, Any]] = r.json()
+            following = int(r.headers[NEXT_SEQUENCE_HEADER])
+            if not page:
+                return events, following
+            assert all(e["partition"] == partition for e in page)
+            events += page
+            params = {"consumerGroup": group, "timeout": "0", "maxCount": "1000",
+                      "fromSequence": str(following)}
+
+    def checkpoint(self, group: str, partition: int, sequence: int) -> None:
+        path = f"/tether/events/consumergroups/{group}/checkpoints/{partition}"
+        r = self.http.put(path, json={"sequenceNumber": sequence})
+        assert r.status_code == 200, r.text
+        expected = {"consumerGroup": group, "partition": partition, "sequenceNumber": sequence}
+        assert r.json() == expected
+        assert self.http.get(path).json() == expected  # stored, not just echoed
 
 
 class PahoDevice:
