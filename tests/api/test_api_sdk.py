@@ -110,3 +110,51 @@ async def test_registry_manager_crud_over_tls(tls_hub: TlsHub) -> None:
     allowed = await tls_hub.hub.audit.query(action_prefix="auth.rest", outcome="allowed", limit=1000)
     assert allowed and all(r.principal == "policy:iothubowner" for r in allowed)
     assert all((r.peer or "").startswith("127.0.0.1:") for r in allowed)
+
+
+async def test_sdk_bulk_create_get_and_bulk_delete_100_devices(tls_hub: TlsHub) -> None:
+    """`bulk_create_or_update_devices` with ExportImportDevice objects: create 100, a refused batch
+    (400 + BulkRegistryOperationResult, nothing written), then delete the 100 in one call."""
+    from azure.iot.hub import IoTHubRegistryManager
+    from azure.iot.hub.models import AuthenticationMechanism, ExportImportDevice, SymmetricKey
+
+    conn_str = await tls_hub.hub.service_connection_string("iothubowner")
+    keys = {f"bulk-{i:03d}": (new_key(), new_key()) for i in range(100)}
+
+    def run_sdk() -> dict[str, Any]:
+        rm = IoTHubRegistryManager.from_connection_string(conn_str)
+        out: dict[str, Any] = {}
+        creates = [
+            ExportImportDevice(id=device_id, import_mode="create", status="enabled",
+                               authentication=AuthenticationMechanism(
+                                   type="sas", symmetric_key=SymmetricKey(primary_key=p, secondary_key=s)))
+            for device_id, (p, s) in keys.items()
+        ]
+        out["created"] = rm.bulk_create_or_update_devices(creates)
+        out["fetched"] = [rm.get_device(device_id) for device_id in ("bulk-000", "bulk-042", "bulk-099")]
+        again = [ExportImportDevice(id="bulk-007", import_mode="create"),
+                 ExportImportDevice(id="bulk-new", import_mode="create"),
+                 ExportImportDevice(id="ghost", import_mode="delete")]
+        out["refused"] = rm.bulk_create_or_update_devices(again)
+        out["stats_after_refusal"] = rm.get_device_registry_statistics()
+        deletes = [ExportImportDevice(id=device_id, import_mode="delete") for device_id in keys]
+        out["deleted"] = rm.bulk_create_or_update_devices(deletes)
+        out["stats"] = rm.get_device_registry_statistics()
+        return out
+
+    out = await asyncio.to_thread(run_sdk)
+    created = out["created"]
+    assert created.is_successful is True and created.errors == [] and created.warnings == []
+    for device in out["fetched"]:
+        primary, secondary = keys[device.device_id]
+        assert device.status == "enabled" and device.etag
+        assert device.authentication.symmetric_key.primary_key == primary
+        assert device.authentication.symmetric_key.secondary_key == secondary
+    refused = out["refused"]
+    assert refused.is_successful is False
+    assert {(e.device_id, e.error_code, e.operation) for e in refused.errors} == {
+        ("bulk-007", "DeviceAlreadyExists", "create"), ("ghost", "DeviceNotFound", "delete")}
+    assert out["stats_after_refusal"].total_device_count == 100  # bulk-new was not created
+    assert out["deleted"].is_successful is True
+    assert out["stats"].total_device_count == 0
+    assert await tls_hub.hub.registry.find("bulk-050") is None

@@ -6,11 +6,28 @@ import json
 import re
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 
-from tether.security.pki import load_certificates, thumbprints
+from tether.security.pki import load_certificate, load_certificates, thumbprints
 
 from .conftest import Cli, json_lines
+
+
+@pytest.fixture(autouse=True)
+def work_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """`pki device-cert` writes to the current directory by default: make it a temporary one."""
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    return cwd
+
+
+def server_names(cli: Cli) -> tuple[set[str], set[str]]:
+    cert = load_certificate(cli.data_dir / "pki" / "server.pem")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    ips = {str(ip) for ip in sans.get_values_for_type(x509.IPAddress)}
+    return set(sans.get_values_for_type(x509.DNSName)), ips
 
 
 def _field(output: str, name: str) -> str:
@@ -19,11 +36,13 @@ def _field(output: str, name: str) -> str:
     return match.group(1).strip()
 
 
-def test_pki_device_cert_prints_thumbprints_of_the_written_cert(cli: Cli, owner_cs: str) -> None:
+def test_pki_device_cert_prints_thumbprints_of_the_written_cert(cli: Cli, owner_cs: str,
+                                                                work_dir: Path) -> None:
     out = cli("pki", "device-cert", "cam-1").stdout
     cert_path = Path(_field(out, "certificate"))
     key_path = Path(_field(out, "private key"))
-    assert cert_path == cli.data_dir / "devices" / "cam-1.pem"
+    assert cert_path == work_dir / "cam-1.pem" and key_path == work_dir / "cam-1.key"  # not the data dir
+    assert not (cli.data_dir / "devices").exists()
     assert key_path.stat().st_mode & 0o077 == 0
     cert = load_certificates(cert_path)[0]
     sha1, sha256 = thumbprints(cert)
@@ -106,3 +125,34 @@ def test_pki_init_is_idempotent(cli: Cli, owner_cs: str) -> None:
     out = cli("pki", "init").stdout
     assert "root-ca.pem" in out
     assert (cli.data_dir / "pki" / "root-ca.pem").read_bytes() == root
+
+
+def test_pki_init_san_adds_names_and_reissues_only_when_the_set_changes(cli: Cli, owner_cs: str) -> None:
+    server = cli.data_dir / "pki" / "server.pem"
+    assert server_names(cli) == ({"localhost"}, {"127.0.0.1"})
+    out = cli("pki", "init", "--san", "hub.example.com", "--san", "10.1.2.3", "--san", "[::1]",
+              "--san", "*.edge.example.com").stdout
+    assert "server names: " in out and "hub.example.com" in out
+    wanted = ({"localhost", "hub.example.com", "*.edge.example.com"}, {"127.0.0.1", "10.1.2.3", "::1"})
+    assert server_names(cli) == wanted
+    root = load_certificate(cli.data_dir / "pki" / "root-ca.pem")
+    load_certificate(server).verify_directly_issued_by(root)
+
+    first = server.read_bytes()
+    cli("pki", "init", "--san", "10.1.2.3", "--san", "HUB.example.com", "--san", "::1",
+        "--san", "*.edge.example.com")
+    assert server.read_bytes() == first  # same set (order, case, brackets aside): kept
+    cli("pki", "init")
+    cli("init")
+    assert server.read_bytes() == first  # without --san a covering certificate is kept, extras included
+
+    cli("pki", "init", "--san", "other.example.com")
+    assert server_names(cli) == ({"localhost", "other.example.com"}, {"127.0.0.1"})  # exactly the new set
+
+
+def test_pki_init_refuses_a_bad_san(cli: Cli, owner_cs: str) -> None:
+    before = (cli.data_dir / "pki" / "server.pem").read_bytes()
+    for bad in ("bad name", "-lead.example.com", "a..b", "x" * 300, "http://x"):
+        result = cli("pki", "init", "--san", bad, ok=False)
+        assert result.exit_code == 1 and "--san" in result.stderr, bad
+    assert (cli.data_dir / "pki" / "server.pem").read_bytes() == before

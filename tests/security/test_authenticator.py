@@ -1,4 +1,5 @@
-"""The Authenticator: every refusal has a reason and exactly one audit record; SDK tokens pass.
+"""The Authenticator: every refusal has a reason, exactly one audit record and one increment of
+`tether_auth_failures{surface,reason}`; SDK tokens pass.
 
 The registry, policy and audit services are replaced by tiny in-memory fakes of the lookup
 protocols (the real services are tested with their own storage elsewhere).
@@ -24,6 +25,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from tether.observability.metrics import REGISTRY
 from tether.registry.models import Device
 from tether.security.authenticator import Authenticator
 from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
@@ -127,6 +129,12 @@ CERT, OTHER_CERT = _cert("cam1"), _cert("intruder")
 def _device(device_id: str, *, status: str = "enabled", auth: dict[str, Any] | None = None) -> Device:
     authentication = auth or {"type": "sas", "symmetricKey": {"primaryKey": K1, "secondaryKey": K2}}
     return Device.model_validate({"deviceId": device_id, "status": status, "authentication": authentication})
+
+
+def failures(surface: str, reason: str) -> float:
+    """Current `tether_auth_failures_total` sample (the registry is process-wide: compare deltas)."""
+    value = REGISTRY.get_sample_value("tether_auth_failures_total", {"surface": surface, "reason": reason})
+    return value or 0.0
 
 
 def _policy(name: str, *perms: Permission) -> PolicyRecord:
@@ -271,9 +279,11 @@ DEVICE_REFUSALS: dict[str, tuple[str, str, str | None, str, bool]] = {
 async def test_device_sas_refusals(
     hub: Hub, token: str, device_id: str, module_id: str | None, reason: str, forbidden: bool
 ) -> None:
+    before = failures("mqtt", reason)
     with pytest.raises(AuthRefused) as info:
         await hub.auth.device_sas(token, device_id, module_id, surface="mqtt", peer="127.0.0.1:5555")
     assert info.value.reason == reason
+    assert failures("mqtt", reason) == before + 1
     assert info.value.not_authorized is forbidden
     record = hub.one_record("refused")
     assert record["action"] == "auth.mqtt"
@@ -315,9 +325,11 @@ SERVICE_REFUSALS: dict[str, tuple[str | None, Permission, str, bool]] = {
 async def test_service_refusals(
     hub: Hub, header: str | None, required: Permission, reason: str, forbidden: bool
 ) -> None:
+    before = failures("rest", reason)
     with pytest.raises(AuthRefused) as info:
         await hub.auth.service(header, required=required, surface="rest", peer="10.0.0.1:1")
     assert (info.value.reason, info.value.not_authorized) == (reason, forbidden)
+    assert failures("rest", reason) == before + 1
     record = hub.one_record("refused")
     assert (record["action"], record["reason"], record["peer"]) == ("auth.rest", reason, "10.0.0.1:1")
     _assert_no_secrets(hub, header or "")
@@ -333,7 +345,9 @@ def _assert_no_secrets(hub: Hub, token: str) -> None:
 
 # Positive device cases -----------------------------------------------------------------------------
 async def _allowed(hub: Hub, token: str, device_id: str = "dev1", module_id: str | None = None) -> Principal:
+    before = _all_failures()
     principal = await hub.auth.device_sas(token, device_id, module_id, surface="mqtt", peer="p")
+    assert _all_failures() == before  # an accepted credential is no failure
     record = hub.one_record("allowed")
     assert record["principal"] == principal.name and record["reason"] is None
     assert record["credential"] == principal.credential.value
@@ -520,11 +534,35 @@ async def test_certificate_without_a_verifier_is_refused() -> None:
 
 
 # Failures of the dependencies ----------------------------------------------------------------------
+def _all_failures() -> float:
+    return sum(sample.value for metric in REGISTRY.collect() if metric.name == "tether_auth_failures"
+               for sample in metric.samples if sample.name == "tether_auth_failures_total")
+
+
 async def test_lookup_failure_is_audited_and_propagates(hub: Hub) -> None:
     hub.devices.fail = True
+    before = failures("http", "internal-error")
     with pytest.raises(RuntimeError):
         await hub.auth.device_sas(tok(), "dev1", surface="http")
     assert hub.one_record("refused")["reason"] == "internal-error"
+    assert failures("http", "internal-error") == before + 1
+
+
+async def test_throttled_refusals_are_all_counted_though_audited_in_aggregate() -> None:
+    """The audit log aggregates throttled refusals; the metric still counts each one."""
+    base = Hub()
+    auth = Authenticator(hostname=HOST, devices=base.devices, policies=base.policies, audit=base.audit,
+                         now=lambda: float(NOW), failure_rate=1.0, throttle_clock=lambda: 100.0)
+    bad, throttled = failures("https", "bad-signature"), failures("https", "auth-rate-limited")
+    outcomes = []
+    for _ in range(10):  # burst 2 (2 x rate), the clock stands still: 2 bad signatures, 8 throttled
+        with pytest.raises(AuthRefused) as info:
+            await auth.device_sas(tok(key=K3), "dev1", surface="https", peer="192.0.2.7:1")
+        outcomes.append(info.value.reason)
+    assert outcomes == ["bad-signature"] * 2 + ["auth-rate-limited"] * 8
+    assert failures("https", "bad-signature") == bad + 2
+    assert failures("https", "auth-rate-limited") == throttled + 8
+    assert len([r for r in base.audit.records if r["reason"] == "auth-rate-limited"]) < 8
 
 
 def test_hmac_helper_matches_build_token() -> None:

@@ -7,7 +7,11 @@ path, so a credential for another device is refused there (401, or 403 for a pol
 DeviceConnect) and audited as `auth.https`.
 
 Telemetry goes through the same `TelemetryPipeline` as MQTT (limits, `iothub-*` annotations,
-durable append) and is answered 204 only once durable. C2D receive locks the oldest visible message
+durable append) and is answered 204 only once durable. An oversize body (413) or a rate-limit overrun
+(429) is audited like the MQTT surface's refusals (`https.events`, outcome `refused`, reason
+`message-too-large` | `rate-limited`); since an HTTP client, unlike an MQTT one, is not disconnected, a
+`RefusalDigest` writes at most one record per identity and reason per second, carrying how many were
+`suppressed` since the previous one. C2D receive locks the oldest visible message
 (`ETag` = lock token); the device completes it (DELETE), rejects it (DELETE `?reject`) or abandons
 it (POST `…/abandon`).
 
@@ -17,8 +21,9 @@ it (POST `…/abandon`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
-from typing import Final
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
 
 from aiohttp import web
 from cryptography import x509
@@ -28,16 +33,46 @@ from tether.api.bodies import read_body
 from tether.api.c2d_routes import APP_PREFIX, app_properties, iso_utc
 from tether.api.context import hub_of, peer_of
 from tether.api.routes import Param, Route
-from tether.errors import BadRequest, Throttled, Unauthorized
+from tether.errors import BadRequest, PayloadTooLarge, Throttled, Unauthorized
 from tether.hub import Hub
 from tether.messaging.c2d import c2d_of
 from tether.messaging.telemetry import TelemetryPipeline
 from tether.security.principal import AuthRefused, Permission, Principal
 
-__all__ = ["DEVICE_ROUTES", "add_device_routes", "authenticate_device", "telemetry_of"]
+__all__ = ["DEVICE_ROUTES", "RefusalDigest", "add_device_routes", "authenticate_device", "telemetry_of"]
 
 SURFACE: Final = "https"
+EVENTS_ACTION: Final = "https.events"
 DEVICE = Permission.device_connect
+
+
+class RefusalDigest:
+    """Rate-limits audit records of repeated refusals: the first refusal of an identity for a reason
+    is recorded, then at most one per `interval_s`, carrying the count suppressed in between, so a
+    device hammering a limit cannot turn the audit table into an amplifier."""
+
+    def __init__(self, interval_s: float = 1.0, *, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 10_000) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._max_keys = max_keys
+        self._seen: dict[tuple[str, str], tuple[float, int]] = {}  # key → (last record time, suppressed)
+
+    def admit(self, identity: str, reason: str) -> int | None:
+        """None: skip this record (counted); else write it with this many `suppressed`."""
+        now = self._clock()
+        key = (identity, reason)
+        last = self._seen.get(key)
+        if last is not None and now - last[0] < self.interval_s:
+            self._seen[key] = (last[0], last[1] + 1)
+            return None
+        if last is None and len(self._seen) >= self._max_keys:
+            self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.interval_s}
+        self._seen[key] = (now, 0)
+        return last[1] if last is not None else 0
+
+
+DIGEST_KEY: Final = web.AppKey("https_refusal_digest", RefusalDigest)
 
 # HTTP header → MQTT-style system property key, as `TelemetryPipeline` expects. Several headers
 # may name one property (Azure SDKs differ); the first present wins.
@@ -104,13 +139,40 @@ async def send_event(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     principal = await authenticate_device(request, device_id)
     telemetry = telemetry_of(hub)
-    body = await read_body(request, telemetry.max_message_bytes)  # 413 MessageTooLarge above 256 KB
+    try:
+        body = await read_body(request, telemetry.max_message_bytes)  # 413 MessageTooLarge above 256 KB
+    except PayloadTooLarge:
+        await _audit_refusal(request, principal, "message-too-large", size=request.content_length,
+                             limit=telemetry.max_message_bytes)
+        raise
     if not telemetry.allow(principal):
+        await _audit_refusal(request, principal, "rate-limited")
         raise Throttled("device message rate exceeded", code="ThrottlingException")
     system = _system_properties(request.headers)
     await telemetry.append(principal, body, system, app_properties(request.headers), protocol=SURFACE)
     await hub.registry.touch(device_id)
     return web.Response(status=204)
+
+
+async def _audit_refusal(request: web.Request, principal: Principal, reason: str, **details: Any) -> None:
+    """An `https.events` refusal, as the MQTT surface writes `mqtt.publish` ones (see RefusalDigest)."""
+    digest = request.app.get(DIGEST_KEY)
+    suppressed = digest.admit(principal.name, reason) if digest is not None else 0
+    if suppressed is None:
+        return
+    fields = {k: v for k, v in details.items() if v is not None}
+    if suppressed:
+        fields["suppressed"] = suppressed
+    await hub_of(request).audit.record(
+        EVENTS_ACTION,
+        "refused",
+        principal=principal.name,
+        credential=principal.credential.value,
+        reason=reason,
+        peer=peer_of(request),
+        target=principal.device_id,
+        details=fields or None,
+    )
 
 
 async def receive_c2d(request: web.Request) -> web.Response:
@@ -215,4 +277,6 @@ def add_device_routes(app: web.Application, hub: Hub) -> None:
     are not wrapped in the service guard) and list them in the OpenAPI document."""
     from tether.api.app import mount  # not at import time: app.py imports this module
 
+    if DIGEST_KEY not in app:
+        app[DIGEST_KEY] = RefusalDigest()
     mount(app, DEVICE_ROUTES)

@@ -1,5 +1,6 @@
-"""Device identity routes: Azure's `/devices` and `/statistics/devices`, plus Tether's
-`/tether/devices/...` conveniences (enable/disable, key regeneration, bulk import/export).
+"""Device identity routes: Azure's `/devices` (including the bulk registry operation, `POST /devices`)
+and `/statistics/devices`, plus Tether's `/tether/devices/...` conveniences (enable/disable, key
+regeneration, bulk import/export).
 
 Handlers parse and validate the whole request before calling the registry; the registry itself
 validates the device body before it writes, so a refused request leaves storage untouched.
@@ -9,12 +10,14 @@ from __future__ import annotations
 
 import json
 import re
+from typing import Any, Literal
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, RootModel, ValidationError
 
 from tether.api.bodies import (
     body_limit,
+    loads,
     parse_if_match,
     parse_ndjson,
     query_choice,
@@ -24,7 +27,8 @@ from tether.api.bodies import (
 )
 from tether.api.context import hub_of, principal_of
 from tether.errors import BadRequest, TetherError
-from tether.registry.models import Device, validate_device_id
+from tether.registry.models import Authentication, Capabilities, Device, DeviceStatus, validate_device_id
+from tether.registry.service import BULK_MODES, MAX_BULK, BulkError, BulkOperation
 
 MAX_TOP = 1000
 CONTINUATION = "x-ms-continuation"
@@ -45,6 +49,100 @@ class StatusChange(BaseModel):
     reason: str | None = Field(None, max_length=128, description="Stored as the device's statusReason.")
 
 
+class ExportImportDevice(BaseModel):
+    """One entry of Azure's bulk registry operation (`POST /devices`). Twin fields (`tags`,
+    `properties`, `twinETag`) and modules (`moduleId`) are refused per entry: not supported in bulk."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    id: str = Field(description="Device id.")
+    import_mode: Literal["create", "update", "updateIfMatchETag", "delete", "deleteIfMatchETag"] = Field(
+        alias="importMode", description="create: 409-style error if it exists; update*: create or replace; "
+        "delete*: the device must exist; *IfMatchETag: `eTag` must match.")
+    e_tag: str | None = Field(None, alias="eTag")
+    status: DeviceStatus | None = None
+    status_reason: str | None = Field(None, alias="statusReason")
+    authentication: Authentication | None = None
+    capabilities: Capabilities | None = None
+    device_scope: str | None = Field(None, alias="deviceScope")
+    parent_scopes: list[str] | None = Field(None, alias="parentScopes")
+
+
+class BulkRequest(RootModel[list[ExportImportDevice]]):
+    """At most 100 entries, each device id at most once."""
+
+
+class DeviceRegistryOperationError(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+    device_id: str = Field(alias="deviceId")
+    error_code: str = Field(alias="errorCode", description="e.g. DeviceAlreadyExists, DeviceNotFound, "
+                            "PreconditionFailed, ArgumentInvalid, DeviceDefinedMultipleTimes")
+    error_status: str = Field(alias="errorStatus")
+    operation: str = Field(description="The entry's importMode.")
+
+
+class BulkRegistryOperationResult(BaseModel):
+    """200 with isSuccessful=true (everything applied) or 400 with isSuccessful=false (nothing applied)."""
+
+    model_config = ConfigDict(populate_by_name=True)
+    is_successful: bool = Field(alias="isSuccessful")
+    errors: list[DeviceRegistryOperationError]
+    warnings: list[dict[str, Any]]
+
+
+_BULK_ENVELOPE = frozenset({"id", "importMode", "eTag"})
+_BULK_UNSUPPORTED = ("moduleId", "twinETag", "tags", "properties")
+_MODES = {mode.lower(): mode for mode in BULK_MODES}
+
+
+def _bulk_operation(index: int, entry: Any) -> BulkOperation | BulkError:
+    """An ExportImportDevice as a registry operation, or the entry's error (checked before any write)."""
+    if not isinstance(entry, dict):
+        return BulkError("", "ArgumentInvalid", f"entry {index}: must be a JSON object", "")
+    device_id, raw_mode = entry.get("id"), entry.get("importMode")
+    if not isinstance(device_id, str):
+        return BulkError("", "ArgumentInvalid", f"entry {index}: id is required", str(raw_mode or ""))
+    mode = _MODES.get(raw_mode.lower()) if isinstance(raw_mode, str) else None
+    if mode is None:
+        return BulkError(device_id, "InvalidOperation",
+                         f"importMode must be one of {', '.join(BULK_MODES)}", str(raw_mode or ""))
+    unsupported = [name for name in _BULK_UNSUPPORTED if entry.get(name) not in (None, {}, "")]
+    if unsupported:
+        return BulkError(device_id, "ArgumentInvalid",
+                         f"{', '.join(unsupported)}: not supported in bulk operations", mode)
+    etag = entry.get("eTag")
+    if etag is not None and not isinstance(etag, str):
+        return BulkError(device_id, "ArgumentInvalid", "eTag must be a string", mode)
+    body = {k: v for k, v in entry.items() if k not in _BULK_ENVELOPE and k not in _BULK_UNSUPPORTED}
+    return BulkOperation(device_id, mode, body, etag)
+
+
+async def bulk_devices(request: web.Request) -> web.Response:
+    """Azure's bulk registry operation: all or nothing. Every entry is checked (shape here, then
+    existence, etags and device bodies in the registry); any error answers 400 with the result
+    listing every failed entry and writes nothing."""
+    try:
+        entries = loads(await read_body(request, body_limit(request)))
+    except ValueError as exc:
+        raise BadRequest(f"malformed JSON: {exc}", field="body") from None
+    if not isinstance(entries, list) or not entries:
+        raise BadRequest("body must be a non-empty JSON array of ExportImportDevice objects", field="body")
+    if len(entries) > MAX_BULK:
+        raise BadRequest(f"at most {MAX_BULK} devices per bulk operation", field="body")
+    parsed = [_bulk_operation(i, entry) for i, entry in enumerate(entries)]
+    malformed = [p for p in parsed if isinstance(p, BulkError)]
+    operations = [p for p in parsed if isinstance(p, BulkOperation)]
+    errors = malformed + await hub_of(request).registry.bulk(
+        operations, actor=principal_of(request).name, apply=not malformed
+    )
+    result = BulkRegistryOperationResult(
+        is_successful=not errors,
+        errors=[DeviceRegistryOperationError(device_id=e.device_id, error_code=e.code, error_status=e.message,
+                                             operation=e.operation) for e in errors],
+        warnings=[],
+    )
+    return web.json_response(result.model_dump(mode="json", by_alias=True), status=400 if errors else 200)
+
+
 def path_device_id(request: web.Request) -> str:
     return validate_device_id(request.match_info["id"], field="deviceId")
 
@@ -60,11 +158,19 @@ async def put_device(request: web.Request) -> web.Response:
     device = await hub_of(request).registry.put(
         device_id, body, if_match=if_match, actor=principal_of(request).name
     )
-    return device_response(device)
+    return device_response(await with_queue_depth(request, device))
+
+
+async def with_queue_depth(request: web.Request, device: Device) -> Device:
+    """`cloudToDeviceMessageCount` is the live C2D queue depth, computed on read: storing it would
+    change the device etag on every send."""
+    depth = await hub_of(request).c2d.queue_depth(device.device_id)
+    return device.model_copy(update={"cloud_to_device_message_count": depth})
 
 
 async def get_device(request: web.Request) -> web.Response:
-    return device_response(await hub_of(request).registry.get(path_device_id(request)))
+    device = await hub_of(request).registry.get(path_device_id(request))
+    return device_response(await with_queue_depth(request, device))
 
 
 async def delete_device(request: web.Request) -> web.Response:
@@ -189,8 +295,12 @@ async def export_devices(request: web.Request) -> web.StreamResponse:
 
 
 __all__ = [
+    "BulkRegistryOperationResult",
+    "BulkRequest",
+    "ExportImportDevice",
     "ImportResult",
     "StatusChange",
+    "bulk_devices",
     "delete_device",
     "device_statistics",
     "disable_device",
@@ -201,4 +311,5 @@ __all__ = [
     "list_devices",
     "put_device",
     "regenerate_device_key",
+    "with_queue_depth",
 ]

@@ -13,7 +13,7 @@ from pydantic import BaseModel
 
 from tether.api import admin, devices, openapi, query_routes, twin_routes
 from tether.api.admin import AuditEntry, Policy, PolicyCreate
-from tether.api.devices import ImportResult, StatusChange
+from tether.api.devices import BulkRegistryOperationResult, BulkRequest, ImportResult, StatusChange
 from tether.api.twins import Twin
 from tether.registry.models import Device, RegistryStatistics
 from tether.security.principal import Permission
@@ -80,7 +80,8 @@ ROUTES: tuple[Route, ...] = (
           description="Without If-Match: create (409 DeviceAlreadyExists if it exists). With If-Match "
                       "etag or `*`: replace (404 if missing, 412 on a stale etag)."),
     Route("GET", "/devices/{id}", devices.get_device, "Get a device identity", READ, "devices",
-          response=Device, response_headers=("ETag",)),
+          response=Device, response_headers=("ETag",),
+          description="`cloudToDeviceMessageCount` is the live C2D queue depth."),
     Route("DELETE", "/devices/{id}", devices.delete_device, "Delete a device identity", WRITE, "devices",
           status=204, params=(IF_MATCH,),
           description="If-Match etag or `*`; a missing If-Match is unconditional (Tether leniency)."),
@@ -90,6 +91,13 @@ ROUTES: tuple[Route, ...] = (
                         {"type": "integer", "minimum": 1, "maximum": 1000}),
                   Param("x-ms-continuation", "header", "Last device id of the previous page.")),
           response_headers=("x-ms-continuation", "x-ms-item-type")),
+    Route("POST", "/devices", devices.bulk_devices, "Bulk create, update or delete device identities",
+          WRITE, "devices", request=BulkRequest, response=BulkRegistryOperationResult,
+          description="Azure's bulk registry operation "
+                      "(`IoTHubRegistryManager.bulk_create_or_update_devices`): an array of at most "
+                      "100 ExportImportDevice entries, each id once. All or nothing: "
+                      "200 with `isSuccessful: true` when every entry was applied, else 400 with "
+                      "`isSuccessful: false` and an error per failed entry, and nothing written."),
     Route("GET", "/statistics/devices", devices.device_statistics, "Device counts", READ, "devices",
           response=RegistryStatistics),
     Route("GET", "/twins/{id}", twin_routes.get_twin, "Get a device twin", READ, "twins", response=Twin,

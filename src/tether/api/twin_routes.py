@@ -9,7 +9,6 @@ table — before the application starts.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -18,10 +17,9 @@ from tether.api.context import hub_of, principal_of
 from tether.messaging.twins import TwinService
 from tether.registry.models import validate_device_id
 
-if TYPE_CHECKING:
-    pass
-
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 def twins_of(request: web.Request) -> TwinService:
     return hub_of(request).twins
 
@@ -30,12 +28,16 @@ def _device_id(request: web.Request) -> str:
     return validate_device_id(request.match_info["id"], field="deviceId")
 
 
-def twin_response(twin: dict[str, object]) -> web.Response:
+async def twin_response(request: web.Request, device_id: str, twin: dict[str, object]) -> web.Response:
+    """The twin with `cloudToDeviceMessageCount` = the live C2D queue depth (computed on read, never
+    stored: a stored count would change the etags on every send)."""
+    twin["cloudToDeviceMessageCount"] = await hub_of(request).c2d.queue_depth(device_id)
     return web.json_response(twin, headers={"ETag": f'"{twin["etag"]}"'})
 
 
 async def get_twin(request: web.Request) -> web.Response:
-    return twin_response(await twins_of(request).get(_device_id(request)))
+    device_id = _device_id(request)
+    return await twin_response(request, device_id, await twins_of(request).get(device_id))
 
 
 async def patch_twin(request: web.Request) -> web.Response:
@@ -44,7 +46,7 @@ async def patch_twin(request: web.Request) -> web.Response:
     if_match = parse_if_match(request.headers.get("If-Match"))
     body = await read_json_object(request)
     twin = await twins_of(request).patch(device_id, body, if_match=if_match, actor=principal_of(request).name)
-    return twin_response(twin)
+    return await twin_response(request, device_id, twin)
 
 
 async def replace_twin(request: web.Request) -> web.Response:
@@ -54,7 +56,7 @@ async def replace_twin(request: web.Request) -> web.Response:
     body = await read_json_object(request)
     twin = await twins_of(request).replace(device_id, body, if_match=if_match,
                                            actor=principal_of(request).name)
-    return twin_response(twin)
+    return await twin_response(request, device_id, twin)
 
 
 __all__ = ["get_twin", "patch_twin", "replace_twin", "twins_of"]

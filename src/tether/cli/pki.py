@@ -7,6 +7,8 @@ made here live in `{data_dir}/pki/cas/NAME.pem|.key`; the name `root` means the 
 from __future__ import annotations
 
 import ipaddress
+import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -46,8 +48,25 @@ def _bare_host(hostname: str) -> str:
     return hostname.rsplit(":", 1)[0] if hostname.count(":") == 1 else hostname
 
 
-def server_sans(hostname: str) -> tuple[list[str], list[str]]:
-    """Server certificate names: the hub host name, `localhost` and `127.0.0.1`."""
+_DNS_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_DNS_NAME_RE = re.compile(rf"^(?:\*\.)?{_DNS_LABEL}(?:\.{_DNS_LABEL})*$")
+
+
+def parse_san(value: str) -> tuple[str | None, str | None]:
+    """`--san` value → (DNS name, None) or (None, IP); IPv6 may be bracketed; `*.` wildcards allowed."""
+    text = value.strip()
+    bare = text[1:-1] if text.startswith("[") and text.endswith("]") else text
+    try:
+        return None, str(ipaddress.ip_address(bare))
+    except ValueError:
+        pass
+    if len(text) > 253 or not _DNS_NAME_RE.fullmatch(text):
+        raise BadRequest(f"--san {value!r} is neither a host name nor an IP address", field="san")
+    return text.lower(), None
+
+
+def server_sans(hostname: str, extra: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """Server certificate names: the hub host name, `localhost`, `127.0.0.1`, then each `extra`."""
     host = _bare_host(hostname)
     names, ips = ["localhost"], ["127.0.0.1"]
     try:
@@ -55,15 +74,25 @@ def server_sans(hostname: str) -> tuple[list[str], list[str]]:
         ips.insert(0, host)
     except ValueError:
         names.insert(0, host)
+    for value in extra:
+        name, ip = parse_san(value)
+        if name is not None:
+            names.append(name)
+        if ip is not None:
+            ips.append(ip)
     return list(dict.fromkeys(names)), list(dict.fromkeys(ips))
 
 
-def init_dev_pki(settings: Settings) -> Path:
-    """`pki.init_pki` for this hub's names; returns the root CA certificate path."""
+def init_dev_pki(settings: Settings, extra_sans: Sequence[str] = ()) -> Path:
+    """`pki.init_pki` for this hub's names; returns the root CA certificate path.
+
+    With `extra_sans` the server certificate gets exactly the default names plus these (re-issued when
+    its names differ); without, an existing certificate covering the defaults is kept as it is, extra
+    names included, so a plain `tether init` never drops names added with `--san`."""
     from tether.security.pki import init_pki
 
-    names, ips = server_sans(settings.hub.hostname)
-    return init_pki(settings.pki_dir, names, ips).root_cert
+    names, ips = server_sans(settings.hub.hostname, extra_sans)
+    return init_pki(settings.pki_dir, names, ips, exact=bool(extra_sans)).root_cert
 
 
 def ca_files(settings: Settings, name: str) -> tuple[Path, Path]:
@@ -115,15 +144,33 @@ def _ca_service(services: LocalServices) -> CaService:
 
 
 @pki_app.command("init")
-def pki_init(ctx: typer.Context) -> None:
-    """Create (or keep) the dev root CA and the hub's server certificate in {data_dir}/pki."""
+def pki_init(
+    ctx: typer.Context,
+    san: Annotated[
+        list[str] | None,
+        typer.Option("--san", metavar="NAME_OR_IP", show_default=False,
+                     help="Extra server certificate name or IP (repeatable). Given: the certificate has "
+                          "exactly the defaults plus these, re-issued when that set changes."),
+    ] = None,
+) -> None:
+    """Create (or keep) the dev root CA and the hub's server certificate in {data_dir}/pki.
+
+    The server certificate names the hub host name, localhost and 127.0.0.1, plus every --san."""
     settings = _local(ctx, "pki init")
 
-    async def body() -> Path:
-        return init_dev_pki(settings)
+    async def body() -> list[str]:
+        from cryptography.x509 import DNSName, IPAddress, SubjectAlternativeName
 
-    root = run(body)
-    typer.echo(f"root CA: {root}\nserver certificate: {settings.pki_dir / 'server.pem'}")
+        from tether.security.pki import load_certificate
+
+        root = init_dev_pki(settings, san or ())
+        server = settings.pki_dir / "server.pem"
+        sans = load_certificate(server).extensions.get_extension_for_class(SubjectAlternativeName).value
+        names = [*sans.get_values_for_type(DNSName), *map(str, sans.get_values_for_type(IPAddress))]
+        return [f"root CA: {root}", f"server certificate: {server}", f"server names: {', '.join(names)}"]
+
+    for line in run(body):
+        typer.echo(line)
 
 
 @pki_app.command("ca-cert")
@@ -166,7 +213,8 @@ def pki_device_cert(
     ] = False,
     out: Annotated[
         Path | None,
-        typer.Option("--out", help="Output directory (default {data_dir}/devices).", show_default=False),
+        typer.Option("--out", help="Output directory (default: the current directory; device keys do not "
+                     "belong in the hub's data dir).", show_default=False),
     ] = None,
     days: Annotated[float, typer.Option("--days", min=1, help="Validity in days.")] = 365,
 ) -> None:
@@ -180,7 +228,7 @@ def pki_device_cert(
         validate_device_id(device_id)
         if ca is not None and self_signed:
             raise BadRequest("give either --ca NAME or --self-signed, not both", field="ca")
-        directory = out if out is not None else settings.data_dir / "devices"
+        directory = out if out is not None else Path.cwd()
         if ca is None:
             cert, key = issue_device_cert(device_id, self_signed=True, days=days)
             chain = [cert]

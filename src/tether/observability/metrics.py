@@ -1,7 +1,8 @@
 """Prometheus metrics for the device-facing data path, served at `/metrics`.
 
 One process-wide `CollectorRegistry` (`REGISTRY`) holds counters updated on the hot path (cheap
-increments, no labels per device) and a collector that reads each watched event stream's
+increments, no labels per device; values accumulate across hubs in one process, as Prometheus
+counters do) and a collector that reads each watched event stream's
 `StreamStats` at scrape time, so the stream's group commit never calls into Prometheus.
 """
 
@@ -54,8 +55,9 @@ MESSAGES_IN_BYTES = Counter(
 )
 AUTH_FAILURES = Counter(
     "tether_auth_failures",
-    "Refused device connection attempts, by protocol and reason slug.",
-    ["protocol", "reason"],
+    "Refused authentication attempts on every surface (mqtt, mqttws, https, rest, ...) by reason slug; "
+    "counted by the Authenticator, plus MQTT CONNECT refusals that happen before it is called.",
+    ["surface", "reason"],
     registry=REGISTRY,
 )
 DISCONNECTS = Counter(

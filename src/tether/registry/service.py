@@ -10,7 +10,9 @@ validation, server-managed fields, optimistic concurrency and auditing are imple
   repository, so of two writers holding the same etag exactly one wins;
 - connection state and last activity are coalesced in memory by `touch()` and written in batches by
   `flush_activity()`, without changing the etag (as in Azure);
-- status listeners run after a device is disabled or deleted, so protocol servers drop its sessions.
+- status listeners run after a device is disabled or deleted, so protocol servers drop its sessions;
+- `bulk()` (Azure's bulk registry operation) validates a whole batch of create/update/delete
+  operations against the current registry before writing any of it.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import base64
 import logging
 import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 from pydantic import ValidationError
@@ -60,6 +63,8 @@ SERVER_MANAGED = frozenset(
     }
 )
 KEY_CHOICES = ("primary", "secondary", "both")
+BULK_MODES = ("create", "update", "updateIfMatchETag", "delete", "deleteIfMatchETag")
+MAX_BULK = 100  # Azure's limit per bulk registry call
 MAX_LIST_TOP = 100_000
 MAX_PENDING_ACTIVITY = 10_000  # flush early rather than let the activity buffer grow without bound
 _WRITE_RETRIES = 8  # server-side read-modify-write attempts before giving up on a busy device
@@ -105,6 +110,36 @@ def _bad(exc: ValidationError) -> BadRequest:
 def _with_prefix(exc: TetherError, prefix: str) -> TetherError:
     """The same error, its message and field prefixed with the import line (`line N: field`)."""
     return type(exc)(f"{prefix}{exc.message}", code=exc.code, field=f"{prefix}{exc.field or 'body'}")
+
+
+@dataclass(frozen=True, slots=True)
+class BulkOperation:
+    """One entry of a bulk registry call: `mode` is one of BULK_MODES (Azure's importMode), `body`
+    the device fields (as for PUT), `etag` the caller's eTag for the *IfMatchETag modes."""
+
+    device_id: str
+    mode: str
+    body: dict[str, Any] = field(default_factory=dict)
+    etag: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class BulkError:
+    """Why one operation of a refused batch failed (Azure's DeviceRegistryOperationError)."""
+
+    device_id: str
+    code: str
+    message: str
+    operation: str
+
+
+_Step = tuple[Device | None, Device | None]  # (before, after): insert, replace or delete
+BulkErrors = list[BulkError]  # empty: the batch was applied
+
+
+def op_id(before: Device | None, after: Device | None) -> str:
+    device = after or before
+    return device.device_id if device is not None else ""
 
 
 class RegistryService:
@@ -271,6 +306,97 @@ class RegistryService:
         await self._repo.insert_many(devices)
         await self._record("device.import", None, actor, {"count": len(devices)})
         return len(devices)
+
+    async def bulk(self, operations: Sequence[BulkOperation], *, actor: str,
+                   apply: bool = True) -> BulkErrors:
+        """All-or-nothing batch of creates, updates and deletes (Azure's semantics per importMode:
+        `update*` creates a missing device, `delete*` needs an existing one, `*IfMatchETag` compares the
+        etag). Every operation is checked first; any error returns every error and writes nothing
+        (`apply=False`: only check)."""
+        if len(operations) > MAX_BULK:
+            raise BadRequest(f"at most {MAX_BULK} devices per bulk operation", field="body")
+        errors: list[BulkError] = []
+        steps: list[_Step] = []
+        seen: set[str] = set()
+        for op in operations:
+            try:
+                if op.device_id in seen:
+                    raise BadRequest(f"device {op.device_id} appears more than once",
+                                     code="DeviceDefinedMultipleTimes", field="id")
+                seen.add(op.device_id)
+                steps.append(await self._bulk_step(op))
+            except TetherError as exc:
+                errors.append(BulkError(op.device_id, exc.code, exc.message, op.mode))
+        if errors or not steps or not apply:
+            return errors
+        failed = await self._apply_bulk(steps)
+        if failed is not None:
+            return [failed]
+        for before, after in steps:
+            action = "create" if before is None else "delete" if after is None else "update"
+            await self._record(f"device.{action}", op_id(before, after), actor, {"bulk": True})
+            if before is not None and after is None:
+                self._pending.pop(before.device_id, None)
+                await self._notify(before)
+            elif before is not None and after is not None and before.enabled and not after.enabled:
+                await self._notify(after)
+        return []
+
+    async def _bulk_step(self, op: BulkOperation) -> _Step:
+        if op.mode not in BULK_MODES:
+            raise BadRequest(f"importMode {op.mode!r} is not supported (one of {', '.join(BULK_MODES)})",
+                             code="InvalidOperation", field="importMode")
+        validate_device_id(op.device_id, field="id")
+        current = await self._repo.get(op.device_id)
+        if op.mode.endswith("IfMatchETag") and current is not None:
+            given, expected = parse_if_match(op.etag)
+            if not given or (expected is not None and expected != current.etag):
+                raise _stale(op.device_id)
+        if op.mode.startswith("delete"):
+            if current is None:
+                raise NotFound(f"device {op.device_id} not found", code="DeviceNotFound", field="id")
+            return current, None
+        if current is None:
+            return None, self._new_device(op.device_id, op.body)
+        if op.mode == "create":
+            raise Conflict(f"device {op.device_id} already exists", code="DeviceAlreadyExists", field="id")
+        wanted = self._parse(op.device_id, op.body)
+        return current, self._merge(current, wanted).model_copy(update={"etag": new_etag()})
+
+    async def _apply_bulk(self, steps: Sequence[_Step]) -> BulkError | None:
+        """Write a checked batch: the inserts in one transaction, then each replace and delete as a
+        compare-and-set on the etag read while checking. A writer that got in between fails the whole
+        batch: what was written is undone by compensating writes (a restored deleted identity does
+        not get its cascaded twin or C2D rows back; a repository batch transaction would close that)."""
+        done: list[_Step] = []
+        step: _Step = (None, None)
+        try:
+            inserts = [after for before, after in steps if before is None and after is not None]
+            if inserts:
+                await self._repo.insert_many(inserts)
+                done.extend((None, device) for device in inserts)
+            for step in sorted((s for s in steps if s[0] is not None), key=lambda s: s[1] is None):
+                before, after = step
+                assert before is not None
+                if after is None:
+                    await self._repo.delete(before.device_id, before.etag)
+                else:
+                    await self._repo.replace(after, before.etag)
+                done.append(step)
+        except TetherError as exc:
+            for before, after in reversed(done):
+                try:
+                    if before is None and after is not None:
+                        await self._repo.delete(after.device_id, after.etag)
+                    elif before is not None and after is None:
+                        await self._repo.insert(before)
+                    elif before is not None and after is not None:
+                        await self._repo.replace(before, after.etag)
+                except Exception:
+                    log.exception("bulk rollback failed for device %s", op_id(before, after))
+            return BulkError(op_id(*step), exc.code, f"changed during the bulk operation: {exc.message}",
+                             "bulk")
+        return None
 
     # Activity --------------------------------------------------------------------------------
     async def touch(self, device_id: str, *, connected: bool | None = None) -> None:
@@ -468,4 +594,5 @@ def _stale(device_id: str) -> PreconditionFailed:
     )
 
 
-__all__ = ["KEY_CHOICES", "RegistryService", "new_etag", "new_generation_id", "parse_if_match"]
+__all__ = ["BULK_MODES", "KEY_CHOICES", "MAX_BULK", "BulkError", "BulkOperation", "RegistryService",
+           "new_etag", "new_generation_id", "parse_if_match"]

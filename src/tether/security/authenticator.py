@@ -3,7 +3,9 @@
 A surface hands over the raw credential and the claimed identity and gets back a `Principal` or an
 `AuthRefused` with a reason slug. Every call writes exactly one audit record
 (`auth.{surface}`, outcome `allowed` | `refused`) — except throttled refusals, written in aggregate
-(below); tokens and keys never reach the audit log.
+(below); tokens and keys never reach the audit log. Every refusal, throttled ones included, also
+increments `tether_auth_failures{surface,reason}` (`observability.metrics.AUTH_FAILURES`), so the
+metric covers MQTT, MQTT over WebSockets, device HTTPS and the REST API alike.
 
 Rules (Azure's):
 
@@ -36,6 +38,7 @@ from typing import Any, Protocol
 
 from cryptography import x509
 
+from tether.observability.metrics import AUTH_FAILURES
 from tether.registry.models import DEVICE_ID_RE, AuthType, Device
 from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
 from tether.security.sas import (
@@ -229,14 +232,16 @@ class Authenticator:
         work: Callable[[], Awaitable[Principal]],
     ) -> Principal:
         action = f"auth.{surface}"
-        held = await self._admit(action, peer, attempt) if peer is not None else None
+        held = await self._admit(surface, peer, attempt) if peer is not None else None
         try:
             principal = await work()
         except AuthRefused as exc:  # the peer's token stays spent (so does a cancelled attempt's)
+            _count_failure(surface, exc.reason)
             await self._refused(action, peer, attempt, exc.reason)
             raise
         except Exception:
             self._refund(held)  # our failure, not the peer's
+            _count_failure(surface, "internal-error")
             await self._refused(action, peer, attempt, "internal-error")
             raise
         self._refund(held)
@@ -251,12 +256,14 @@ class Authenticator:
         )
         return principal
 
-    async def _admit(self, action: str, peer: str, attempt: _Attempt) -> str | None:
+    async def _admit(self, surface: str, peer: str, attempt: _Attempt) -> str | None:
         """Take a token from the peer's failure budget (its key, to refund on success), or raise
-        `AuthThrottled` before any work is done; the refusal is audited only when it is due."""
+        `AuthThrottled` before any work is done; the refusal is counted always but audited only when
+        it is due."""
         throttle = self.throttle
         if throttle is None:
             return None
+        action = f"auth.{surface}"
         admission = throttle.admit(peer, action)
         for summary in throttle.take_summaries():
             await self._audit.record(
@@ -268,6 +275,7 @@ class Authenticator:
             )
         if admission.allowed:
             return admission.key
+        _count_failure(surface, RATE_LIMITED)
         if admission.record:
             await self._refused(action, peer, attempt, RATE_LIMITED, {"suppressed": admission.suppressed})
         raise AuthThrottled(admission.retry_after)
@@ -445,6 +453,12 @@ class Authenticator:
         if module is None:
             raise AuthRefused("unknown-module", "no such module")
         return device, module
+
+
+def _count_failure(surface: str, reason: str) -> None:
+    """One refusal in `tether_auth_failures{surface,reason}` (both are slugs chosen by Tether code,
+    never by the peer, so the label sets stay small)."""
+    AUTH_FAILURES.labels(surface, reason).inc()
 
 
 def _device_name(device_id: str, module_id: str | None) -> str:

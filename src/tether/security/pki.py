@@ -362,9 +362,10 @@ def _files(directory: Path) -> PkiFiles:
     )
 
 
-def _server_cert_ok(path: Path, hostnames: Sequence[str], ips: Sequence[str], root: x509.Certificate) -> bool:
-    """True when the existing server certificate is from this root, covers every name, and isn't near
-    expiry; then `init_pki` keeps it (idempotent)."""
+def _server_cert_ok(path: Path, hostnames: Sequence[str], ips: Sequence[str], root: x509.Certificate,
+                    *, exact: bool = False) -> bool:
+    """True when the existing server certificate is from this root, covers every name (with `exact`:
+    exactly these names, no others), and isn't near expiry; then `init_pki` keeps it (idempotent)."""
     try:
         cert = load_certificate(path)
         cert.verify_directly_issued_by(root)
@@ -373,21 +374,28 @@ def _server_cert_ok(path: Path, hostnames: Sequence[str], ips: Sequence[str], ro
         return False
     have_dns = {n.lower() for n in sans.get_values_for_type(x509.DNSName)}
     have_ips = set(sans.get_values_for_type(x509.IPAddress))
+    want_dns: set[str] = set()
+    want_ips = {ipaddress.ip_address(ip) for ip in ips}
     for host in hostnames:
         host = host.rsplit(":", 1)[0] if host.count(":") == 1 else host
         ip = _ip_or_none(host)
-        if (ip is not None and ip not in have_ips) or (ip is None and host.lower() not in have_dns):
-            return False
-    if any(ipaddress.ip_address(ip) not in have_ips for ip in ips):
+        if ip is None:
+            want_dns.add(host.lower())
+        else:
+            want_ips.add(ip)
+    if not (want_dns <= have_dns and want_ips <= have_ips):
+        return False
+    if exact and (have_dns != want_dns or have_ips != want_ips):
         return False
     return cert.not_valid_after_utc - datetime.now(UTC) > _RENEW_BEFORE
 
 
-def init_pki(directory: Path | str, hostnames: list[str], ips: list[str]) -> PkiFiles:
+def init_pki(directory: Path | str, hostnames: list[str], ips: list[str], *, exact: bool = False) -> PkiFiles:
     """Create (or keep) the dev root CA and the hub server certificate in `directory`.
 
     Idempotent: an existing root is reused; the server certificate is re-issued only when it is missing,
-    not from this root, lacks one of the names, or expires within 30 days."""
+    not from this root, lacks one of the names (with `exact`: has other names too), or expires within
+    30 days."""
     directory = Path(directory)
     files = _files(directory)
     if files.root_cert.exists() and files.root_key.exists():
@@ -396,7 +404,8 @@ def init_pki(directory: Path | str, hostnames: list[str], ips: list[str]) -> Pki
         root_cert, root_key = issue_root_ca()
         write_private_key(files.root_key, root_key)
         write_certificates(files.root_cert, [root_cert])
-    if not (files.server_key.exists() and _server_cert_ok(files.server_cert, hostnames, ips, root_cert)):
+    if not (files.server_key.exists()
+            and _server_cert_ok(files.server_cert, hostnames, ips, root_cert, exact=exact)):
         cert, key = issue_server_cert(hostnames, ips, root_cert, root_key)
         write_private_key(files.server_key, key)  # key first: a reload between the two writes fails
         write_certificates(files.server_cert, [cert])  # check_privatekey and keeps the old context
