@@ -156,3 +156,22 @@ def test_pki_init_refuses_a_bad_san(cli: Cli, owner_cs: str) -> None:
         result = cli("pki", "init", "--san", bad, ok=False)
         assert result.exit_code == 1 and "--san" in result.stderr, bad
     assert (cli.data_dir / "pki" / "server.pem").read_bytes() == before
+
+
+def test_init_san_adds_names_to_the_server_certificate(tmp_path: Path) -> None:
+    from cryptography import x509 as cx509
+    from typer.testing import CliRunner
+
+    from tether.cli.main import app
+
+    data = tmp_path / "hub"
+    runner = CliRunner()
+    first = runner.invoke(app, ["--data-dir", str(data), "init"])
+    assert first.exit_code == 0, first.output
+    again = runner.invoke(app, ["--data-dir", str(data), "init", "--if-needed", "--san", "hub.lan",
+                                "--san", "192.168.7.9"])
+    assert again.exit_code == 0, again.output
+    cert = cx509.load_pem_x509_certificate((data / "pki" / "server.pem").read_bytes())
+    sans = cert.extensions.get_extension_for_class(cx509.SubjectAlternativeName).value
+    assert "hub.lan" in sans.get_values_for_type(cx509.DNSName)
+    assert "192.168.7.9" in {str(ip) for ip in sans.get_values_for_type(cx509.IPAddress)}

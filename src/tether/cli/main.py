@@ -110,6 +110,11 @@ def init(
         str | None,
         typer.Option("--hostname", help="Host name devices use (saved in tether.toml).", show_default=False),
     ] = None,
+    san: Annotated[
+        list[str] | None,
+        typer.Option("--san", metavar="NAME_OR_IP", help="Extra name or IP for the hub's server certificate "
+                     "(repeatable); the certificate is re-issued when its names change."),
+    ] = None,
 ) -> None:
     """Create the data dir, database, default policies and dev PKI; print the owner connection string.
 
@@ -129,10 +134,10 @@ def init(
                 )
             state.forget_settings()
             settings = load_settings(hub={"data_dir": settings.data_dir, "hostname": hostname})
-        if not (if_needed and _is_initialised(settings)):
+        if not (if_needed and _is_initialised(settings)) or san:
             if not settings.data_dir.exists():
                 settings.data_dir.mkdir(mode=0o700, parents=True)  # holds keys: owner only
-            pki.init_dev_pki(settings)
+            pki.init_dev_pki(settings, san or ())
             if not config_path.exists():
                 _write_config(config_path, settings.hub.hostname)
                 typer.echo(f"wrote {config_path}", err=True)
