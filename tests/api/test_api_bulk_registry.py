@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import httpx
@@ -123,33 +124,43 @@ async def test_request_level_refusals(client: httpx.AsyncClient, hub: Hub, base_
 
 
 class RacingRepository(SqlDeviceRepository):
-    """Real SQL storage where another writer changes `victim` just before the batch replaces it."""
+    """Real SQL storage where another writer changes `victim` after the batch was checked, just
+    before the batch transaction starts."""
 
     victim = ""
 
-    async def replace(self, device: Device, expected_etag: str | None) -> None:
-        if device.device_id == self.victim:
-            self.victim = ""
-            current = await self.get(device.device_id)
+    async def apply_batch(
+        self,
+        inserts: Sequence[Device],
+        replaces: Sequence[tuple[Device, str | None]],
+        deletes: Sequence[tuple[str, str | None]],
+    ) -> None:
+        if self.victim:
+            current = await self.get(self.victim)
             assert current is not None
-            await super().replace(current.model_copy(update={"etag": "someone-else"}), current.etag)
-        await super().replace(device, expected_etag)
+            await self.replace(current.model_copy(update={"etag": "someone-else"}), current.etag)
+            self.victim = ""
+        await super().apply_batch(inserts, replaces, deletes)
 
 
 async def test_a_concurrent_writer_rolls_the_batch_back(hub: Hub) -> None:
     repo = RacingRepository(hub.storage.db)
     registry = RegistryService(repo, hub.audit)
-    await registry.create("a", device_body("a"), actor="test")
-    await registry.create("z", device_body("z"), actor="test")
+    for device_id in ("a", "d", "z"):
+        await registry.create(device_id, device_body(device_id), actor="test")
     before = await registry.get("a")
-    repo.victim = "z"  # replaces run in batch order: "a" is written, then "z" loses the race
+    deleted = await registry.get("d")
+    repo.victim = "z"  # guarded writes run in id order: "a" and "d" are written, then "z" loses
     errors = await registry.bulk([
         BulkOperation("new", "create"),
         BulkOperation("a", "update", {"status": "disabled"}),
+        BulkOperation("d", "delete"),
         BulkOperation("z", "update", {"status": "disabled"}),
     ], actor="test")
     assert [(e.device_id, e.code) for e in errors] == [("z", "PreconditionFailed")]
-    assert await registry.find("new") is None  # the insert was undone
+    assert await registry.find("new") is None  # one transaction: nothing of the batch was written
     a = await registry.get("a")
-    assert (a.status, a.etag) == (before.status, before.etag)  # the replace was undone
+    assert (a.status, a.etag) == (before.status, before.etag)
+    d = await registry.get("d")
+    assert (d.etag, d.generation_id) == (deleted.etag, deleted.generation_id)  # never deleted
     assert (await registry.get("z")).etag == "someone-else"  # the other writer's change stands

@@ -12,7 +12,8 @@ validation, server-managed fields, optimistic concurrency and auditing are imple
   `flush_activity()`, without changing the etag (as in Azure);
 - status listeners run after a device is disabled or deleted, so protocol servers drop its sessions;
 - `bulk()` (Azure's bulk registry operation) validates a whole batch of create/update/delete
-  operations against the current registry before writing any of it.
+  operations against the current registry, then writes it in one repository transaction
+  (`apply_batch`), each update and delete guarded by the etag it was validated against.
 """
 
 from __future__ import annotations
@@ -329,9 +330,16 @@ class RegistryService:
                 errors.append(BulkError(op.device_id, exc.code, exc.message, op.mode))
         if errors or not steps or not apply:
             return errors
-        failed = await self._apply_bulk(steps)
-        if failed is not None:
-            return [failed]
+        inserts = [after for before, after in steps if before is None and after is not None]
+        replaces = [(after, before.etag) for before, after in steps
+                    if before is not None and after is not None]
+        deletes = [(before.device_id, before.etag) for before, after in steps
+                   if before is not None and after is None]
+        try:
+            await self._repo.apply_batch(inserts, replaces, deletes)
+        except TetherError as exc:  # another writer got in after the check: nothing was written
+            return [BulkError(await self._bulk_culprit(steps), exc.code,
+                              f"changed during the bulk operation: {exc.message}", "bulk")]
         for before, after in steps:
             action = "create" if before is None else "delete" if after is None else "update"
             await self._record(f"device.{action}", op_id(before, after), actor, {"bulk": True})
@@ -363,40 +371,14 @@ class RegistryService:
         wanted = self._parse(op.device_id, op.body)
         return current, self._merge(current, wanted).model_copy(update={"etag": new_etag()})
 
-    async def _apply_bulk(self, steps: Sequence[_Step]) -> BulkError | None:
-        """Write a checked batch: the inserts in one transaction, then each replace and delete as a
-        compare-and-set on the etag read while checking. A writer that got in between fails the whole
-        batch: what was written is undone by compensating writes (a restored deleted identity does
-        not get its cascaded twin or C2D rows back; a repository batch transaction would close that)."""
-        done: list[_Step] = []
-        step: _Step = (None, None)
-        try:
-            inserts = [after for before, after in steps if before is None and after is not None]
-            if inserts:
-                await self._repo.insert_many(inserts)
-                done.extend((None, device) for device in inserts)
-            for step in sorted((s for s in steps if s[0] is not None), key=lambda s: s[1] is None):
-                before, after = step
-                assert before is not None
-                if after is None:
-                    await self._repo.delete(before.device_id, before.etag)
-                else:
-                    await self._repo.replace(after, before.etag)
-                done.append(step)
-        except TetherError as exc:
-            for before, after in reversed(done):
-                try:
-                    if before is None and after is not None:
-                        await self._repo.delete(after.device_id, after.etag)
-                    elif before is not None and after is None:
-                        await self._repo.insert(before)
-                    elif before is not None and after is not None:
-                        await self._repo.replace(before, after.etag)
-                except Exception:
-                    log.exception("bulk rollback failed for device %s", op_id(before, after))
-            return BulkError(op_id(*step), exc.code, f"changed during the bulk operation: {exc.message}",
-                             "bulk")
-        return None
+    async def _bulk_culprit(self, steps: Sequence[_Step]) -> str:
+        """The id of the first operation whose device no longer is as validated (the storage error
+        names it only in prose); "" if the other writer's change is already gone again."""
+        for before, after in steps:
+            current = await self._repo.get(op_id(before, after))
+            if (current.etag if current else None) != (before.etag if before else None):
+                return op_id(before, after)
+        return ""
 
     # Activity --------------------------------------------------------------------------------
     async def touch(self, device_id: str, *, connected: bool | None = None) -> None:

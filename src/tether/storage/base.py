@@ -3,7 +3,7 @@ local files) and scale-out (PostgreSQL + NATS JetStream) implementations both sa
 
 Concurrency contract: `replace`/`delete` compare `expected_etag` atomically with the write
 (`UPDATE … WHERE etag = :expected`), so two writers with the same stale etag cannot both win.
-`insert_many` is all-or-nothing.
+`insert_many` and `apply_batch` are all-or-nothing: one transaction, rolled back on the first error.
 """
 
 from __future__ import annotations
@@ -53,6 +53,12 @@ class DeviceRepository(Protocol):
     async def insert_many(self, devices: Sequence[Device]) -> None: ...  # all-or-nothing
     async def replace(self, device: Device, expected_etag: str | None) -> None: ...
     async def delete(self, device_id: str, expected_etag: str | None) -> None: ...
+    async def apply_batch(
+        self,
+        inserts: Sequence[Device],
+        replaces: Sequence[tuple[Device, str | None]],  # (new version, expected etag or None)
+        deletes: Sequence[tuple[str, str | None]],  # (device id, expected etag or None)
+    ) -> None: ...  # one transaction; Conflict / NotFound / PreconditionFailed write nothing
     async def list(self, *, top: int, after: str | None = None) -> list[Device]: ...
     def iter_all(self) -> AsyncIterator[Device]: ...
     async def statistics(self) -> RegistryStatistics: ...

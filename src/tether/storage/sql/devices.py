@@ -1,15 +1,20 @@
-"""Device identities in SQL: optimistic concurrency by etag, all-or-nothing bulk insert, keyset paging,
-and batched connection-state updates that leave the etag alone (as Azure does)."""
+"""Device identities in SQL: optimistic concurrency by etag, all-or-nothing batches (bulk insert and the
+mixed insert/replace/delete batches of Azure's bulk registry call), keyset paging, and batched
+connection-state updates that leave the etag alone (as Azure does).
+
+Every write is built by the same few helpers (`_replace_stmt`, `_delete_stmt`, `_insert_new`,
+`_checked`), so a single replace and the same replace inside a batch cannot drift apart."""
 
 from __future__ import annotations
 
 import json
 import re
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, String, bindparam, case, func, select, update
+from sqlalchemy import Delete, Row, String, Update, bindparam, case, func, select, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.exc import IntegrityError
@@ -86,58 +91,49 @@ class SqlDeviceRepository:
         return None if row is None else _from_row(row)
 
     async def insert(self, device: Device) -> None:
-        try:
+        with _duplicates_as_conflict(device.device_id):
             async with self._db.write() as conn:
                 await conn.execute(sql_insert(DeviceRow), [_insert_values(device)])
-        except IntegrityError as exc:
-            raise _already_exists(device.device_id) from exc
 
     async def insert_many(self, devices: Sequence[Device]) -> None:
         """One transaction: any duplicate (within the batch or already stored) writes nothing."""
-        if not devices:
-            return
-        seen: set[str] = set()
-        for device in devices:
-            if device.device_id in seen:
-                raise Conflict(
-                    f"device {device.device_id} appears more than once",
-                    code="DeviceAlreadyExists",
-                    field="deviceId",
-                )
-            seen.add(device.device_id)
-        ids = [d.device_id for d in devices]
-        rows = [_insert_values(d) for d in devices]
-        try:
-            async with self._db.write() as conn:
-                for start in range(0, len(ids), _IN_CHUNK):
-                    chunk = ids[start : start + _IN_CHUNK]
-                    stmt = select(DeviceRow.device_id).where(DeviceRow.device_id.in_(chunk)).limit(1)
-                    existing = (await conn.execute(stmt)).scalar()
-                    if existing is not None:
-                        raise _already_exists(existing)
-                await conn.execute(sql_insert(DeviceRow), rows)
-        except IntegrityError as exc:
-            # Only reachable on a race with another writer (PostgreSQL); name the id when we can.
-            match = _PG_DUP_KEY.search(str(exc.orig))
-            raise _already_exists(match.group(1) if match else None) from exc
+        await self.apply_batch(devices, (), ())
 
     async def replace(self, device: Device, expected_etag: str | None) -> None:
-        stmt = update(DeviceRow).where(DeviceRow.device_id == device.device_id).values(**_values(device))
-        if expected_etag is not None:
-            stmt = stmt.where(DeviceRow.etag == expected_etag)
         async with self._db.write() as conn:
-            result = await conn.execute(stmt)
-            if result.rowcount == 0:
-                await self._explain_miss(conn, device.device_id, expected_etag)
+            await _checked(conn, _replace_stmt(device, expected_etag), device.device_id, expected_etag)
 
     async def delete(self, device_id: str, expected_etag: str | None) -> None:
-        stmt = sql_delete(DeviceRow).where(DeviceRow.device_id == device_id)
-        if expected_etag is not None:
-            stmt = stmt.where(DeviceRow.etag == expected_etag)
         async with self._db.write() as conn:
-            result = await conn.execute(stmt)
-            if result.rowcount == 0:
-                await self._explain_miss(conn, device_id, expected_etag)
+            await _checked(conn, _delete_stmt(device_id, expected_etag), device_id, expected_etag)
+
+    async def apply_batch(
+        self,
+        inserts: Sequence[Device],
+        replaces: Sequence[tuple[Device, str | None]],
+        deletes: Sequence[tuple[str, str | None]],
+    ) -> None:
+        """Inserts, etag-guarded replaces and deletes in ONE write transaction: the first failure
+        (Conflict for an existing or repeated id, NotFound, PreconditionFailed) rolls all of it back,
+        so a lost race or a crash never leaves a batch half applied and nothing has to be undone by
+        hand (a deleted device keeps its cascaded twin and C2D rows). An id may appear only once.
+
+        Replaces and deletes run in id order, so two batches on PostgreSQL lock shared rows in the
+        same order instead of deadlocking; their compare-and-set runs before the (larger) insert."""
+        _check_distinct([*(d.device_id for d in inserts), *(d.device_id for d, _ in replaces),
+                         *(i for i, _ in deletes)])
+        if not (inserts or replaces or deletes):
+            return
+        guarded = sorted(
+            [(d.device_id, _replace_stmt(d, etag), etag) for d, etag in replaces]
+            + [(i, _delete_stmt(i, etag), etag) for i, etag in deletes],
+            key=lambda w: w[0],
+        )
+        with _duplicates_as_conflict():
+            async with self._db.write() as conn:
+                for device_id, stmt, etag in guarded:
+                    await _checked(conn, stmt, device_id, etag)
+                await _insert_new(conn, inserts)
 
     async def list(self, *, top: int, after: str | None = None) -> list[Device]:
         """Up to `top` devices ordered by id (byte order), starting after the id `after`."""
@@ -207,16 +203,69 @@ class SqlDeviceRepository:
                 )
                 await conn.execute(activity_stmt, activity_only)
 
-    async def _explain_miss(self, conn: AsyncConnection, device_id: str, expected_etag: str | None) -> None:
-        """A conditional write touched no row: the device is gone (404) or the etag is stale (412)."""
-        stmt = select(DeviceRow.etag).where(DeviceRow.device_id == device_id)
-        current = (await conn.execute(stmt)).scalar()
-        if current is None:
-            raise NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
-        raise PreconditionFailed(
-            f"device {device_id}: etag {expected_etag!r} does not match the current version",
-            code="PreconditionFailed",
-        )
+
+def _replace_stmt(device: Device, expected_etag: str | None) -> Update:
+    """The document write of `replace`; with an etag it is a compare-and-set (`WHERE etag = …`)."""
+    stmt = update(DeviceRow).where(DeviceRow.device_id == device.device_id).values(**_values(device))
+    return stmt if expected_etag is None else stmt.where(DeviceRow.etag == expected_etag)
+
+
+def _delete_stmt(device_id: str, expected_etag: str | None) -> Delete:
+    stmt = sql_delete(DeviceRow).where(DeviceRow.device_id == device_id)
+    return stmt if expected_etag is None else stmt.where(DeviceRow.etag == expected_etag)
+
+
+async def _checked(
+    conn: AsyncConnection, stmt: Update | Delete, device_id: str, expected_etag: str | None
+) -> None:
+    """Run a guarded single-row write; touching no row means the device is gone (404) or the etag is
+    stale (412), told apart by a read in the same transaction."""
+    if (await conn.execute(stmt)).rowcount != 0:
+        return
+    current = (await conn.execute(select(DeviceRow.etag).where(DeviceRow.device_id == device_id))).scalar()
+    if current is None:
+        raise NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
+    raise PreconditionFailed(
+        f"device {device_id}: etag {expected_etag!r} does not match the current version",
+        code="PreconditionFailed",
+    )
+
+
+async def _insert_new(conn: AsyncConnection, devices: Sequence[Device]) -> None:
+    """Insert devices that must not exist yet: Conflict naming the first stored id (checked first, so
+    SQLite, whose write lock is taken at BEGIN, can name it too), else one multi-row INSERT."""
+    if not devices:
+        return
+    ids = [d.device_id for d in devices]
+    for start in range(0, len(ids), _IN_CHUNK):
+        chunk = ids[start : start + _IN_CHUNK]
+        stmt = select(DeviceRow.device_id).where(DeviceRow.device_id.in_(chunk)).limit(1)
+        existing = (await conn.execute(stmt)).scalar()
+        if existing is not None:
+            raise _already_exists(existing)
+    await conn.execute(sql_insert(DeviceRow), [_insert_values(d) for d in devices])
+
+
+@contextmanager
+def _duplicates_as_conflict(device_id: str | None = None) -> Iterator[None]:
+    """Wrap a write transaction: a unique-key violation (a race with another writer on PostgreSQL)
+    becomes Conflict, naming `device_id` or the id PostgreSQL reports. The transaction has already
+    rolled back when the error gets here."""
+    try:
+        yield
+    except IntegrityError as exc:
+        match = _PG_DUP_KEY.search(str(exc.orig))
+        raise _already_exists(device_id or (match.group(1) if match else None)) from exc
+
+
+def _check_distinct(ids: Iterable[str]) -> None:
+    seen: set[str] = set()
+    for device_id in ids:
+        if device_id in seen:
+            raise Conflict(
+                f"device {device_id} appears more than once", code="DeviceAlreadyExists", field="deviceId"
+            )
+        seen.add(device_id)
 
 
 def _already_exists(device_id: str | None) -> Conflict:
