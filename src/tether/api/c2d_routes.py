@@ -30,7 +30,6 @@ from tether.api.devices import path_device_id
 from tether.api.routes import Param, Route
 from tether.errors import BadRequest
 from tether.hub import Hub
-from tether.messaging.c2d import c2d_of
 from tether.messaging.feedback import FEEDBACK_CONTENT_TYPE, MAX_WAIT_S
 from tether.security.principal import Permission
 
@@ -112,7 +111,7 @@ async def send_c2d(request: web.Request) -> web.Response:
     device_id = path_device_id(request)
     headers = request.headers
     body = await read_body(request, body_limit(request))  # the service answers 400 above 64 KB
-    c2d = c2d_of(hub_of(request))
+    c2d = hub_of(request).c2d
     message = await c2d.send(
         device_id,
         body,
@@ -139,7 +138,7 @@ async def send_c2d(request: web.Request) -> web.Response:
 
 async def purge_c2d(request: web.Request) -> web.Response:
     device_id = path_device_id(request)
-    count = await c2d_of(hub_of(request)).purge(device_id, actor=principal_of(request).name)
+    count = await hub_of(request).c2d.purge(device_id, actor=principal_of(request).name)
     result = PurgeMessageQueueResult(total_messages_purged=count, device_id=device_id)
     return web.json_response(result.model_dump(by_alias=True))
 
@@ -163,7 +162,7 @@ def _lock_token(request: web.Request) -> str:
 
 
 async def receive_feedback(request: web.Request) -> web.Response:
-    batch = await c2d_of(hub_of(request)).feedback.receive(timeout_s=_timeout(request))
+    batch = await hub_of(request).c2d.feedback.receive(timeout_s=_timeout(request))
     if batch is None:
         return web.Response(status=204)
     body = [record.to_wire() for record in batch.records]
@@ -172,12 +171,12 @@ async def receive_feedback(request: web.Request) -> web.Response:
 
 
 async def complete_feedback(request: web.Request) -> web.Response:
-    await c2d_of(hub_of(request)).feedback.complete(_lock_token(request))
+    await hub_of(request).c2d.feedback.complete(_lock_token(request))
     return web.Response(status=204)
 
 
 async def abandon_feedback(request: web.Request) -> web.Response:
-    await c2d_of(hub_of(request)).feedback.abandon(_lock_token(request))
+    await hub_of(request).c2d.feedback.abandon(_lock_token(request))
     return web.Response(status=204)
 
 

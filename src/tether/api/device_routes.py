@@ -35,11 +35,9 @@ from tether.api.context import hub_of, peer_of
 from tether.api.routes import Param, Route
 from tether.errors import BadRequest, PayloadTooLarge, Throttled, Unauthorized
 from tether.hub import Hub
-from tether.messaging.c2d import c2d_of
-from tether.messaging.telemetry import TelemetryPipeline
 from tether.security.principal import AuthRefused, Permission, Principal
 
-__all__ = ["DEVICE_ROUTES", "RefusalDigest", "add_device_routes", "authenticate_device", "telemetry_of"]
+__all__ = ["DEVICE_ROUTES", "RefusalDigest", "add_device_routes", "authenticate_device"]
 
 SURFACE: Final = "https"
 EVENTS_ACTION: Final = "https.events"
@@ -89,11 +87,6 @@ _SYSTEM_HEADERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
 )
 
 
-def telemetry_of(hub: Hub) -> TelemetryPipeline:
-    """The hub's shared telemetry pipeline (`hub.telemetry`), created as the MQTT surface does."""
-    return hub.telemetry
-
-
 async def authenticate_device(request: web.Request, device_id: str) -> Principal:
     """The device principal for `device_id`: SAS from `Authorization`, else the TLS client chain."""
     hub = hub_of(request)
@@ -138,7 +131,7 @@ async def send_event(request: web.Request) -> web.Response:
     hub = hub_of(request)
     device_id = request.match_info["id"]
     principal = await authenticate_device(request, device_id)
-    telemetry = telemetry_of(hub)
+    telemetry = hub.telemetry
     try:
         body = await read_body(request, telemetry.max_message_bytes)  # 413 MessageTooLarge above 256 KB
     except PayloadTooLarge:
@@ -181,7 +174,7 @@ async def receive_c2d(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     await authenticate_device(request, device_id)
     await hub.registry.touch(device_id)
-    message = await c2d_of(hub).receive(device_id)
+    message = await hub.c2d.receive(device_id)
     if message is None:
         return web.Response(status=204)
     headers = {
@@ -225,7 +218,7 @@ async def settle_c2d(request: web.Request) -> web.Response:
     device_id = request.match_info["id"]
     await authenticate_device(request, device_id)
     token = _etag(request)
-    c2d = c2d_of(hub)
+    c2d = hub.c2d
     if "reject" in request.query:
         await c2d.reject(device_id, token)
     else:
@@ -237,7 +230,7 @@ async def abandon_c2d(request: web.Request) -> web.Response:
     hub = hub_of(request)
     device_id = request.match_info["id"]
     await authenticate_device(request, device_id)
-    await c2d_of(hub).abandon(device_id, _etag(request))
+    await hub.c2d.abandon(device_id, _etag(request))
     return web.Response(status=204)
 
 

@@ -31,7 +31,6 @@ from tether.messaging.methods import (
     DEFAULT_RESPONSE_TIMEOUT_S,
     MAX_METHOD_NAME_LENGTH,
     RESPONSE_TIMEOUT_RANGE,
-    methods_of,
 )
 from tether.registry.models import validate_device_id
 from tether.security.principal import Permission
@@ -85,7 +84,7 @@ async def _invoke(request: web.Request, device_id: str, module_id: str | None) -
         raise BadRequest(f"unknown field {unknown[0]}", field=unknown[0])
     if "methodName" not in body:
         raise BadRequest("methodName is required", field="methodName")
-    result = await methods_of(hub_of(request)).invoke(
+    result = await hub_of(request).methods.invoke(
         device_id,
         module_id,
         method_name=body["methodName"],
