@@ -29,7 +29,8 @@ from tether.cli.context import cli_errors, state_of
 from tether.config import Settings, load_settings
 from tether.errors import BadRequest
 
-__all__ = ["NodeProcess", "NodeSpec", "cluster_command", "prepare_storage", "write_node_config"]
+__all__ = ["NodeProcess", "NodeSpec", "cluster_command", "prepare_storage", "render_toml", "stop_all",
+           "write_node_config"]
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tether_cluster"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
@@ -49,7 +50,7 @@ class NodeSpec:
         return self.data_dir / "tether.toml"
 
 
-def _toml(tables: dict[str, dict[str, Any]]) -> str:
+def render_toml(tables: dict[str, dict[str, Any]]) -> str:
     lines: list[str] = []
     for table, values in tables.items():
         lines.append(f"[{table}]")
@@ -69,7 +70,7 @@ def _toml(tables: dict[str, dict[str, Any]]) -> str:
 def write_node_config(spec: NodeSpec) -> Path:
     """Create the node's data dir (owner only) and write its TOML config; returns the config path."""
     spec.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    spec.config.write_text(_toml(spec.tables), encoding="utf-8")
+    spec.config.write_text(render_toml(spec.tables), encoding="utf-8")
     return spec.config
 
 

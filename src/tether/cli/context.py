@@ -3,6 +3,10 @@
 Settings are loaded only when a command needs them, so `--help` works even with a broken config.
 Every command runs its async body through `run()`, which turns `TetherError` into a red message and
 exit code 1, and `ConfigError` into exit code 2 (the message names the setting).
+
+`CliState.backend()` is the one place that picks where commands go: the REST API of `--hub-url`; else
+the data dir's storage — unless a hub is running on that data dir (it holds the embedded stream's lock),
+then that hub's API on localhost, so that it sees every change (e.g. drops a disabled device).
 """
 
 from __future__ import annotations
@@ -10,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
+from urllib.parse import unquote, urlsplit
 
 import typer
 
@@ -27,6 +34,42 @@ T = TypeVar("T")
 
 LOCAL_ACTOR = "cli:local"
 CONFIG_FILE_NAME = "tether.toml"
+STREAM_LOCK_FILE = "LOCK"  # `LocalEventStream` holds an flock on it while the stream is open
+ROOT_CERTS = ("root-ca.pem", "root-ca-next.pem")  # the dev root and, during a rollover, the next one
+
+
+def held_stream(settings: Settings) -> Path | None:
+    """The embedded event stream's directory when another process holds it open: a hub running on
+    this data dir (or a local `tether monitor`). None for NATS streams and on Windows (no lock)."""
+    if sys.platform == "win32":
+        return None
+    import fcntl
+
+    parts = urlsplit(settings.stream_url)
+    if parts.scheme != "file":
+        return None
+    directory = Path(unquote(parts.path))
+    try:
+        fd = os.open(directory / STREAM_LOCK_FILE, os.O_RDONLY)
+    except OSError:
+        return None  # no stream yet: no hub has ever run here
+    try:
+        # Shared and released at once: only tells whether an exclusive holder exists.
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return directory
+    except OSError:
+        return None
+    finally:
+        os.close(fd)  # releases our shared lock too
+    return None
+
+
+def data_dir_roots(settings: Settings) -> ssl.SSLContext | None:
+    """A context trusting the data dir's dev root (and next root during a rollover), if it has one."""
+    roots = [settings.pki_dir / name for name in ROOT_CERTS]
+    pem = "".join(p.read_text("ascii") for p in roots if p.is_file())
+    return ssl.create_default_context(cadata=pem) if pem else None
 
 
 @dataclass
@@ -70,8 +113,10 @@ class CliState:
         """Reload on next use (after `init` wrote a config file)."""
         self._settings = None
 
-    def backend(self) -> Backend:
-        """The backend for registry/policy/audit commands: REST when a hub URL is set, else local."""
+    def backend(self, *, stream: bool = False) -> Backend:
+        """The backend for registry/policy/audit commands: REST when a hub URL is set; else the data
+        dir's storage, or the API of the hub running on it (which alone can serve its event stream to
+        `stream` commands; the others may still read the data dir when that hub does not answer)."""
         if self.remote:
             from tether.cli.remote import RemoteBackend
 
@@ -83,9 +128,15 @@ class CliState:
                 )
             assert self.hub_url is not None
             return RemoteBackend(self.hub_url, self.connection_string, verify=self._verify())
+        settings = self.settings()
+        held = held_stream(settings)
+        if held is not None:
+            from tether.cli.remote import RunningHubBackend
+
+            return RunningHubBackend(settings, held=held, verify=self._verify(), stream=stream)
         from tether.cli.local import LocalBackend
 
-        return LocalBackend(self.settings())
+        return LocalBackend(settings)
 
     def require_local(self, what: str) -> Settings:
         """Commands that work on the data dir's files (PKI, CAs, stream) refuse remote mode clearly."""
@@ -93,17 +144,18 @@ class CliState:
             raise BadRequest(f"{what} needs local mode for now: run it on the hub host without --hub-url")
         return self.settings()
 
-    def _verify(self) -> str | bool:
-        """CA bundle for HTTPS: --ca-file, else the data dir's dev root CA when present, else system."""
+    def _verify(self) -> ssl.SSLContext | bool:
+        """CA for HTTPS: --ca-file, else the data dir's dev root(s) when present, else the system's."""
         if self.ca_file is not None:
             if not self.ca_file.is_file():
                 raise BadRequest(f"CA file {self.ca_file} does not exist", field="ca_file")
-            return str(self.ca_file)
-        if self.hub_url and self.hub_url.startswith("https://"):
-            with contextlib.suppress(ConfigError):
-                root = self.settings().pki_dir / "root-ca.pem"
-                if root.is_file():
-                    return str(root)
+            return ssl.create_default_context(cafile=str(self.ca_file))
+        if self.hub_url and not self.hub_url.startswith("https://"):
+            return True
+        with contextlib.suppress(ConfigError):
+            roots = data_dir_roots(self.settings())
+            if roots is not None:
+                return roots
         return True
 
 

@@ -90,9 +90,10 @@ class LocalBackend:
 
     mode = "local"
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, ensure_defaults: bool = True) -> None:
         self.settings = settings
         self.services = LocalServices(settings)
+        self._ensure_defaults = ensure_defaults  # off when only reading beside a running hub
 
     @property
     def hostname(self) -> str:
@@ -100,7 +101,7 @@ class LocalBackend:
 
     async def open(self) -> None:
         self.services.check_data_dir()
-        await self.services.open()
+        await self.services.open(ensure_defaults=self._ensure_defaults)
 
     async def close(self) -> None:
         await self.services.close()

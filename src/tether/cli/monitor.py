@@ -2,9 +2,8 @@
 
 Local mode reads the hub's event stream directly: every partition is followed concurrently with
 long-poll reads. Remote mode (`--hub-url`) follows the hub's Server-Sent Events feed
-(`GET /tether/events/stream`, ServiceConnect). The embedded file stream admits one process, so when
-local mode finds it locked by a hub running on this host it switches to that hub's feed on its own
-(`https://localhost:{listeners.https_port}`, the data dir's CA and a ServiceConnect policy).
+(`GET /tether/events/stream`, ServiceConnect). The embedded file stream admits one process, so when a
+hub runs on the data dir, `CliState.backend()` hands out that hub's API and monitor follows its feed.
 """
 
 from __future__ import annotations
@@ -20,10 +19,10 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from tether.cli.context import CliState, run, state_of
+from tether.cli.context import run, state_of
 from tether.cli.output import echo_json
 from tether.config import ConfigError, Settings
-from tether.errors import BadRequest, NotFound, TetherError
+from tether.errors import NotFound, TetherError
 
 if TYPE_CHECKING:
     import httpx
@@ -35,7 +34,7 @@ POLL_S = 1.0
 BATCH = 100
 ANNOTATION_PREFIXES = ("iothub-", "x-opt-")
 STREAM_PATH = "/tether/events/stream"
-PROBE_TIMEOUT_S = 5.0
+CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 60.0  # the hub sends a heartbeat every 15 s, so silence this long means it is gone
 
 
@@ -180,7 +179,7 @@ async def _monitor_stream(stream: EventStream, opts: _Options) -> None:
         await asyncio.gather(*tasks, waiter, return_exceptions=True)
 
 
-async def _monitor_local(state: CliState, settings: Settings, opts: _Options) -> None:
+async def _monitor_local(settings: Settings, opts: _Options) -> None:
     from tether.messaging.events import StreamError, open_stream
 
     try:
@@ -197,15 +196,9 @@ async def _monitor_local(state: CliState, settings: Settings, opts: _Options) ->
     except StreamError as exc:
         if "another process" not in exc.message:
             raise
-        backend, why = await _running_hub(state, settings)
-        if backend is None:
-            raise StreamError(
-                f"{exc.message}: the embedded event stream can be read by one process only, and no "
-                f"running hub could be monitored instead ({why}); stop the hub first, pass --hub-url and "
-                "--connection-string, or use a NATS stream (storage.stream_url = nats://…)"
-            ) from None
-        await _monitor_remote(backend, opts)
-        return
+        # `CliState.backend()` found it free a moment ago: a hub (or monitor) has just opened it.
+        raise StreamError(f"{exc.message}: it was taken just now; run monitor again to follow the hub "
+                          "that holds it") from None
     try:
         await _monitor_stream(stream, opts)
     finally:
@@ -213,44 +206,6 @@ async def _monitor_local(state: CliState, settings: Settings, opts: _Options) ->
 
 
 # --- remote mode ---------------------------------------------------------------------------------
-async def _running_hub(state: CliState, settings: Settings) -> tuple[RemoteBackend | None, str]:
-    """The hub on this host, reached with the data dir's own credentials and CA; or why not."""
-    import httpx
-
-    from tether.cli.local import LocalServices
-    from tether.cli.policies import service_connection_string
-    from tether.cli.remote import RemoteBackend, error_from_response
-    from tether.security.principal import Permission
-
-    url = f"https://localhost:{settings.listeners.https_port}"
-    services = LocalServices(settings)
-    services.check_data_dir()
-    await services.open(ensure_defaults=False)
-    try:
-        usable = [p for p in await services.policies.list() if Permission.service_connect in p.permissions]
-    finally:
-        await services.close()
-    if not usable:
-        return None, "no shared access policy with ServiceConnect in the data dir"
-    policy = min(usable, key=lambda p: (p.name != "service", len(p.permissions), p.name))
-    ca = state.ca_file or settings.pki_dir / "root-ca.pem"
-    if state.ca_file is not None and not ca.is_file():
-        raise BadRequest(f"CA file {ca} does not exist", field="ca_file")
-    verify: str | bool = str(ca) if ca.is_file() else True
-    backend = RemoteBackend(url, service_connection_string(settings.hub.hostname, policy), verify=verify)
-    await backend.open()
-    try:
-        response = await backend.client.get("/tether/events/partitions", timeout=PROBE_TIMEOUT_S)
-    except httpx.HTTPError as exc:
-        await backend.close()
-        return None, f"cannot reach {url}: {str(exc) or type(exc).__name__}"
-    if response.status_code != 200:
-        await backend.close()
-        return None, f"the hub at {url} refused: {error_from_response(response).message}"
-    typer.echo(f"the event stream is held by the hub running at {url}: following its feed", err=True)
-    return backend, ""
-
-
 async def _sse_data(lines: AsyncIterator[str], closing: list[str]) -> AsyncIterator[str]:
     """The `data` of each Server-Sent Event; comments (heartbeats) and other fields are skipped, but
     the hub's `: closing: {reason}` is kept in `closing`."""
@@ -286,7 +241,7 @@ async def _monitor_remote(backend: RemoteBackend, opts: _Options) -> None:
     if opts.device is not None:
         params["device"] = opts.device
     printer = _Printer(opts.max_events, opts.compact)
-    timeout = httpx.Timeout(PROBE_TIMEOUT_S * 2, read=READ_TIMEOUT_S)
+    timeout = httpx.Timeout(CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S)
     try:
         async with backend.client.stream("GET", STREAM_PATH, params=params, timeout=timeout,
                                          headers={"Accept": "text/event-stream"}) as response:
@@ -345,15 +300,15 @@ def monitor_command(
             from tether.registry.models import validate_device_id
 
             validate_device_id(device)
-        if state.remote:
-            from tether.cli.remote import RemoteBackend
+        from tether.cli.remote import RemoteBackend
 
-            backend = state.backend()
-            assert isinstance(backend, RemoteBackend)
+        # --hub-url, or the hub running on the data dir (its embedded stream admits one process).
+        backend = state.backend(stream=True)
+        if isinstance(backend, RemoteBackend):
             await backend.open()
             await _monitor_remote(backend, opts)
         else:
-            await _monitor_local(state, state.settings(), opts)
+            await _monitor_local(state.settings(), opts)
 
     try:
         run(body)
