@@ -6,8 +6,8 @@ One hub (subprocess, TLS + plain MQTT, `connect_timeout_s` 1.5 s) takes, one aft
 refused the way the hub promises (closed after the timeout, closed at once without buffering,
 CONNACK 4 + an audit record), the good device must keep getting PUBACKs without a gap, and the hub's
 RSS must stay bounded. Per-peer rate limiting of authentication failures
-(`limits.auth_failures_per_second`) is checked separately and is an expected failure until the hub
-enforces that setting.
+(`limits.auth_failures_per_second`, 20/s here) must cap the full authentications of a flooding
+address without touching other addresses, and every refusal must be accounted in the audit log.
 """
 
 from __future__ import annotations
@@ -196,34 +196,56 @@ async def _bad_password_flood(hub: TetherHub, attempts: int, source_ip: str) -> 
     return outcomes, time.monotonic() - started
 
 
+def _peer_records(hub: TetherHub, source_ip: str) -> list[dict[str, Any]]:
+    return [r for r in audit(hub, action="auth.mqtt", outcome="refused")
+            if (r["peer"] or "").startswith(f"{source_ip}:")]
+
+
+def _accounted(records: list[dict[str, Any]]) -> int:
+    """Refusals the audit log accounts for: throttled ones are aggregated (`tether.security.throttle`):
+    records that are not summaries, plus every record's `suppressed` count."""
+    return sum(1 for r in records if not r["details"].get("summary")) + sum(
+        int(r["details"].get("suppressed", 0)) for r in records)
+
+
 async def test_bad_password_flood_is_refused_and_audited(hub: TetherHub, good: GoodDevice) -> None:
     started = time.monotonic()
     rss_before = rss_mb(hub.pid)
     outcomes, _ = await _bad_password_flood(hub, 300, "127.0.0.51")
     assert outcomes.get("connack-0", 0) == 0
-    refused = outcomes.get("connack-4", 0)
-    # Refused with CONNACK 4, or (once rate limited) closed before authentication.
-    assert refused + sum(v for k, v in outcomes.items() if not k.startswith("connack")) == 300, outcomes
-    records = [r for r in audit(hub, action="auth.mqtt", outcome="refused")
-               if (r["peer"] or "").startswith("127.0.0.51:")]
-    assert len(records) >= refused and all(r["target"] == "victim" for r in records)
-    assert {r["reason"] for r in records} <= {"bad-signature", "rate-limited"}
+    # Refused with CONNACK 4 (bad signature or, once throttled, before any lookup), or closed.
+    assert sum(outcomes.values()) == 300 and set(outcomes) <= {"connack-4", "connack-5", "connack-3",
+                                                              "ConnectionError", "OSError"}, outcomes
+    records = _peer_records(hub, "127.0.0.51")
+    assert {r["reason"] for r in records} <= {"bad-signature", "auth-rate-limited"}
+    assert {r["target"] for r in records} <= {"victim", None}
+    assert any(r["reason"] == "bad-signature" for r in records)
+    # Throttled refusals are written in aggregate; the last episode's count is written when the peer's
+    # budget refills and it is admitted again, so one more attempt then closes the books.
+    await asyncio.sleep(2.5)  # an empty bucket (burst = 2 x rate) refills in 2 s
+    await _bad_password_flood(hub, 1, "127.0.0.51")
+    deadline = time.monotonic() + 5
+    while (accounted := _accounted(_peer_records(hub, "127.0.0.51"))) < 301 and time.monotonic() < deadline:
+        await asyncio.sleep(0.2)
+    assert accounted == 301
     assert good.longest_gap(started) < 1.0
     assert rss_mb(hub.pid) - rss_before < 100
 
 
-@pytest.mark.xfail(reason="limits.auth_failures_per_second is not enforced by the MQTT surface yet",
-                   strict=False)
-async def test_auth_failures_are_rate_limited_per_peer(hub: TetherHub) -> None:
+async def test_auth_failures_are_rate_limited_per_peer(hub: TetherHub, good: GoodDevice) -> None:
+    """`limits.auth_failures_per_second`: a flooding address gets at most its budget of full
+    authentications (burst 2 x rate, then rate per second); other addresses are not affected."""
+    started = time.monotonic()
     outcomes, elapsed = await _bad_password_flood(hub, 200, "127.0.0.52")
-    authenticated = outcomes.get("connack-4", 0)
-    allowed = AUTH_FAILURES_PER_S * (elapsed + 1.0) + AUTH_FAILURES_PER_S  # rate plus one second of burst
-    assert authenticated <= allowed, (
-        f"{authenticated} bad-password CONNECTs from one peer got full authentication in {elapsed:.1f}s "
+    assert outcomes.get("connack-0", 0) == 0
+    verified = sum(r["reason"] == "bad-signature" for r in _peer_records(hub, "127.0.0.52"))
+    allowed = 2 * AUTH_FAILURES_PER_S + AUTH_FAILURES_PER_S * (elapsed + 1.0)
+    assert 1 <= verified <= allowed, (
+        f"{verified} bad-password CONNECTs from one peer got full authentication in {elapsed:.1f}s "
         f"(limit {AUTH_FAILURES_PER_S}/s): {outcomes}")
-    # Another peer is not affected by the flood.
     client, code = await open_client(
         "127.0.0.1", hub.ports["mqtt"], "flood-1", username=user("flood-1"),
         password=sas_password(HOSTNAME, "flood-1", BENCH_KEY), local_ip="127.0.0.53")
-    assert code == 0
+    assert code == 0, "another address must not be throttled"
     client.disconnect()
+    assert good.longest_gap(started) < 1.0

@@ -130,3 +130,18 @@ def test_remote_method_errors_match_single_node(pair: Pair) -> None:
         assert 4.5 < time.monotonic() - began < 9
     finally:
         device.close()
+
+
+def test_duplicate_node_id_is_refused(pair: Pair) -> None:
+    from tether.cluster.bus import ClusterBus
+    from tether.config import ClusterSettings, ConfigError
+
+    assert pair.a.hub.cluster is not None
+    names = pair.a.hub.cluster.names
+    twin = ClusterBus(ClusterSettings(nats_url=pair.a.hub.cluster.url, subject_prefix=names.prefix),
+                      node_id="node-a")
+    try:
+        with pytest.raises(ConfigError, match="already running"):
+            pair.a.call(twin.start())
+    finally:
+        pair.a.call(twin.close())

@@ -58,7 +58,7 @@ def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, NodeProcess], Path]]:
 
 def test_three_gateway_processes(cluster: tuple[dict[str, NodeProcess], Path]) -> None:
     nodes, ca = cluster
-    a, b, c = nodes["a"], nodes["b"], nodes["c"]
+    a, b = nodes["a"], nodes["b"]
     assert {"https", "mqtts", "mqtt"} <= set(a.ports) and len({n.ports["mqtt"] for n in nodes.values()}) == 3
     rest = {name: Rest(n.ports["https"], ca, n.connection_string) for name, n in nodes.items()}
     device_id, key = "cluster-dev-1", new_key()

@@ -43,6 +43,7 @@ from tether.cluster.presence import (
     now_ms,
     open_bucket,
 )
+from tether.config import ConfigError
 from tether.errors import GatewayTimeout, NotFound, TetherError
 from tether.messaging.methods import MethodResult
 from tether.registry.models import Device, DeviceStatus
@@ -64,6 +65,7 @@ SHARDS: Final = 16
 MAX_BACKLOG: Final = 50_000  # per shard; beyond it presence work is dropped (the refresher repairs it)
 RPC_MARGIN_S: Final = 5.0  # a method request waits the device's response timeout plus this
 CLOSE_DRAIN_S: Final = 3.0
+CONNECT_DEADLINE_S: Final = 10.0
 Key = tuple[str, str | None]
 Op = Callable[[], Awaitable[None]]
 
@@ -107,6 +109,7 @@ class ClusterBus:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._subs: list[Any] = []
         self._closing = False
+        self._connect_error: Exception | None = None
         self._last_drop_warning = 0.0
         self._registry: RegistryService | None = None
         self._connections: ConnectionRegistry | None = None
@@ -134,19 +137,23 @@ class ClusterBus:
     async def start(self) -> None:
         """Connect to NATS, open the KV buckets, subscribe this node's subjects, start the workers."""
         nc = NATS()
-        await nc.connect(
-            servers=[self.url], name=f"tether:{self.node_id}", no_echo=True, connect_timeout=5,
-            allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1,
-            reconnected_cb=self._on_reconnected, disconnected_cb=self._on_nats_disconnected,
-            error_cb=self._on_nats_error,
-        )
+        try:  # reconnects are retried forever once joined; the first connect has a deadline
+            await asyncio.wait_for(nc.connect(
+                servers=[self.url], name=f"tether:{self.node_id}", no_echo=True, connect_timeout=5,
+                allow_reconnect=True, max_reconnect_attempts=-1, reconnect_time_wait=1,
+                reconnected_cb=self._on_reconnected, disconnected_cb=self._on_nats_disconnected,
+                error_cb=self._on_nats_error,
+            ), CONNECT_DEADLINE_S)
+        except (TimeoutError, OSError, nats.errors.Error) as exc:
+            with contextlib.suppress(Exception):
+                await nc.close()
+            why = self._connect_error or exc
+            raise ConfigError(f"invalid setting cluster.nats_url: cannot connect to {_redact(self.url)} "
+                              f"within {CONNECT_DEADLINE_S:.0f} s ({why!r})") from None
         self._nc = nc
         try:
-            js = nc.jetstream(timeout=5)
-            presence = await open_bucket(js, self.names.presence_bucket, ttl=PRESENCE_TTL_S, memory=True)
-            sessions = await open_bucket(js, self.names.sessions_bucket, ttl=None, memory=False)
-            self._presence = PresenceMap(presence, self.node_id)
-            self._sessions = SessionKV(sessions)
+            await self._check_unique()
+            await self._open_buckets()
             self._subs = [
                 await nc.subscribe(self.names.node_wildcard(self.node_id), cb=self._on_notice),
                 await nc.subscribe(self.names.method(self.node_id), cb=self._on_method_request),
@@ -164,6 +171,24 @@ class ClusterBus:
         self._spawn(self._refresh_forever())
         log.info("cluster node %s joined via %s (subjects %s.*)", self.node_id, _redact(self.url),
                  self.names.prefix)
+
+    async def _check_unique(self) -> None:
+        """Refuse to join when a live node already answers for this node id (two processes with the
+        same `cluster.node_id` would take each other's traffic)."""
+        try:
+            await self._nc_or_raise().request(self.names.method(self.node_id),
+                                              _dumps({"origin": "", "ping": True}), timeout=2.0)
+        except (nats.errors.NoRespondersError, nats.errors.TimeoutError):
+            return
+        raise ConfigError(f"invalid setting cluster.node_id: node {self.node_id!r} is already running "
+                          "in this cluster; every node needs its own id")
+
+    async def _open_buckets(self) -> None:
+        js = self._nc_or_raise().jetstream(timeout=5)
+        presence = await open_bucket(js, self.names.presence_bucket, ttl=PRESENCE_TTL_S)
+        sessions = await open_bucket(js, self.names.sessions_bucket, ttl=None)
+        self._presence = PresenceMap(presence, self.node_id)
+        self._sessions = SessionKV(sessions)
 
     async def close(self) -> None:
         """Finish queued presence work (bounded), then leave NATS."""
@@ -271,7 +296,7 @@ class ClusterBus:
         if held.released or presence is None:
             return
         device_id, module_id = key
-        claim = await presence.claim(identity_key(device_id, module_id), held)
+        claim = await presence.claim(identity_key(device_id, module_id), held, first=first)
         if claim.superseded:  # the device connected to another node after connecting here
             if self._held.get(key) is held and self._connections is not None:
                 log.info("%s connected to another node meanwhile; closing it here", device_id)
@@ -300,13 +325,25 @@ class ClusterBus:
 
     async def _on_reconnected(self) -> None:
         log.info("cluster node %s reconnected to NATS", self.node_id)
+        self._spawn(self._rejoin())
+
+    async def _rejoin(self) -> None:
+        """After a NATS outage: the buckets may be gone (a NATS without persistent storage), and
+        presence work was lost meanwhile; open them again and re-claim every local identity."""
+        try:
+            await self._open_buckets()
+        except Exception as exc:
+            log.warning("reopening the cluster buckets failed: %r", exc)
         self.refresh()
 
     async def _on_nats_disconnected(self) -> None:
-        if not self._closing:
+        if self._nc is not None and not self._closing:
             log.warning("cluster node %s lost its NATS connection; reconnecting", self.node_id)
 
     async def _on_nats_error(self, exc: Exception) -> None:
+        if self._nc is None:  # still joining: reported once by start()
+            self._connect_error = exc
+            return
         log.warning("cluster NATS error: %r", exc)
 
     async def locate(self, device_id: str, module_id: str | None = None) -> str | None:
@@ -408,6 +445,9 @@ class ClusterBus:
     async def _on_method_request(self, msg: Any) -> None:
         doc = self._accept(msg)
         if doc is None or not msg.reply:
+            return
+        if doc.get("ping"):  # another process checking that this node id is free
+            await msg.respond(_dumps({"node": self.node_id}))
             return
         self.stats["rpc_in"] += 1
         self._spawn(self._answer_method(msg, doc))

@@ -1,6 +1,6 @@
 """The cluster's presence map and shared session subscriptions, in two JetStream KV buckets.
 
-Presence (`{prefix}_presence`, memory storage, history 1, TTL `PRESENCE_TTL_S`): identity key →
+Presence (`{prefix}_presence`, history 1, TTL `PRESENCE_TTL_S`): identity key →
 `{"node", "at"}` of its newest connection. A node claims the key after a device connected to it (after
 CONNACK, off the connect path) and deletes it — only if it still holds that revision — when the device
 disconnects. Newest connection wins, by the connect time `at` (milliseconds, wall clock): a node that
@@ -12,7 +12,7 @@ with "no responders" (its NATS connection is gone), notices to it go nowhere, th
 elsewhere overwrites the entry, and entries nobody refreshes expire after the TTL. Live nodes re-claim
 their identities every `PRESENCE_REFRESH_S` (and after a NATS reconnect), so a held entry never expires.
 
-Sessions (`{prefix}_sessions`, file storage): identity key → the subscription kinds of its persistent
+Sessions (`{prefix}_sessions`): identity key → the subscription kinds of its persistent
 MQTT session, so a device that reconnects to another node keeps its methods, desired patches and C2D.
 """
 
@@ -64,16 +64,17 @@ class Claim:
     superseded: bool = False
 
 
-async def open_bucket(js: Any, bucket: str, *, ttl: float | None, memory: bool) -> Any:
-    """The KV bucket, created on first use (several nodes may race to create it)."""
+async def open_bucket(js: Any, bucket: str, *, ttl: float | None) -> Any:
+    """The KV bucket (file storage, so it survives a NATS restart), created on first use (several
+    nodes may race to create it)."""
     for _ in range(3):
         try:
             return await js.key_value(bucket)
         except nats.js.errors.BucketNotFoundError:
             pass
-        storage = api.StorageType.MEMORY if memory else api.StorageType.FILE
         try:
-            return await js.create_key_value(bucket=bucket, history=1, ttl=ttl, storage=storage)
+            return await js.create_key_value(bucket=bucket, history=1, ttl=ttl,
+                                             storage=api.StorageType.FILE)
         except nats.js.errors.BadRequestError:
             continue  # another node created it meanwhile (with the same settings): open it
     return await js.key_value(bucket)
@@ -107,17 +108,21 @@ class PresenceMap:
         node = None if value is None else value.get("node")
         return node if isinstance(node, str) else None
 
-    async def claim(self, key: str, held: Held) -> Claim:
+    async def claim(self, key: str, held: Held, *, first: bool = True) -> Claim:
         """Write this node as the holder of `key` unless a newer connection holds it elsewhere.
-        Compare-and-set on the KV revision, retried when another node writes in between."""
+        Compare-and-set on the KV revision, retried when another node writes in between.
+
+        A first claim (just after the connect) yields to an entry of another node only when that
+        connection is newer by connect time (this claim may simply be late); a refresh yields to any
+        entry of another node, which can only have been written after this node's first claim."""
         body = json.dumps({"node": self.node_id, "at": held.at}, separators=(",", ":")).encode()
         for _ in range(_CLAIM_ATTEMPTS):
             entry = await self._get(key)
             value = None if entry is None else _entry_value(entry)
             other = value.get("node") if value else None
             other_at = value.get("at") if value else None
-            if isinstance(other, str) and other != self.node_id and isinstance(other_at, int) \
-                    and other_at > held.at:
+            if isinstance(other, str) and other != self.node_id and (
+                    not first or (isinstance(other_at, int) and other_at > held.at)):
                 return Claim(superseded=True)
             try:
                 if entry is None:

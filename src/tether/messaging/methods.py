@@ -11,7 +11,9 @@ Azure's semantics, kept here so every protocol surface (MQTT today) shares them:
   (a response from another device, or an unknown rid, is ignored), and the first answer wins;
 - no answer within `response_timeout_s` → 504 `GatewayTimeout`; the connection the request went out
   on closing first → 404 `DeviceNotOnline` at once (the request is lost with it: it is sent QoS 0 as
-  Azure does), rather than making the caller sit out the timeout.
+  Azure does), rather than making the caller sit out the timeout;
+- with several hub nodes (`set_remote`, the cluster bus) an identity that is not online here is reached
+  through the node holding it, with the same answers and errors.
 """
 
 from __future__ import annotations

@@ -4,6 +4,8 @@ Azure allows one connection per device (or module) identity: a new connection re
 Protocol sessions register here after authentication; the registry closes the replaced connection,
 and `drop()` closes a device's connections when it is disabled or deleted. Later features (C2D, twin
 desired patches, direct methods) find a connected device here and push through `deliver()`.
+Presence listeners (`add_presence_listener`) let the cluster bus publish this process's part of the
+cluster-wide presence map; `close_identity` is how another node's takeover closes a connection here.
 """
 
 from __future__ import annotations

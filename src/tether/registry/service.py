@@ -11,6 +11,8 @@ validation, server-managed fields, optimistic concurrency and auditing are imple
 - connection state and last activity are coalesced in memory by `touch()` and written in batches by
   `flush_activity()`, without changing the etag (as in Azure);
 - status listeners run after a device is disabled or deleted, so protocol servers drop its sessions;
+- `find()` (the authentication path) reads through a bounded TTL cache (`tether.registry.cache`),
+  dropped synchronously by every write of this service; `get()` and writes always read the database;
 - `bulk()` (Azure's bulk registry operation) validates a whole batch of create/update/delete
   operations against the current registry, then writes it in one repository transaction
   (`apply_batch`), each update and delete guarded by the etag it was validated against.
@@ -22,6 +24,7 @@ import asyncio
 import base64
 import logging
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +32,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from tether.errors import BadRequest, Conflict, NotFound, PreconditionFailed, TetherError
+from tether.registry import cache as dcache
 from tether.registry.models import (
     DEVICE_ID_RE,
     EPOCH,
@@ -146,8 +150,15 @@ def op_id(before: Device | None, after: Device | None) -> str:
 class RegistryService:
     """Validated, audited device identity registry."""
 
-    def __init__(self, repo: DeviceRepository, audit: AuditLog) -> None:
-        self._repo = repo
+    def __init__(self, repo: DeviceRepository, audit: AuditLog, *, cache_ttl_s: float = dcache.DEFAULT_TTL_S,
+                 cache_size: int = dcache.DEFAULT_MAX_ENTRIES,
+                 negative_ttl_s: float = dcache.DEFAULT_NEGATIVE_TTL_S,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        """`cache_ttl_s`: how long `find()` may serve a device without re-reading it, i.e. the bound
+        on how late writes of OTHER processes on the same database are seen (0 disables the cache)."""
+        self._cache = dcache.DeviceCache(ttl_s=cache_ttl_s, max_entries=cache_size,
+                                         negative_ttl_s=negative_ttl_s, clock=clock)
+        self._repo: DeviceRepository = dcache.InvalidatingRepository(repo, self._cache)  # writes invalidate
         self._audit = audit
         self._listeners: list[StatusListener] = []
         self._relays: list[StatusListener] = []
@@ -164,22 +175,44 @@ class RegistryService:
 
     async def status_changed_elsewhere(self, device: Device) -> None:
         """Another hub node disabled or deleted `device`: run this process's listeners, not relays."""
+        self._cache.invalidate([device.device_id])
         await self._notify(device, relay=False)
+
+    def invalidate(self, device_id: str | None = None) -> None:
+        """Forget the cached copy of `device_id` (None: of every device), e.g. when the cluster bus
+        hears that another node changed it; the next `find()` reads the database."""
+        self._cache.invalidate(None if device_id is None else [device_id])
 
     # Reads -----------------------------------------------------------------------------------
     async def find(self, device_id: str) -> Device | None:
-        """None for unknown or malformed ids (ids arrive from untrusted connections)."""
+        """None for unknown or malformed ids (ids arrive from untrusted connections). Cached (the
+        per-CONNECT authentication lookup), safe because: every write of this service (disable, new
+        key, delete...) drops the entry before it returns; a device disabled or deleted on another
+        node is dropped here and its sessions closed by the status listeners (cluster bus →
+        `status_changed_elsewhere`); other changes made elsewhere (a regenerated key, a CLI create)
+        are honoured within `cache_ttl_s` (unknown ids: `negative_ttl_s`). Activity fields: pending
+        activity is overlaid, flushed activity patched in; other nodes' after the TTL."""
         if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
             return None
-        device = await self._repo.get(device_id)
+        hit, device = self._cache.lookup(device_id)
+        if not hit:
+            device = await self._load(device_id)
         return None if device is None else self._overlay(device)
 
+    async def _load(self, device_id: str) -> Device | None:
+        """Read the database and refresh the cache (unless a write overlapped the read)."""
+        token = self._cache.token()
+        device = await self._repo.get(device_id)
+        self._cache.store(device_id, device, token)
+        return device
+
     async def get(self, device_id: str) -> Device:
+        """Always fresh from the database (REST reads), unlike `find()`."""
         validate_device_id(device_id)
-        device = await self.find(device_id)
+        device = await self._load(device_id)
         if device is None:
             raise NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
-        return device
+        return self._overlay(device)
 
     async def list(self, *, top: int = 1000, after: str | None = None) -> list[Device]:
         if not 1 <= top <= MAX_LIST_TOP:
@@ -388,7 +421,7 @@ class RegistryService:
             ConnectionState.connected if connected else ConnectionState.disconnected
         )
         update = ActivityUpdate(device_id, state, utcnow())
-        self._pending[device_id] = _merge_activity(self._pending.get(device_id), update)
+        self._pending[device_id] = dcache.merge_activity(self._pending.get(device_id), update)
         if len(self._pending) >= MAX_PENDING_ACTIVITY:
             await self.flush_activity()
 
@@ -401,7 +434,7 @@ class RegistryService:
                 await self._repo.apply_activity(list(batch.values()))
             except BaseException:
                 for device_id, older in batch.items():  # kept for the next flush; newer entries win
-                    self._pending[device_id] = _merge_activity(older, self._pending.get(device_id))
+                    self._pending[device_id] = dcache.merge_activity(older, self._pending.get(device_id))
                 raise
 
     # Internals -------------------------------------------------------------------------------
@@ -503,13 +536,7 @@ class RegistryService:
     def _overlay(self, device: Device) -> Device:
         """Show activity not yet flushed, so reads are as fresh as the hub's own view."""
         update = self._pending.get(device.device_id)
-        if update is None:
-            return device
-        fields: dict[str, Any] = {"last_activity_time": max(update.at, device.last_activity_time)}
-        if update.connection_state is not None and update.connection_state != device.connection_state:
-            fields["connection_state"] = update.connection_state
-            fields["connection_state_updated_time"] = update.at
-        return device.model_copy(update=fields)
+        return device if update is None else dcache.with_activity(device, update)
 
     async def _notify(self, device: Device, *, relay: bool = True) -> None:
         callbacks = [*self._relays, *self._listeners] if relay else list(self._listeners)
@@ -558,16 +585,6 @@ def _with_keys(device: Device, current: Device | None) -> Authentication:
         secondary_key=keys.secondary_key or old.secondary_key or generate_key(),
     )
     return auth.model_copy(update={"symmetric_key": new_keys})
-
-
-def _merge_activity(older: ActivityUpdate | None, newer: ActivityUpdate | None) -> ActivityUpdate:
-    if older is None:
-        assert newer is not None
-        return newer
-    if newer is None:
-        return older
-    state = newer.connection_state if newer.connection_state is not None else older.connection_state
-    return ActivityUpdate(newer.device_id, state, max(older.at, newer.at))
 
 
 def _stale(device_id: str) -> PreconditionFailed:

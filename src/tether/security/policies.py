@@ -3,13 +3,20 @@
 Every change is validated and audited (`policy.create`, `policy.delete`, `policy.regenerate-key`); keys
 never appear in an audit record or a log line. On first start `ensure_defaults()` creates Azure's five
 default policies, each with fresh random keys.
+
+`find()`/`get()` serve every REST call's authentication, so all policies (a hub has a handful) are
+kept in memory: dropped synchronously by every change made through this service, re-read after
+`cache_ttl_s` so that changes made by another process on the same database (another hub node, the
+CLI) are honoured within that bound — a regenerated or deleted key elsewhere keeps working for at
+most `cache_ttl_s`. `list()` and the read-modify-write of `regenerate_key()` always read the database.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 
 from tether.errors import BadRequest, Conflict, NotFound
 from tether.registry.models import validate_key
@@ -29,6 +36,7 @@ DEFAULT_POLICIES: dict[str, frozenset[str]] = {
 POLICY_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 KEY_CHOICES = ("primary", "secondary", "both")
 SYSTEM_ACTOR = "system"
+DEFAULT_CACHE_TTL_S = 2.0
 
 
 def validate_policy_name(name: str) -> str:
@@ -63,10 +71,25 @@ def _checked_key(value: str | None, field: str) -> str:
 class PolicyService:
     """Validated, audited access to the policy repository."""
 
-    def __init__(self, repo: PolicyRepository, audit: AuditLog) -> None:
+    def __init__(
+        self,
+        repo: PolicyRepository,
+        audit: AuditLog,
+        *,
+        cache_ttl_s: float = DEFAULT_CACHE_TTL_S,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        """`cache_ttl_s`: how long `find()`/`get()` may serve the policies without re-reading them
+        (the bound on how late other processes' changes are seen); 0 disables the cache."""
         self._repo = repo
         self._audit = audit
         self._lock = asyncio.Lock()  # read-check-write sequences (create/delete/regenerate) in-process
+        self._ttl_s = cache_ttl_s
+        self._clock = clock
+        self._cached: dict[str, PolicyRecord] | None = None  # every policy by name, or not loaded
+        self._expires = 0.0
+        self._epoch = 0  # bumped by every invalidation: a load overlapping one is not kept
+        self._loading = asyncio.Lock()  # one reload at a time; the others wait and use its result
 
     async def ensure_defaults(self) -> None:
         """Create Azure's five default policies when the hub has no policy at all (first start)."""
@@ -74,7 +97,10 @@ class PolicyService:
             if await self._repo.list():
                 return
             for name, rights in DEFAULT_POLICIES.items():
-                await self._repo.upsert(PolicyRecord(name, generate_key(), generate_key(), rights))
+                try:
+                    await self._repo.upsert(PolicyRecord(name, generate_key(), generate_key(), rights))
+                finally:
+                    self.invalidate()
                 await self._audit_change("policy.create", name, SYSTEM_ACTOR, {"rights": sorted(rights)})
 
     async def list(self) -> list[PolicyRecord]:
@@ -84,7 +110,30 @@ class PolicyService:
         """None for unknown or malformed names (names arrive from untrusted tokens)."""
         if not isinstance(name, str) or not POLICY_NAME_RE.fullmatch(name):
             return None
-        return await self._repo.get(name)
+        if self._ttl_s <= 0:
+            return await self._repo.get(name)
+        return (await self._all()).get(name)
+
+    def invalidate(self) -> None:
+        """Forget the cached policies (e.g. when told that another node changed one); the next
+        lookup reads the database."""
+        self._epoch += 1
+        self._cached = None
+
+    async def _all(self) -> dict[str, PolicyRecord]:
+        """Every policy by name, from memory while fresh."""
+        cached = self._cached
+        if cached is not None and self._clock() < self._expires:
+            return cached
+        async with self._loading:
+            cached = self._cached
+            if cached is not None and self._clock() < self._expires:
+                return cached  # another caller reloaded while this one waited
+            epoch = self._epoch
+            loaded = {p.name: p for p in await self._repo.list()}
+            if epoch == self._epoch:  # no change of ours overlapped the read
+                self._cached, self._expires = loaded, self._clock() + self._ttl_s
+            return loaded
 
     async def get(self, name: str) -> PolicyRecord:
         policy = await self.find(name)
@@ -113,14 +162,21 @@ class PolicyService:
             if await self._repo.get(name) is not None:
                 raise Conflict(f"shared access policy {name!r} already exists", code="KeyNameAlreadyExists",
                                field="name")
-            await self._repo.upsert(record)
+            try:
+                await self._repo.upsert(record)
+            finally:
+                self.invalidate()
             await self._audit_change("policy.create", name, actor, {"rights": sorted(rights)})
         return record
 
     async def delete(self, name: str, *, actor: str) -> None:
         validate_policy_name(name)
         async with self._lock:
-            if not await self._repo.delete(name):
+            try:
+                deleted = await self._repo.delete(name)
+            finally:
+                self.invalidate()
+            if not deleted:
                 raise NotFound(f"shared access policy {name!r} not found", code="KeyNameNotFound",
                                field="name")
             await self._audit_change("policy.delete", name, actor, None)
@@ -130,14 +186,21 @@ class PolicyService:
         if which not in KEY_CHOICES:
             raise BadRequest(f"key must be one of {', '.join(KEY_CHOICES)}", field="which")
         async with self._lock:
-            current = await self.get(name)
+            valid = isinstance(name, str) and POLICY_NAME_RE.fullmatch(name)
+            current = await self._repo.get(name) if valid else None  # fresh: never regress a key
+            if current is None:
+                raise NotFound(f"shared access policy {name!r} not found", code="KeyNameNotFound",
+                               field="name")
             record = PolicyRecord(
                 name=current.name,
                 primary_key=generate_key() if which in ("primary", "both") else current.primary_key,
                 secondary_key=generate_key() if which in ("secondary", "both") else current.secondary_key,
                 permissions=current.permissions,
             )
-            await self._repo.upsert(record)
+            try:
+                await self._repo.upsert(record)
+            finally:
+                self.invalidate()
             await self._audit_change("policy.regenerate-key", name, actor, {"which": which})
         return record
 
