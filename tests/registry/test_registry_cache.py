@@ -84,6 +84,12 @@ async def other(db_url: str, storage: SqlStorage) -> AsyncIterator[RegistryServi
         await store.close()
 
 
+async def must_find(registry: RegistryService, device_id: str) -> Device:
+    found = await registry.find(device_id)
+    assert found is not None, device_id
+    return found
+
+
 async def test_repeated_find_reads_the_database_once(cached: RegistryService, reads: DeviceReads) -> None:
     created = await cached.create("dev1", {}, actor=ACTOR)
     reads.count = 0
@@ -104,7 +110,7 @@ async def test_get_always_reads_the_database(
     assert reads.count == 2
     await other.set_status("dev1", False, actor=ACTOR)
     assert (await cached.get("dev1")).status is DeviceStatus.disabled  # REST reads are fresh
-    assert (await cached.find("dev1")).status is DeviceStatus.disabled  # ...and refreshed the cache
+    assert (await must_find(cached, "dev1")).status is DeviceStatus.disabled  # ...and refreshed the cache
 
 
 async def _warm(registry: RegistryService, *ids: str) -> None:
@@ -119,7 +125,8 @@ async def test_disable_and_enable_are_visible_at_once(cached: RegistryService, r
     found = await cached.find("dev1")
     assert found is not None and found.status is DeviceStatus.disabled and found.status_reason == "stolen"
     await cached.set_status("dev1", True, actor=ACTOR)
-    assert (found := await cached.find("dev1")) is not None and found.enabled
+    found = await must_find(cached, "dev1")
+    assert found.enabled
 
 
 async def test_regenerated_key_is_visible_at_once(cached: RegistryService) -> None:
@@ -135,9 +142,11 @@ async def test_replace_and_put_are_visible_at_once(cached: RegistryService) -> N
     await cached.create("dev1", {}, actor=ACTOR)
     await _warm(cached, "dev1")
     await cached.replace("dev1", {"status": "disabled"}, if_match="*", actor=ACTOR)
-    assert (found := await cached.find("dev1")) is not None and not found.enabled
+    found = await must_find(cached, "dev1")
+    assert not found.enabled
     await cached.put("dev1", {"status": "enabled", "statusReason": "back"}, if_match=found.etag, actor=ACTOR)
-    assert (found := await cached.find("dev1")) is not None and found.enabled
+    found = await must_find(cached, "dev1")
+    assert found.enabled
     assert found.status_reason == "back"
 
 
@@ -174,7 +183,8 @@ async def test_bulk_writes_are_visible_at_once(cached: RegistryService) -> None:
     ], actor=ACTOR)
     assert errors == []
     assert await cached.find("new") is not None
-    assert (found := await cached.find("upd")) is not None and not found.enabled
+    found = await must_find(cached, "upd")
+    assert not found.enabled
     assert await cached.find("del") is None
 
 
@@ -225,14 +235,16 @@ async def test_status_changed_elsewhere_and_invalidate_drop_the_entry(
     await _warm(cached, "dev1", "dev2")
     disabled = await other.set_status("dev1", False, actor=ACTOR)
     await cached.status_changed_elsewhere(disabled)  # what the cluster bus calls
-    assert (found := await cached.find("dev1")) is not None and not found.enabled
+    found = await must_find(cached, "dev1")
+    assert not found.enabled
     renewed = await other.regenerate_key("dev2", "both", actor=ACTOR)
     cached.invalidate("dev2")
-    assert (found := await cached.find("dev2")) is not None
+    found = await must_find(cached, "dev2")
     assert found.authentication == renewed.authentication
     await other.set_status("dev2", False, actor=ACTOR)
     cached.invalidate()  # everything
-    assert (found := await cached.find("dev2")) is not None and not found.enabled
+    found = await must_find(cached, "dev2")
+    assert not found.enabled
 
 
 async def test_ttl_zero_disables_the_cache(storage: SqlStorage, audit: AuditLog, reads: DeviceReads) -> None:
@@ -273,17 +285,17 @@ async def test_activity_stays_fresh_through_the_cache(cached: RegistryService, r
     await cached.create("dev1", {}, actor=ACTOR)
     await _warm(cached, "dev1")
     await cached.touch("dev1", connected=True)
-    assert (found := await cached.find("dev1")) is not None
+    found = await must_find(cached, "dev1")
     assert found.connection_state is ConnectionState.connected  # pending, overlaid
     await cached.flush_activity()
     reads.count = 0
-    found = await cached.find("dev1")
-    assert found is not None and found.connection_state is ConnectionState.connected  # patched in
+    found = await must_find(cached, "dev1")
+    assert found.connection_state is ConnectionState.connected  # patched in
     assert reads.count == 0
     assert (await cached.get("dev1")).connection_state is ConnectionState.connected  # really written
     await cached.touch("dev1", connected=False)
     await cached.flush_activity()
-    assert (found := await cached.find("dev1")) is not None
+    found = await must_find(cached, "dev1")
     assert found.connection_state is ConnectionState.disconnected
 
 

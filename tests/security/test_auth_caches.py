@@ -173,9 +173,10 @@ async def test_regenerated_key_refuses_the_old_key_at_once(node: Node) -> None:
     await node.registry.create("dev1", {}, actor=ACTOR)
     old = await primary_key(node, "dev1")
     assert await device_ok(node, "dev1", old)
-    await node.registry.regenerate_key("dev1", "primary", actor=ACTOR)
-    new = await primary_key(node, "dev1")
-    assert await refused(node, "dev1", old) == "bad-signature"
+    renewed = await node.registry.regenerate_key("dev1", "primary", actor=ACTOR)
+    new = renewed.authentication.symmetric_key.primary_key
+    assert new is not None and new != old
+    assert await refused(node, "dev1", old) == "bad-signature"  # no get() in between: the write did it
     assert await device_ok(node, "dev1", new)
 
 
@@ -266,7 +267,9 @@ async def test_regenerate_reads_fresh_and_never_reverts_another_process_key(
     assert stored is not None and stored.secondary_key == ours.secondary_key
 
 
-async def test_policy_cache_disabled_with_ttl_zero(storage: SqlStorage, audit: AuditLog, reads: Reads) -> None:
+async def test_policy_cache_disabled_with_ttl_zero(
+    storage: SqlStorage, audit: AuditLog, reads: Reads
+) -> None:
     policies = PolicyService(storage.policies, audit, cache_ttl_s=0)
     await policies.ensure_defaults()
     reads.reset()

@@ -213,3 +213,23 @@ async def test_devices_survive_reopen(storage: SqlStorage, db_url: str) -> None:
         assert loaded is not None and loaded.status_reason == "kept"
     finally:
         await reopened.close()
+
+
+async def test_an_older_connection_state_does_not_overwrite_a_newer_one(storage: SqlStorage) -> None:
+    """Two gateways flush activity independently: a late flush of an older state is ignored."""
+    from datetime import timedelta
+
+    from tether.registry.models import ConnectionState, Device, utcnow
+    from tether.storage.base import ActivityUpdate
+
+    await storage.devices.insert(Device.model_validate({"deviceId": "mover", "etag": "e1"}))
+    now = utcnow()
+    await storage.devices.apply_activity([ActivityUpdate("mover", ConnectionState.connected, now)])
+    stale = now - timedelta(seconds=3)
+    await storage.devices.apply_activity([ActivityUpdate("mover", ConnectionState.disconnected, stale)])
+    device = await storage.devices.get("mover")
+    assert device is not None and device.connection_state is ConnectionState.connected
+    later = now + timedelta(seconds=1)
+    await storage.devices.apply_activity([ActivityUpdate("mover", ConnectionState.disconnected, later)])
+    device = await storage.devices.get("mover")
+    assert device is not None and device.connection_state is ConnectionState.disconnected

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Delete, Row, String, Update, bindparam, case, func, select, update
+from sqlalchemy import Delete, Row, String, Update, bindparam, case, func, or_, select, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.exc import IntegrityError
@@ -184,9 +184,17 @@ class SqlDeviceRepository:
         b_at = bindparam("b_at", type_=UtcDateTime())
         async with self._db.write() as conn:
             if with_state:
+                # Flushes from several gateways can arrive out of order: a state older than the
+                # last recorded change must not overwrite it.
                 state_stmt = (
                     update(DeviceRow)
-                    .where(DeviceRow.device_id == b_id)
+                    .where(
+                        DeviceRow.device_id == b_id,
+                        or_(
+                            DeviceRow.connection_state_updated_time.is_(None),
+                            DeviceRow.connection_state_updated_time <= b_at,
+                        ),
+                    )
                     .values(
                         connection_state_updated_time=case(
                             (DeviceRow.connection_state != b_state, b_at),
