@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import signal
 import sys
@@ -19,6 +20,13 @@ from tether.config import Settings
 from tether.hub import Hub
 
 log = logging.getLogger("tether.server")
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 async def start_listeners(hub: Hub) -> None:
@@ -45,7 +53,9 @@ async def start_listeners(hub: Hub) -> None:
     mqtts = await start_mqtt(hub, host=host, port=settings.listeners.mqtt_port, tls=True)
     hub.add_server("mqtts", mqtts)
     if settings.listeners.mqtt_plain_port is not None:
-        plain = await start_mqtt(hub, host=host, port=settings.listeners.mqtt_plain_port, tls=False)
+        # Unencrypted MQTT is for loopback testing only: it never binds a non-loopback address.
+        plain_host = host if _is_loopback(host) else "127.0.0.1"
+        plain = await start_mqtt(hub, host=plain_host, port=settings.listeners.mqtt_plain_port, tls=False)
         hub.add_server("mqtt", plain)
 
 

@@ -240,6 +240,7 @@ async def test_auth_failures_are_rate_limited_per_peer(hub: TetherHub, good: Goo
     assert outcomes.get("connack-0", 0) == 0
     verified = sum(r["reason"] == "bad-signature" for r in _peer_records(hub, "127.0.0.52"))
     allowed = 2 * AUTH_FAILURES_PER_S + AUTH_FAILURES_PER_S * (elapsed + 1.0)
+    assert outcomes.get("connack-3", 0) >= 1, f"throttled CONNECTs answer 3 (server unavailable): {outcomes}"
     assert 1 <= verified <= allowed, (
         f"{verified} bad-password CONNECTs from one peer got full authentication in {elapsed:.1f}s "
         f"(limit {AUTH_FAILURES_PER_S}/s): {outcomes}")

@@ -71,6 +71,7 @@ from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.security.authenticator import Authenticator
 from tether.security.principal import AuthRefused, Principal
+from tether.security.throttle import RATE_LIMITED
 
 __all__ = ["Link", "MqttContext", "MqttSession", "NullTwinMethodHooks", "TwinMethodHooks"]
 
@@ -190,6 +191,7 @@ class MqttSession:
         self.peer = peer
         self._peer_chain = peer_chain
         self._protocol = protocol
+        self._surface = "mqtt" if protocol == "mqtt" else "mqttws"  # the authenticator's surface label
         self._loop = asyncio.get_running_loop()
         self._codec = MqttConnection("server", max_packet_size=ctx.limits.max_mqtt_packet_bytes)
         self._state = _State.WAIT_CONNECT
@@ -332,7 +334,7 @@ class MqttSession:
     async def _authenticate(self, password: bytes | None, device_id: str, module_id: str | None) -> None:
         ctx = self._ctx
         epoch = ctx.connections.epoch(device_id)
-        surface = "mqtt" if self._protocol == "mqtt" else "mqttws"
+        surface = self._surface
         try:
             chain = () if password else self._peer_chain()
             if chain:
@@ -347,6 +349,8 @@ class MqttSession:
         except AuthRefused as exc:
             refused = exc.not_authorized or exc.reason == "device-disabled"
             code = ConnAckCode.NOT_AUTHORIZED if refused else ConnAckCode.BAD_USERNAME_OR_PASSWORD
+            if exc.reason == RATE_LIMITED:
+                code = ConnAckCode.SERVER_UNAVAILABLE  # throttled: back off and retry later
             self._refuse_connect(code, exc.reason, None)  # the authenticator wrote the audit record
             return
         except Exception:
@@ -384,8 +388,8 @@ class MqttSession:
         """CONNACK with a refusal code, then close. `identity` given: audit here (pre-auth checks)."""
         if self._state is _State.CLOSED:
             return
-        AUTH_FAILURES.labels(self._protocol, reason).inc()
-        if identity is not None:
+        if identity is not None:  # pre-auth refusal; the authenticator counts and audits its own
+            AUTH_FAILURES.labels(self._surface, reason).inc()
             device = identity.partition("/")[0] or None
             self._audit("mqtt.connect", reason, principal=f"device:{identity}" if identity else None,
                         target=device, details=details)
@@ -514,7 +518,7 @@ class MqttSession:
             if exc.connack_code is not None:
                 self._refuse_connect(exc.connack_code, exc.reason, "")
             else:
-                AUTH_FAILURES.labels(self._protocol, exc.reason).inc()
+                AUTH_FAILURES.labels(self._surface, exc.reason).inc()
                 self._audit("mqtt.connect", exc.reason)
                 self.shutdown(exc.reason)
             return
@@ -535,7 +539,7 @@ class MqttSession:
 
     def _on_connect_timeout(self) -> None:
         if self._state is _State.WAIT_CONNECT:
-            AUTH_FAILURES.labels(self._protocol, "connect-timeout").inc()
+            AUTH_FAILURES.labels(self._surface, "connect-timeout").inc()
             self._audit("mqtt.connect", "connect-timeout")
             self.shutdown("connect-timeout")
 
@@ -588,7 +592,8 @@ class MqttSession:
         if self._registered and principal is not None and principal.device_id is not None:
             self._registered = False
             CONNECTED_DEVICES.labels(self._protocol).dec()
-            if self._ctx.connections.unregister(principal.device_id, principal.module_id, self):
+            still_ours = self._ctx.connections.unregister(principal.device_id, principal.module_id, self)
+            if still_ours and reason != "connection-replaced":  # a replacement is connected elsewhere
                 self._spawn(self._ctx.activity.touch(principal.device_id, connected=False))
         log.debug("MQTT connection from %s closed: %s", self.peer, reason)
         self._closed.set()
