@@ -69,7 +69,8 @@ class Hub:
         self.cluster: ClusterBus | None = None
         if settings.cluster.nats_url is not None:
             self.cluster = ClusterBus(settings.cluster, node_id=self.node_id)
-            self.cluster.attach(registry=self.registry, connections=self.connections, c2d=self.c2d,
+            self.cluster.attach(registry=self.registry, policies=self.policies, connections=self.connections,
+                                c2d=self.c2d,
                                 twins=self.twins, methods=self.methods, hooks=self.twin_hooks)
             if settings.storage.database_url is None or settings.stream_url.startswith("file:"):
                 log.warning("cluster.nats_url is set but storage is embedded (SQLite / file stream): "

@@ -145,3 +145,35 @@ def test_duplicate_node_id_is_refused(pair: Pair) -> None:
             pair.a.call(twin.start())
     finally:
         pair.a.call(twin.close())
+
+
+def test_a_write_on_one_node_reaches_the_other_nodes_caches_at_once(pair: Pair) -> None:
+    """Authentication material is cached per node (2 s TTL); a write anywhere is announced, so a
+    regenerated device key or policy key takes effect on every node immediately."""
+    device_id, key = "dev.rotate", new_key()
+    pair.rest_a.create_device(device_id, key)
+    first = MqttDevice(device_id, key)
+    try:
+        assert first.connect(pair.a.ports["mqtt"]) == 0  # node A now caches the device
+    finally:
+        first.close()
+    rotated = pair.rest_b._ok(pair.rest_b.client.post(
+        f"/tether/devices/{device_id}/regenerate-key?key=primary&api-version=2021-04-12"))
+    new_primary = rotated["authentication"]["symmetricKey"]["primaryKey"]
+    assert new_primary != key
+    time.sleep(0.3)  # the announcement crosses NATS; far below the cache TTL
+    old = MqttDevice(device_id, key)
+    fresh = MqttDevice(device_id, new_primary)
+    try:
+        assert old.connect(pair.a.ports["mqtt"]) == 4, "node A still honours the replaced key"
+        assert fresh.connect(pair.a.ports["mqtt"]) == 0, "node A refuses the new key"
+    finally:
+        old.close()
+        fresh.close()
+
+    # Policies likewise: regenerating the owner key on B invalidates A's cached policies at once.
+    assert pair.a.hub.cluster is not None
+    before = pair.a.hub.cluster.stats["received"]
+    pair.rest_b._ok(pair.rest_b.client.post("/tether/policies/registryRead/regenerate-key?key=primary"))
+    wait_for(lambda: pair.a.hub.cluster.stats["received"] > before, what="policy change announced to A")
+    assert pair.a.hub.policies._cached is None  # next lookup reads the database

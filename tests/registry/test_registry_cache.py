@@ -204,6 +204,23 @@ async def test_write_by_another_process_is_seen_after_the_ttl(
     assert fresh.authentication != device.authentication
 
 
+async def test_disabled_devices_are_never_cached(
+    cached: RegistryService, other: RegistryService, reads: DeviceReads
+) -> None:
+    """Other nodes relay disables but not enables: a device re-enabled elsewhere connects here at once."""
+    await cached.create("dev1", {}, actor=ACTOR)
+    await cached.set_status("dev1", False, actor=ACTOR)
+    reads.count = 0
+    for _ in range(3):
+        assert not (await must_find(cached, "dev1")).enabled
+    assert reads.count == 3
+    await other.set_status("dev1", True, actor=ACTOR)
+    assert (await must_find(cached, "dev1")).enabled
+    reads.count = 0
+    await _warm(cached, "dev1", "dev1")
+    assert reads.count == 0  # enabled again: cached again
+
+
 async def test_unknown_ids_are_cached_briefly(
     cached: RegistryService, other: RegistryService, clock: FakeClock, reads: DeviceReads
 ) -> None:

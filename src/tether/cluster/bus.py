@@ -12,6 +12,8 @@ and a node ignores its own (the connection is `no_echo` as well).
   `{p}.node.{holder}.c2d|desired` → the holder wakes the device's pump / pushes the patch;
 - direct method for an identity not online here → `{p}.rpc.{holder}.method` (request/reply) → the
   holder invokes it locally and answers `{status, payload}`, `{offline}` or `{error}`;
+- a registry or policy write here → broadcast `{p}.ctl.registry.changed` / `{p}.ctl.policies.changed`
+  → the other nodes drop those entries from their authentication caches at once;
 - a connect here → claim the identity in the presence map; the previous holder gets
   `{p}.node.{holder}.takeover` and closes its connection (the newest connection wins).
 
@@ -56,6 +58,7 @@ if TYPE_CHECKING:
     from tether.messaging.twins import TwinService
     from tether.protocols.mqtt.hooks import HubDeviceHooks
     from tether.registry.service import RegistryService
+    from tether.security.policies import PolicyService
 
 __all__ = ["SHARDS", "ClusterBus"]
 
@@ -112,18 +115,22 @@ class ClusterBus:
         self._connect_error: Exception | None = None
         self._last_drop_warning = 0.0
         self._registry: RegistryService | None = None
+        self._policies: PolicyService | None = None
+        self._background: set[asyncio.Task[None]] = set()  # fire-and-forget publications
         self._connections: ConnectionRegistry | None = None
         self._c2d: C2DService | None = None
         self._twins: TwinService | None = None
         self._methods: MethodService | None = None
 
     # --- wiring ---------------------------------------------------------------------------------
-    def attach(self, *, registry: RegistryService, connections: ConnectionRegistry, c2d: C2DService,
-               twins: TwinService, methods: MethodService, hooks: HubDeviceHooks) -> None:
+    def attach(self, *, registry: RegistryService, policies: PolicyService, connections: ConnectionRegistry,
+               c2d: C2DService, twins: TwinService, methods: MethodService, hooks: HubDeviceHooks) -> None:
         """Relay the hub's local hooks to the other nodes (called once, by `Hub`)."""
         self._registry, self._connections, self._c2d = registry, connections, c2d
-        self._twins, self._methods = twins, methods
+        self._twins, self._methods, self._policies = twins, methods, policies
         registry.add_status_relay(self._on_status)
+        registry.add_write_relay(self._on_devices_written)
+        policies.add_write_relay(self._on_policies_written)
         c2d.add_enqueue_relay(self._on_enqueue)
         twins.add_desired_relay(self._on_desired)
         connections.add_presence_listener(self._on_connect, self._on_disconnect)
@@ -158,6 +165,8 @@ class ClusterBus:
                 await nc.subscribe(self.names.node_wildcard(self.node_id), cb=self._on_notice),
                 await nc.subscribe(self.names.method(self.node_id), cb=self._on_method_request),
                 await nc.subscribe(self.names.drop_wildcard, cb=self._on_drop),
+                await nc.subscribe(self.names.registry_changed, cb=self._on_registry_changed),
+                await nc.subscribe(self.names.policies_changed, cb=self._on_policies_changed),
             ]
             await nc.flush()
         except BaseException:
@@ -365,6 +374,27 @@ class ClusterBus:
         except Exception as exc:
             log.warning("could not broadcast the drop of %s: %r", device.device_id, exc)
 
+    def _on_devices_written(self, device_ids: list[str]) -> None:
+        """Registry write relay: other nodes forget their cached copies of these devices."""
+        if self.started and device_ids:
+            self._spawn_publish(self.names.registry_changed, {"devices": device_ids})
+
+    def _on_policies_written(self) -> None:
+        """Policy write relay: other nodes forget their cached policies."""
+        if self.started:
+            self._spawn_publish(self.names.policies_changed, {})
+
+    def _spawn_publish(self, subject: str, doc: dict[str, Any]) -> None:
+        task = asyncio.get_running_loop().create_task(self._publish_quietly(subject, doc))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _publish_quietly(self, subject: str, doc: dict[str, Any]) -> None:
+        try:
+            await self._publish(subject, doc)
+        except Exception as exc:  # the other nodes' caches then expire by their TTL instead
+            log.warning("could not broadcast a change on %s: %r", subject, exc)
+
     def _on_enqueue(self, device_id: str) -> None:
         """C2D relay: wake the device's pump on the node holding it (nothing to do if it is here)."""
         if self._connections is not None and self._connections.get(device_id) is not None:
@@ -394,6 +424,19 @@ class ClusterBus:
         except ValueError:
             return
         await self._registry.status_changed_elsewhere(device)
+
+    async def _on_registry_changed(self, msg: Any) -> None:
+        doc = self._accept(msg)
+        devices = None if doc is None else doc.get("devices")
+        if self._registry is None or not isinstance(devices, list):
+            return
+        for device_id in devices:
+            if isinstance(device_id, str):
+                self._registry.invalidate(device_id)
+
+    async def _on_policies_changed(self, msg: Any) -> None:
+        if self._accept(msg) is not None and self._policies is not None:
+            self._policies.invalidate()
 
     async def _on_notice(self, msg: Any) -> None:
         doc = self._accept(msg)

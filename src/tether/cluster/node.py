@@ -75,6 +75,14 @@ class Names:
         self.sessions_bucket = f"{prefix}_sessions"
         self.drop_wildcard = f"{prefix}.ctl.device.*.drop"
 
+    @property
+    def registry_changed(self) -> str:
+        return f"{self.prefix}.ctl.registry.changed"
+
+    @property
+    def policies_changed(self) -> str:
+        return f"{self.prefix}.ctl.policies.changed"
+
     def drop(self, device_id: str) -> str:
         return f"{self.prefix}.ctl.device.{encode_id(device_id)}.drop"
 

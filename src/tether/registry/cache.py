@@ -14,6 +14,8 @@ bounded LRU instead:
   activity) does not invalidate: the written values are patched into the cached copies instead.
 - Loads that overlap an invalidation are not stored (an epoch counter): a read that started before a
   write committed can never put the old version back after the write dropped it.
+- Disabled devices are never cached: the cache only speeds up accepting enabled devices, and a device
+  re-enabled on another node (which relays only disables and deletes) can connect here at once.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from typing import Any
 
-from tether.registry.models import Device, RegistryStatistics
+from tether.registry.models import Device, DeviceStatus, RegistryStatistics
 from tether.storage.base import ActivityUpdate, DeviceRepository
 
 DEFAULT_TTL_S = 2.0
@@ -116,6 +118,9 @@ class DeviceCache:
                     self._missing.popitem(last=False)
             return
         self._missing.pop(device_id, None)
+        if device.status is not DeviceStatus.enabled:  # re-read on every lookup (see module doc)
+            self._found.pop(device_id, None)
+            return
         self._found[device_id] = (device, now + self._ttl_s)
         self._found.move_to_end(device_id)
         while len(self._found) > self._max_entries:
@@ -149,6 +154,15 @@ class InvalidatingRepository:
     def __init__(self, repo: DeviceRepository, cache: DeviceCache) -> None:
         self.inner = repo
         self._cache = cache
+        # Called with the ids of every write made here (not for invalidations from elsewhere), so the
+        # cluster bus can tell other nodes to forget their cached copies.
+        self.write_listeners: list[Callable[[list[str]], None]] = []
+
+    def _written(self, ids: Iterable[str]) -> None:
+        written = list(ids)
+        self._cache.invalidate(written)
+        for listener in self.write_listeners:
+            listener(written)
 
     async def get(self, device_id: str) -> Device | None:
         return await self.inner.get(device_id)
@@ -157,25 +171,25 @@ class InvalidatingRepository:
         try:
             await self.inner.insert(device)
         finally:
-            self._cache.invalidate([device.device_id])
+            self._written([device.device_id])
 
     async def insert_many(self, devices: Sequence[Device]) -> None:
         try:
             await self.inner.insert_many(devices)
         finally:
-            self._cache.invalidate(d.device_id for d in devices)
+            self._written(d.device_id for d in devices)
 
     async def replace(self, device: Device, expected_etag: str | None) -> None:
         try:
             await self.inner.replace(device, expected_etag)
         finally:
-            self._cache.invalidate([device.device_id])
+            self._written([device.device_id])
 
     async def delete(self, device_id: str, expected_etag: str | None) -> None:
         try:
             await self.inner.delete(device_id, expected_etag)
         finally:
-            self._cache.invalidate([device_id])
+            self._written([device_id])
 
     async def apply_batch(
         self,
@@ -187,7 +201,7 @@ class InvalidatingRepository:
             await self.inner.apply_batch(inserts, replaces, deletes)
         finally:
             ids = [*(d.device_id for d in inserts), *(d.device_id for d, _ in replaces)]
-            self._cache.invalidate([*ids, *(device_id for device_id, _ in deletes)])
+            self._written([*ids, *(device_id for device_id, _ in deletes)])
 
     async def list(self, *, top: int, after: str | None = None) -> list[Device]:
         return await self.inner.list(top=top, after=after)

@@ -158,7 +158,7 @@ class RegistryService:
         on how late writes of OTHER processes on the same database are seen (0 disables the cache)."""
         self._cache = dcache.DeviceCache(ttl_s=cache_ttl_s, max_entries=cache_size,
                                          negative_ttl_s=negative_ttl_s, clock=clock)
-        self._repo: DeviceRepository = dcache.InvalidatingRepository(repo, self._cache)  # writes invalidate
+        self._repo = dcache.InvalidatingRepository(repo, self._cache)  # writes invalidate
         self._audit = audit
         self._listeners: list[StatusListener] = []
         self._relays: list[StatusListener] = []
@@ -172,6 +172,11 @@ class RegistryService:
         """Like a status listener, but only for changes made through this process: the cluster bus
         uses it to tell the other hub nodes (which run `status_changed_elsewhere`)."""
         self._relays.append(cb)
+
+    def add_write_relay(self, cb: Callable[[list[str]], None]) -> None:
+        """`cb(device_ids)` after every write made through this process (other nodes drop their cached
+        copies: a regenerated key or re-enabled device works everywhere at once, not after the TTL)."""
+        self._repo.write_listeners.append(cb)
 
     async def status_changed_elsewhere(self, device: Device) -> None:
         """Another hub node disabled or deleted `device`: run this process's listeners, not relays."""
@@ -190,8 +195,8 @@ class RegistryService:
         key, delete...) drops the entry before it returns; a device disabled or deleted on another
         node is dropped here and its sessions closed by the status listeners (cluster bus →
         `status_changed_elsewhere`); other changes made elsewhere (a regenerated key, a CLI create)
-        are honoured within `cache_ttl_s` (unknown ids: `negative_ttl_s`). Activity fields: pending
-        activity is overlaid, flushed activity patched in; other nodes' after the TTL."""
+        are honoured within `cache_ttl_s` (unknown ids: `negative_ttl_s`); disabled devices are never
+        cached. Activity: pending overlaid, flushed patched in; other nodes' after the TTL."""
         if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
             return None
         hit, device = self._cache.lookup(device_id)

@@ -90,6 +90,7 @@ class PolicyService:
         self._expires = 0.0
         self._epoch = 0  # bumped by every invalidation: a load overlapping one is not kept
         self._loading = asyncio.Lock()  # one reload at a time; the others wait and use its result
+        self._write_relays: list[Callable[[], None]] = []
 
     async def ensure_defaults(self) -> None:
         """Create Azure's five default policies when the hub has no policy at all (first start)."""
@@ -100,7 +101,7 @@ class PolicyService:
                 try:
                     await self._repo.upsert(PolicyRecord(name, generate_key(), generate_key(), rights))
                 finally:
-                    self.invalidate()
+                    self._written()
                 await self._audit_change("policy.create", name, SYSTEM_ACTOR, {"rights": sorted(rights)})
 
     async def list(self) -> list[PolicyRecord]:
@@ -113,6 +114,16 @@ class PolicyService:
         if self._ttl_s <= 0:
             return await self._repo.get(name)
         return (await self._all()).get(name)
+
+    def add_write_relay(self, cb: Callable[[], None]) -> None:
+        """`cb()` after every policy write made through this process (the cluster bus tells the
+        other nodes to drop their cached policies)."""
+        self._write_relays.append(cb)
+
+    def _written(self) -> None:
+        self.invalidate()
+        for cb in self._write_relays:
+            cb()
 
     def invalidate(self) -> None:
         """Forget the cached policies (e.g. when told that another node changed one); the next
@@ -165,7 +176,7 @@ class PolicyService:
             try:
                 await self._repo.upsert(record)
             finally:
-                self.invalidate()
+                self._written()
             await self._audit_change("policy.create", name, actor, {"rights": sorted(rights)})
         return record
 
@@ -175,7 +186,7 @@ class PolicyService:
             try:
                 deleted = await self._repo.delete(name)
             finally:
-                self.invalidate()
+                self._written()
             if not deleted:
                 raise NotFound(f"shared access policy {name!r} not found", code="KeyNameNotFound",
                                field="name")
@@ -200,7 +211,7 @@ class PolicyService:
             try:
                 await self._repo.upsert(record)
             finally:
-                self.invalidate()
+                self._written()
             await self._audit_change("policy.regenerate-key", name, actor, {"which": which})
         return record
 
