@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from query_helpers import make_hub, policy_token, serving
+from hub_app_helpers import make_hub, policy_token, serving
 
 from tether.hub import Hub
 from tether.messaging.query import QueryService

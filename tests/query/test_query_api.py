@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import httpx
-from query_helpers import API, device_body
+from hub_app_helpers import API, device_body
 
 from tether.hub import Hub
 from tether.messaging.twins import TwinService

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from query_helpers import device_body
+from hub_app_helpers import device_body
 
 from tether.errors import BadRequest
 from tether.messaging.query import QueryService

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
-from twin_helpers import API, create_device, policy_token
+from hub_app_helpers import API, create_device, policy_token
 
 from tether.hub import Hub
 from tether.messaging.twins import INITIAL_ETAG, TwinService

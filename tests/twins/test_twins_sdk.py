@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from twin_helpers import build_test_app, make_hub, new_key
+from hub_app_helpers import build_test_app, make_hub, new_key
 
 from tether.config import TlsSettings
 from tether.hub import Hub

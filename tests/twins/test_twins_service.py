@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
-from twin_helpers import device_body
+from hub_app_helpers import device_body
 
 from tether.errors import BadRequest, NotFound, PreconditionFailed
 from tether.messaging.twins import INITIAL_ETAG, TwinService

@@ -40,6 +40,7 @@ from cryptography import x509
 
 from tether.observability.metrics import AUTH_FAILURES
 from tether.registry.models import DEVICE_ID_RE, AuthType, Device
+from tether.security.audit import AuditSink
 from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
 from tether.security.sas import (
     DEFAULT_CLOCK_SKEW_S,
@@ -85,21 +86,6 @@ class PolicyLookup(Protocol):
     async def find(self, name: str) -> PolicyRecord | None: ...
 
 
-class AuditSink(Protocol):
-    """What the authenticator needs from `AuditLog`."""
-
-    async def record(
-        self,
-        action: str,
-        outcome: str,
-        *,
-        principal: str | None = None,
-        credential: str | None = None,
-        reason: str | None = None,
-        peer: str | None = None,
-        target: str | None = None,
-        details: dict[str, Any] | None = None,
-    ) -> None: ...
 
 
 class CertificateVerifier(Protocol):

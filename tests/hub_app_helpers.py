@@ -1,5 +1,5 @@
-"""Helpers for the twin tests: a real hub (SQLite in a temp dir, or a given database URL) served by
-aiohttp on 127.0.0.1:0 with the twin and query routes mounted, policy tokens and device bodies."""
+"""Helpers for the twin and query tests: a real hub (SQLite in a temp dir, or a given database URL)
+served by aiohttp on 127.0.0.1:0, policy tokens and device bodies."""
 
 from __future__ import annotations
 
