@@ -13,11 +13,7 @@ same guard as the core table and refreshes the app's route list and OpenAPI docu
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import functools
-import json
-import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -28,9 +24,10 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from tether.api.bodies import query_bool, query_int, read_optional_json_object
 from tether.api.context import hub_of, principal_of
 from tether.api.devices import validation_error
+from tether.api.event_feed import EPOCH, Chunk, Feed, ReadsRaw, event_doc, event_json, raw_event_json, render
 from tether.api.routes import Param, Route
 from tether.errors import BadRequest, NotFound, TetherError, Throttled
-from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventData, EventStream, StreamError
+from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventStream
 from tether.messaging.events import validate_consumer_group as _validate_group
 from tether.registry.models import validate_device_id
 from tether.security.principal import Permission
@@ -40,23 +37,13 @@ if TYPE_CHECKING:
 
 __all__ = ["CONSUMERS_KEY", "EVENT_ROUTES", "NEXT_SEQUENCE_HEADER", "add_event_routes", "event_doc"]
 
-log = logging.getLogger("tether.api.events")
-
 NEXT_SEQUENCE_HEADER = "x-tether-next-sequence"
 MAX_POLL_S = 60.0
 DEFAULT_POLL_S = 20.0
 MAX_COUNT = 1000
 HEARTBEAT_S = 15.0
-READ_SLICE_S = 10.0  # one long-poll read of a feed's partition reader; it loops until the feed stops
-WATCH_S = 0.5  # how often a feed looks for client disconnect, shutdown and token expiry
-QUEUE_BATCHES = 8  # batches buffered per feed: a slow client slows its own readers, never the hub
-BATCH = 100
 CHECKPOINT_EVERY_S = 1.0
 MAX_FEEDS = 256  # open SSE feeds per hub: each holds a reader task per partition
-EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
-_TEXT_TYPES = ("text/", "application/json", "application/xml", "application/javascript",
-               "application/x-www-form-urlencoded")
-_compact = functools.partial(json.dumps, separators=(",", ":"))
 
 
 class _Consumers:
@@ -128,37 +115,6 @@ class CheckpointUpdate(_Doc):
 
 
 # --- documents and parameters ----------------------------------------------------------------------
-def iso_time(ms: int) -> str:
-    """ISO 8601 UTC with milliseconds, like Azure's `iothub-enqueuedtime`."""
-    return (EPOCH + timedelta(milliseconds=ms)).strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
-
-
-def _declared_binary(system: dict[str, str]) -> bool:
-    """A non-text content type (without a text encoding) means binary on purpose: such bodies are
-    always base64, so whether one happens to decode as UTF-8 cannot change the document's shape."""
-    raw_type = system.get("content-type", "").lower()
-    ctype = raw_type.split(";")[0].strip()
-    if not ctype or "charset=" in raw_type or system.get("content-encoding", "").lower() in ("utf-8", "utf8"):
-        return False
-    return not (ctype.startswith(_TEXT_TYPES) or ctype.endswith(("+json", "+xml")))
-
-
-def event_doc(event: EventData) -> dict[str, Any]:
-    """The consumer API's event JSON (az monitor-events-like names)."""
-    body: str | None = None
-    if not _declared_binary(event.system_properties):
-        with contextlib.suppress(UnicodeDecodeError):
-            body = event.body.decode("utf-8")
-    return {
-        "partition": event.partition, "offset": str(event.offset), "sequenceNumber": event.sequence_number,
-        "enqueuedTime": iso_time(event.enqueued_time_ms), "deviceId": event.device_id,
-        "moduleId": event.module_id, "systemProperties": dict(event.system_properties),
-        "properties": dict(event.properties),
-        "body": body if body is not None else base64.b64encode(event.body).decode("ascii"),
-        "bodyEncoding": "utf-8" if body is not None else "base64",
-    }
-
-
 def _partition(request: web.Request, stream: EventStream) -> int:
     raw, last = request.match_info["partition"], stream.partition_count - 1
     if not raw.isdigit():
@@ -333,8 +289,7 @@ async def read_messages(request: web.Request) -> web.Response:
     max_count = query_int(request, "maxCount", default=100, low=1, high=MAX_COUNT)
     timeout = _query_seconds(request, "timeout", default=DEFAULT_POLL_S, low=0, high=MAX_POLL_S)
     start = await _read_start(request, stream, group, partition)
-    read = asyncio.ensure_future(stream.read(partition, from_sequence=start, max_count=max_count,
-                                             timeout_s=timeout))
+    read = asyncio.ensure_future(_read_json(stream, partition, start, max_count, timeout))
     stop = asyncio.ensure_future(request.app[CONSUMERS_KEY].closing.wait())
     try:
         await asyncio.wait((read, stop), return_when=asyncio.FIRST_COMPLETED)
@@ -342,98 +297,23 @@ async def read_messages(request: web.Request) -> web.Response:
         for task in (read, stop):
             task.cancel()
         await asyncio.gather(read, stop, return_exceptions=True)
-    events = [] if read.cancelled() else read.result()
-    following = events[-1].sequence_number + 1 if events else start
-    return web.json_response([event_doc(e) for e in events], dumps=_compact,
-                             headers={NEXT_SEQUENCE_HEADER: str(following)})
+    docs, following = ([], start) if read.cancelled() else read.result()
+    return web.Response(text=f"[{','.join(docs)}]", content_type="application/json",
+                        headers={NEXT_SEQUENCE_HEADER: str(following)})
+
+
+async def _read_json(stream: EventStream, partition: int, start: int, max_count: int,
+                     timeout: float) -> tuple[list[str], int]:
+    """The events' JSON documents (spliced from the stored JSON where the stream keeps it) and the
+    sequence to continue from."""
+    if isinstance(stream, ReadsRaw):
+        raw = await stream.read_raw(partition, from_sequence=start, max_count=max_count, timeout_s=timeout)
+        return [raw_event_json(e) for e in raw], raw[-1].sequence_number + 1 if raw else start
+    events = await stream.read(partition, from_sequence=start, max_count=max_count, timeout_s=timeout)
+    return [event_json(e) for e in events], events[-1].sequence_number + 1 if events else start
 
 
 # --- Server-Sent Events ----------------------------------------------------------------------------
-class _Feed:
-    """One reader task per partition feeding a bounded queue of batches, plus a watcher: aiohttp does
-    not cancel a handler whose client left, so it looks, and also ends the feed at shutdown and when
-    the SAS token expires (the client reconnects with a fresh one). `reason` says why it stopped."""
-
-    def __init__(self, request: web.Request, starts: dict[int, int], device: str | None) -> None:
-        self.stream, self.device = hub_of(request).stream, device
-        self.queue: asyncio.Queue[list[EventData]] = asyncio.Queue(QUEUE_BATCHES)
-        self.stop = asyncio.Event()
-        self.reason = ""
-        self.stopped = asyncio.ensure_future(self.stop.wait())
-        self._get: asyncio.Future[list[EventData]] | None = None
-        self._tasks = [asyncio.create_task(self._read(p, s), name=f"tether-feed-p{p}")
-                       for p, s in starts.items()]
-        self._tasks.append(asyncio.create_task(self._watch(request), name="tether-feed-watch"))
-
-    def end(self, reason: str) -> None:
-        if not self.stop.is_set():
-            self.reason = reason
-            self.stop.set()
-
-    async def _watch(self, request: web.Request) -> None:
-        closing, expires_at = request.app[CONSUMERS_KEY].closing, principal_of(request).expires_at
-        while not self.stop.is_set():
-            transport = request.transport
-            if transport is None or transport.is_closing():
-                self.end("client disconnected")
-            elif closing.is_set():
-                self.end("hub shutting down")
-            elif expires_at is not None and time.time() >= expires_at:
-                self.end("token expired")
-            else:
-                await asyncio.sleep(WATCH_S)
-
-    async def _read(self, partition: int, sequence: int) -> None:
-        try:
-            while not self.stop.is_set():
-                events = await self.stream.read(partition, from_sequence=sequence, max_count=BATCH,
-                                                timeout_s=READ_SLICE_S)
-                if events:
-                    sequence = events[-1].sequence_number + 1
-                wanted = [e for e in events if self.device is None or e.device_id == self.device]
-                if wanted:
-                    await self.queue.put(wanted)
-        except StreamError as exc:
-            self.end(f"event stream unavailable: {exc.message}")
-        except Exception:  # a bug must end the feed, not leave the client waiting on a dead reader
-            log.exception("event feed reader of partition %d failed", partition)
-            self.end("internal error")
-
-    async def next_batch(self, wait_s: float) -> list[EventData] | None:
-        """Queued events (several batches merged); `[]` when `wait_s` passed idle; None once stopped."""
-        if self._get is None:
-            self._get = asyncio.ensure_future(self.queue.get())
-        await asyncio.wait((self._get, self.stopped), timeout=wait_s, return_when=asyncio.FIRST_COMPLETED)
-        if self.stop.is_set():
-            return None
-        if not self._get.done():
-            return []
-        batch, self._get = self._get.result(), None
-        while len(batch) < BATCH * QUEUE_BATCHES and not self.queue.empty():
-            batch = batch + self.queue.get_nowait()
-        return batch
-
-    async def send(self, request: web.Request, response: web.StreamResponse, data: bytes) -> None:
-        """Write; if the feed must end while the write waits on a client that stopped reading, drop
-        the connection, so neither this handler nor the hub's shutdown waits on it."""
-        write = asyncio.ensure_future(response.write(data))
-        await asyncio.wait((write, self.stopped), return_when=asyncio.FIRST_COMPLETED)
-        if not write.done():
-            if request.transport is not None:
-                request.transport.abort()
-            write.cancel()
-            await asyncio.gather(write, return_exceptions=True)
-            raise ConnectionError("client stopped reading")
-        write.result()
-
-    async def close(self) -> None:
-        self.end("closed")
-        pending: list[asyncio.Future[Any]] = [*self._tasks, self.stopped, *([self._get] if self._get else [])]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-
-
 async def _feed_starts(request: web.Request, stream: EventStream, group: str, partitions: list[int],
                        checkpointing: bool) -> dict[int, int]:
     """Where each partition's reader starts: `Last-Event-ID` (the id of the last event a client saw,
@@ -456,14 +336,6 @@ async def _feed_starts(request: web.Request, stream: EventStream, group: str, pa
         else:
             starts[p] = 0 if how == "start" else await next_sequence(stream, p)
     return starts
-
-
-def _sse_event(event: EventData, positions: dict[int, int]) -> bytes:
-    """One SSE event. Its id holds every partition's resume position, so a reconnecting client
-    (EventSource sends `Last-Event-ID`) continues exactly after it. The JSON is ASCII-only because
-    line-based SSE parsers may split on Unicode line separators."""
-    ident = ",".join(f"{p}:{s}" for p, s in sorted(positions.items()))
-    return f"id: {ident}\ndata: {_compact(event_doc(event))}\n\n".encode("ascii")
 
 
 async def stream_events(request: web.Request) -> web.StreamResponse:
@@ -489,21 +361,18 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     response.content_type, response.charset = "text/event-stream", "utf-8"
     await response.prepare(request)
     consumers = request.app[CONSUMERS_KEY]
-    feed = _Feed(request, starts, device)
+    feed = Feed(request, stream, starts, device, consumers.closing)
     consumers.feeds += 1
     positions, pending, last_checkpoint = dict(starts), dict[int, int](), time.monotonic()
     try:
         await feed.send(request, response, b": connected\n\n")
-        while (batch := await feed.next_batch(heartbeat)) is not None:
-            if not batch:
+        chunks: list[Chunk] | None
+        while (chunks := await feed.next_chunks(heartbeat)) is not None:
+            if not chunks:
                 await feed.send(request, response, b": heartbeat\n\n")
                 continue
-            chunks: list[bytes] = []
-            for event in batch:
-                positions[event.partition] = event.sequence_number + 1
-                chunks.append(_sse_event(event, positions))
-            await feed.send(request, response, b"".join(chunks))
-            pending.update({e.partition: e.sequence_number for e in batch})
+            await feed.send(request, response, render(chunks, positions))
+            pending.update((c.partition, c.events[-1][0]) for c in chunks)
             if checkpointing and time.monotonic() - last_checkpoint >= CHECKPOINT_EVERY_S:
                 await _checkpoint(stream, group, pending)
                 last_checkpoint = time.monotonic()

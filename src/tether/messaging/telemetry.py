@@ -10,16 +10,20 @@ the event is durable.
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
+import json.encoder
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import NamedTuple
 
 from tether.config import LimitSettings
 from tether.messaging.events import EventData, EventStream
 from tether.observability.metrics import MESSAGES_IN, MESSAGES_IN_BYTES
 from tether.security.principal import CredentialKind, Principal
+from tether.storage.stream.base import EncodedProperties
 
 __all__ = [
     "SYSTEM_PROPERTY_NAMES",
@@ -72,10 +76,60 @@ def auth_method(credential: CredentialKind) -> str:
     return _AUTH_METHODS[credential]
 
 
+_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+
+
+class _SecondCache:
+    """The formatted second of the last message: `strftime` per message was 0.33 s of an 8 s profile."""
+
+    second = -1
+    text = ""
+
+
 def enqueued_time(now: float) -> str:
     """ISO 8601 UTC with milliseconds, as Azure writes `iothub-enqueuedtime`."""
     seconds = int(now)
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds)) + f".{int((now - seconds) * 1000):03d}Z"
+    millis = int((now - seconds) * 1000)
+    if seconds != _SecondCache.second:
+        _SecondCache.text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(seconds))
+        _SecondCache.second = seconds
+    if 0 <= millis < 1000:
+        return _SecondCache.text + _MILLIS[millis]
+    return f"{_SecondCache.text}.{millis:03d}Z"  # before 1970: keeps the historical output
+
+
+# --- the system properties' JSON, built with the dict (the stream stores it as is) ----------------
+_json_str = json.encoder.encode_basestring  # what the log's encoder writes (UTF-8, not ASCII-escaped)
+_KEY_JSON: Mapping[str, str] = {name: _json_str(name) + ":"
+                                for name in (*SYSTEM_PROPERTY_NAMES.values(), DATA_SCHEMA)}
+_TIME_TAIL = '",' + _json_str(MESSAGE_SOURCE) + ':"Telemetry"}'
+CONNECTION_CACHE = 1 << 14  # identities whose annotations are kept encoded (cleared when full)
+
+
+class _Connection(NamedTuple):
+    """The `iothub-connection-*` annotations of one identity, and their JSON up to the enqueued time."""
+
+    device_id: str
+    module_id: str | None
+    auth_method: str
+    json: str  # '"iothub-connection-device-id":"d",…,"iothub-enqueuedtime":"'
+
+
+_connections: dict[tuple[str | None, str | None, CredentialKind], _Connection] = {}
+
+
+def _connection(principal: Principal) -> _Connection:
+    key = (principal.device_id, principal.module_id, principal.credential)
+    found = _connections.get(key)
+    if found is None:
+        if len(_connections) >= CONNECTION_CACHE:
+            _connections.clear()
+        device, module, auth = principal.device_id or "", principal.module_id or None, auth_method(key[2])
+        items = [(CONNECTION_DEVICE_ID, device), *([(CONNECTION_MODULE_ID, module)] if module else []),
+                 (CONNECTION_AUTH_METHOD, auth), (ENQUEUED_TIME, "")]
+        encoded = ",".join(f"{_json_str(k)}:{_json_str(v)}" for k, v in items)
+        found = _connections[key] = _Connection(device, module, auth, encoded[:-1])  # open quote kept
+    return found
 
 
 def build_properties(
@@ -85,29 +139,38 @@ def build_properties(
     *,
     now: float,
     model_id: str | None = None,
-) -> tuple[dict[str, str], dict[str, str]]:
+) -> tuple[dict[str, str], EncodedProperties]:
     """(application properties, system properties) for one message.
 
     `system_bag` holds the device's `$.` keys: known ones become Event Hubs system properties, an
     unknown `$.x` stays an application property so nothing a device sent is lost. The
     `iothub-connection-*` annotations come from the principal and are written last: a device can
-    never set them."""
+    never set them.
+
+    The system properties come back as `EncodedProperties`: their JSON is built alongside, from the
+    identity's cached annotation JSON, so the stream does not encode them again."""
     app = dict(app_bag)
-    system: dict[str, str] = {}
+    system = EncodedProperties()
+    parts: list[str] = []
     for key, value in system_bag.items():
         name = SYSTEM_PROPERTY_NAMES.get(key)
         if name is None:
             app[key] = value
         else:
             system[name] = value
+            parts.append(_KEY_JSON[name] + _json_str(value))
     if model_id:
         system[DATA_SCHEMA] = model_id
-    system[CONNECTION_DEVICE_ID] = principal.device_id or ""
-    if principal.module_id:
-        system[CONNECTION_MODULE_ID] = principal.module_id
-    system[CONNECTION_AUTH_METHOD] = _AUTH_METHODS[principal.credential]
-    system[ENQUEUED_TIME] = enqueued_time(now)
+        parts.append(_KEY_JSON[DATA_SCHEMA] + _json_str(model_id))
+    conn = _connection(principal)
+    system[CONNECTION_DEVICE_ID] = conn.device_id
+    if conn.module_id:
+        system[CONNECTION_MODULE_ID] = conn.module_id
+    system[CONNECTION_AUTH_METHOD] = conn.auth_method
+    system[ENQUEUED_TIME] = stamp = enqueued_time(now)
     system[MESSAGE_SOURCE] = "Telemetry"
+    parts.append(conn.json + stamp + _TIME_TAIL)
+    system.encoded = ("{" + ",".join(parts)).encode("utf-8")
     return app, system
 
 
@@ -169,7 +232,11 @@ class TelemetryPipeline:
         self.max_message_bytes = limits.max_d2c_message_bytes
         self.rate_limiter = DeviceRateLimiter(limits.device_messages_per_second)
         self._clock = clock
-        self._counters: dict[str, tuple[Any, Any]] = {}  # protocol → (messages, bytes) children
+        # the embedded log's future-returning append: no coroutine per message
+        self._append_nowait: Callable[..., asyncio.Future[EventData]] | None = getattr(
+            stream, "append_nowait", None)
+        self._counted: dict[str, list[int]] = {}  # protocol → [messages, bytes] not yet in the counters
+        self._flush_scheduled = False
 
     def too_large(self, body: bytes) -> bool:
         return len(body) > self.max_message_bytes
@@ -193,17 +260,61 @@ class TelemetryPipeline:
         app, system = build_properties(
             principal, system_bag, app_bag, now=self._clock(), model_id=model_id
         )
-        event = await self.stream.append(
-            principal.device_id or "",
-            body,
-            module_id=principal.module_id,
-            properties=app,
-            system_properties=system,
-        )
-        counters = self._counters.get(protocol)
-        if counters is None:
-            counters = (MESSAGES_IN.labels(protocol), MESSAGES_IN_BYTES.labels(protocol))
-            self._counters[protocol] = counters
-        counters[0].inc()
-        counters[1].inc(len(body))
+        if self._append_nowait is not None:
+            event = await self._append_nowait(principal.device_id or "", body, module_id=principal.module_id,
+                                              properties=app, system_properties=system)
+        else:
+            event = await self.stream.append(principal.device_id or "", body, module_id=principal.module_id,
+                                             properties=app, system_properties=system)
+        self._count(protocol, len(body))
         return event
+
+    def append_nowait(
+        self,
+        principal: Principal,
+        body: bytes,
+        system_bag: Mapping[str, str],
+        app_bag: Mapping[str, str],
+        *,
+        protocol: str,
+        model_id: str | None = None,
+    ) -> asyncio.Future[EventData]:
+        """`append` without a Task per message where the stream allows it (the embedded log): the
+        event is queued now and the future resolves once it is durable. Must run on the event loop."""
+        if self._append_nowait is None:
+            return asyncio.ensure_future(self.append(principal, body, system_bag, app_bag, protocol=protocol,
+                                                     model_id=model_id))
+        app, system = build_properties(
+            principal, system_bag, app_bag, now=self._clock(), model_id=model_id
+        )
+        future = self._append_nowait(principal.device_id or "", body, module_id=principal.module_id,
+                                     properties=app, system_properties=system)
+        future.add_done_callback(functools.partial(self._count_done, protocol, len(body)))
+        return future
+
+    def _count_done(self, protocol: str, size: int, future: asyncio.Future[EventData]) -> None:
+        if not future.cancelled() and future.exception() is None:
+            self._count(protocol, size)
+
+    def _count(self, protocol: str, size: int) -> None:
+        """Count one durable message. The Prometheus counters (a lock each) are updated once per loop
+        turn for all messages of that turn: per message they were 0.28 s of an 8 s ingest profile."""
+        counted = self._counted.get(protocol)
+        if counted is None:
+            counted = self._counted[protocol] = [0, 0]
+            MESSAGES_IN.labels(protocol)  # the series exists from the first message on
+            MESSAGES_IN_BYTES.labels(protocol)
+        counted[0] += 1
+        counted[1] += size
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush_counts)
+
+    def flush_counts(self) -> None:
+        """Move the messages counted since the last flush into the Prometheus counters."""
+        self._flush_scheduled = False
+        for protocol, counted in self._counted.items():
+            if counted[0]:
+                MESSAGES_IN.labels(protocol).inc(counted[0])
+                MESSAGES_IN_BYTES.labels(protocol).inc(counted[1])
+                counted[0] = counted[1] = 0

@@ -20,14 +20,16 @@ import re
 import zlib
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 from tether.errors import BadRequest, TetherError
 
 __all__ = [
     "DEFAULT_CONSUMER_GROUP",
+    "EncodedProperties",
     "EventData",
     "EventStream",
+    "RawEvent",
     "StreamError",
     "StreamStats",
     "partition_for_device",
@@ -114,6 +116,34 @@ class EventData:
             )
         except (KeyError, TypeError, ValueError, AttributeError, binascii.Error) as exc:
             raise BadRequest(f"invalid event document: {exc}") from exc
+
+
+class EncodedProperties(dict[str, str]):
+    """A property dict carrying its own JSON, built together by the telemetry pipeline so the embedded log
+    stores these bytes instead of encoding the dict again per event (docs/performance.md, item 5).
+
+    `encoded` must be exactly what the log's encoder writes for the dict: compact separators, insertion
+    order, UTF-8, not ASCII-escaped. Read-only once built; any other backend just sees a dict."""
+
+    __slots__ = ("encoded",)
+    encoded: bytes
+
+
+class RawEvent(NamedTuple):
+    """An event as stored by a backend that keeps the properties as JSON (the embedded log's
+    `read_raw`): consumers that write JSON anyway (the SSE feed) splice `system_json` and
+    `properties_json` instead of decoding and re-encoding them. Both are compact UTF-8 JSON objects,
+    not ASCII-escaped, `b""` when empty."""
+
+    partition: int
+    offset: int
+    sequence_number: int
+    enqueued_time_ms: int
+    device_id: str
+    module_id: str | None
+    system_json: bytes
+    properties_json: bytes
+    body: bytes
 
 
 @dataclass
