@@ -421,10 +421,17 @@ class MqttSession:
                 self._refuse("mqtt.publish", "message-too-large", topic=packet.topic,
                              size=len(packet.payload))
                 return
-            append = self._loop.create_task(telemetry.append(
-                principal, packet.payload, target.system_properties, target.properties,
-                protocol=self._protocol, model_id=self._model_id,
-            ))
+            # No task per message: the stream queues the event now (keeping arrival order) and the
+            # future resolves once it is durable; refusals take the same path as failed appends.
+            append: asyncio.Future[Any]
+            try:
+                append = telemetry.append_nowait(
+                    principal, packet.payload, target.system_properties, target.properties,
+                    protocol=self._protocol, model_id=self._model_id,
+                )
+            except Exception as exc:
+                append = self._loop.create_future()
+                append.set_exception(exc)
             self._enqueue(packet.packet_id, append)
             return
         hooks = self._ctx.hooks
