@@ -1,9 +1,10 @@
 """Delivers a device's C2D queue over its MQTT connection.
 
 One `C2DPump` per subscribed device: it locks messages from `C2DService` (up to `max_in_flight`
-at once, in queue order), publishes each at QoS 1 on `devices/{id}/messages/devicebound/{bag}`,
-completes it when the device PUBACKs and abandons it when the connection drops first (so the
-delivery count rises, as Azure's does for unacknowledged MQTT deliveries). MQTT has no reject or
+at once, in queue order) or takes the ones a send locked for it, publishes each at QoS 1 on
+`devices/{id}/messages/devicebound/{bag}`, completes it when the device PUBACKs (group-committed,
+nobody waits for it) and abandons it when the connection drops first (so the delivery count
+rises, as Azure's does for unacknowledged MQTT deliveries). MQTT has no reject or
 abandon of its own: a device can only complete. The pump sleeps until the service's enqueue
 listener fires for its device (send, abandon, lock expiry) or `poll_interval_s` passes (messages
 sent through another hub node). Messages queued while the device was offline go out as soon as
@@ -60,7 +61,13 @@ def c2d_message_topic(message: C2DMessage) -> str:
 
 class C2DPump:
     """Moves one device's queue to its connection; `start()` once, `stop()` when the connection or
-    the subscription ends (it also stops by itself once a publish reports the connection gone)."""
+    the subscription ends (it also stops by itself once a publish reports the connection gone).
+
+    Two ways in: the pump's own receive loop locks what is queued (backlog, abandoned or expired
+    locks, messages sent through another node), up to its free slots in one query; and, while it
+    is idle (not receiving) with a free slot, `C2DService.send` locks a new message for it in the
+    send's own write and hands it over in memory (`reserve`/`take`, the `C2DConsumer` protocol).
+    PUBACKs are completed with `C2DService.complete_later` (group-committed, nobody waits)."""
 
     def __init__(
         self,
@@ -74,7 +81,10 @@ class C2DPump:
         self._c2d = c2d
         self.device_id = device_id
         self._publish = publish
-        self._slots = asyncio.Semaphore(max(1, max_in_flight))
+        self._max_in_flight = max(1, max_in_flight)
+        self._in_flight = 0  # slots taken: reserved, or a delivery waiting for its PUBACK
+        self._receiving = False
+        self._slot_freed = asyncio.Event()
         self._poll_interval_s = poll_interval_s
         self._wake = asyncio.Event()
         self._stopping = False
@@ -89,12 +99,12 @@ class C2DPump:
         if self._runner is not None:
             return
         self._c2d.add_enqueue_listener(self._on_enqueue, device_id=self.device_id)
+        self._c2d.attach_consumer(self.device_id, self)
         self._runner = asyncio.create_task(self._run(), name=f"c2d-pump:{self.device_id}")
 
     async def stop(self) -> None:
         """Stop receiving; deliveries still waiting for a PUBACK are abandoned."""
-        self._stopping = True
-        self._wake.set()
+        self._halt()
         self._c2d.remove_enqueue_listener(self._on_enqueue, device_id=self.device_id)
         runner = self._runner
         if runner is not None and not runner.done():
@@ -107,35 +117,71 @@ class C2DPump:
         if deliveries:
             await asyncio.gather(*deliveries, return_exceptions=True)
 
+    def _halt(self) -> None:
+        self._stopping = True
+        self._c2d.detach_consumer(self.device_id, self)
+        self._wake.set()
+        self._slot_freed.set()
+
+    # --- C2DConsumer: messages locked for this pump by a send -----------------------------------
+    def reserve(self) -> bool:
+        if self._stopping or self._receiving or self._in_flight >= self._max_in_flight:
+            return False
+        self._in_flight += 1
+        return True
+
+    def unreserve(self) -> None:
+        self._free_slot()
+
+    def take(self, message: C2DMessage) -> bool:
+        if self._stopping:
+            self._free_slot()
+            return False
+        self._start_delivery(message)
+        return True
+
+    def _free_slot(self) -> None:
+        self._in_flight -= 1
+        self._slot_freed.set()
+
     def _on_enqueue(self, device_id: str) -> None:
         self._wake.set()
 
     async def _run(self) -> None:
-        while True:
-            await self._slots.acquire()
-            if self._stopping:
-                self._slots.release()
-                return
+        while not self._stopping:
+            free = self._max_in_flight - self._in_flight
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
             self._wake.clear()
+            self._receiving = True
             try:
-                message = await self._c2d.receive(self.device_id)
+                messages = await self._c2d.receive_batch(self.device_id, free)
             except Exception:
-                self._slots.release()
                 log.exception("C2D receive for %s failed", self.device_id)
+                messages = None
+            finally:
+                self._receiving = False
+            if messages is None:
                 await asyncio.sleep(RETRY_AFTER_ERROR_S)
                 continue
-            if message is None:
-                self._slots.release()
+            if self._stopping:  # the connection went away while we were locking them
+                for message in messages:
+                    await self._settle(message, "release")
+                return
+            for message in messages:
+                self._in_flight += 1
+                self._start_delivery(message)
+            if len(messages) < free:  # drained: sleep until a send, an abandon or a lock expiry
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
-                continue
-            if self._stopping:  # the connection went away while we were locking it
-                self._slots.release()
-                await self._settle(message, "release")
-                return
-            task = asyncio.create_task(self._deliver(message))
-            self._deliveries.add(task)
-            task.add_done_callback(self._deliveries.discard)
+
+    def _start_delivery(self, message: C2DMessage) -> None:
+        """Publish in the order of the calls (tasks start in creation order); the slot is taken."""
+        task = asyncio.create_task(self._deliver(message))
+        self._deliveries.add(task)
+        task.add_done_callback(self._deliveries.discard)
 
     async def _deliver(self, message: C2DMessage) -> None:
         try:
@@ -154,13 +200,12 @@ class C2DPump:
                 log.exception("C2D publish to %s failed", self.device_id)
                 delivered = False
             if delivered:
-                await self._settle(message, "complete")
+                self._c2d.complete_later(message)
                 return
-            self._stopping = True  # the connection is gone: stop taking messages
-            self._wake.set()
+            self._halt()  # the connection is gone: stop taking messages
             await self._settle(message, "abandon")
         finally:
-            self._slots.release()
+            self._free_slot()
 
     async def _settle(self, message: C2DMessage, outcome: str) -> None:
         """Settle even if the pump is being cancelled: the outcome must reach storage."""
