@@ -17,6 +17,7 @@ SQLite durability and locking (the embedded deployment):
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -91,6 +92,9 @@ class Database:
         if self.is_sqlite:
             _install_sqlite_hooks(self.engine)
         self._writer = self.engine.execution_options(**{_WRITE_OPTION: True})
+        # SQLite admits one writer at a time; queueing writers of this process on an asyncio lock is
+        # fair and immediate, where SQLite's busy handler sleeps and retries (the C2D tail latency).
+        self._write_lock = asyncio.Lock() if self.is_sqlite else None
 
     @property
     def is_sqlite(self) -> bool:
@@ -109,7 +113,11 @@ class Database:
     @asynccontextmanager
     async def write(self) -> AsyncIterator[AsyncConnection]:
         """A write transaction: commits on success, rolls back on any exception."""
-        async with self._writer.begin() as conn:
+        if self._write_lock is None:
+            async with self._writer.begin() as conn:
+                yield conn
+            return
+        async with self._write_lock, self._writer.begin() as conn:
             yield conn
 
     async def dispose(self) -> None:
