@@ -100,6 +100,15 @@ class StorageSettings(Section):
     stream_retention_bytes: int = Field(1 << 30, ge=1 << 20)
 
 
+class C2DSettings(Section):
+    """Cloud-to-device queues (Azure's published defaults)."""
+
+    max_queue_depth: int = Field(50, ge=1, le=5000, description="Messages queued per device.")
+    max_delivery_count: int = Field(10, ge=1, le=100, description="Deliveries before dead-lettering.")
+    lock_timeout_s: float = Field(60.0, ge=5, le=300, description="How long a received message is locked.")
+    default_ttl_s: float = Field(3600.0, gt=0, le=172_800, description="TTL when the sender gives none.")
+
+
 class ClusterSettings(Section):
     nats_url: str | None = Field(
         None, description="NATS server the hub nodes signal each other through; unset = single node."
@@ -141,6 +150,7 @@ class Settings(BaseSettings):
     tls: TlsSettings = TlsSettings()
     limits: LimitSettings = LimitSettings()
     storage: StorageSettings = StorageSettings()
+    c2d: C2DSettings = C2DSettings()
     cluster: ClusterSettings = ClusterSettings()
 
     @classmethod

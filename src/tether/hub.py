@@ -24,6 +24,7 @@ from tether.messaging.telemetry import TelemetryPipeline
 from tether.messaging.twins import TwinService
 from tether.protocols.mqtt.c2d_pump import C2DPumps
 from tether.protocols.mqtt.hooks import HubDeviceHooks
+from tether.registry.models import utcnow
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.security.authenticator import Authenticator
@@ -55,7 +56,11 @@ class Hub:
         )
         self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit)
         self.telemetry = TelemetryPipeline(self.stream, settings.limits)
-        self.c2d = C2DService(self.storage.db, audit=self.audit)
+        self.c2d = C2DService(
+            self.storage.db, audit=self.audit, max_queue_depth=settings.c2d.max_queue_depth,
+            max_delivery_count=settings.c2d.max_delivery_count, lock_timeout_s=settings.c2d.lock_timeout_s,
+            default_ttl_s=settings.c2d.default_ttl_s,
+        )
         self.connections = ConnectionRegistry(settings.limits.max_connections)
         self.registry.add_status_listener(self.connections.status_listener())
         self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit)
@@ -102,6 +107,8 @@ class Hub:
         await self.policies.ensure_defaults()
         if self.cluster is not None:
             await self.cluster.start()
+        else:  # one gateway, just started: it holds no connection, whatever a crash left behind
+            await self.storage.devices.reset_connection_states(utcnow())
         self._tasks.append(asyncio.create_task(self._flush_activity_forever()))
 
     async def _flush_activity_forever(self) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from datetime import datetime
 from typing import Any
 
 from tether.registry.models import Device, DeviceStatus, RegistryStatistics
@@ -211,6 +212,11 @@ class InvalidatingRepository:
 
     async def statistics(self) -> RegistryStatistics:
         return await self.inner.statistics()
+
+    async def reset_connection_states(self, at: datetime) -> int:
+        reset = await self.inner.reset_connection_states(at)
+        self._cache.invalidate(None)
+        return reset
 
     async def apply_activity(self, updates: Sequence[ActivityUpdate]) -> None:
         await self.inner.apply_activity(updates)

@@ -167,6 +167,11 @@ class SqlDeviceRepository:
             disabled_device_count=disabled,
         )
 
+    async def reset_connection_states(self, at: datetime) -> int:
+        """A single gateway starting up holds no connections: no device is Connected (after a crash
+        the last flush may have left some so). Returns how many were reset."""
+        return await _reset_connection_states(self._db, at)
+
     async def apply_activity(self, updates: Sequence[ActivityUpdate]) -> None:
         """Batch-write connection state and last activity; the etag and `doc` are untouched.
 
@@ -210,6 +215,16 @@ class SqlDeviceRepository:
                     update(DeviceRow).where(DeviceRow.device_id == b_id).values(last_activity_time=b_at)
                 )
                 await conn.execute(activity_stmt, activity_only)
+
+
+async def _reset_connection_states(db: Database, at: datetime) -> int:
+    async with db.write() as conn:
+        result = await conn.execute(
+            update(DeviceRow)
+            .where(DeviceRow.connection_state == ConnectionState.connected.value)
+            .values(connection_state=ConnectionState.disconnected.value, connection_state_updated_time=at)
+        )
+    return int(result.rowcount or 0)
 
 
 def _replace_stmt(device: Device, expected_etag: str | None) -> Update:
