@@ -47,7 +47,7 @@ from tether.storage.sql.c2d import C2DMessage, NewC2DMessage, SqlC2DRepository
 from tether.storage.sql.engine import Database
 
 if TYPE_CHECKING:
-    from tether.hub import Hub
+    pass
 
 __all__ = [
     "DEFAULT_TTL_S",
@@ -58,7 +58,6 @@ __all__ = [
     "C2DService",
     "EnqueueListener",
     "GroupCommit",
-    "c2d_of",
 ]
 
 log = logging.getLogger("tether.c2d")
@@ -537,11 +536,3 @@ class C2DService:
     async def _record(self, action: str, actor: str, device_id: str, details: dict[str, Any]) -> None:
         if self._audit is not None:
             await self._audit.record(action, "ok", principal=actor, target=device_id, details=details)
-
-
-def c2d_of(hub: Hub) -> C2DService:
-    """The hub's C2DService (`hub.c2d`); created on first use if the hub does not own one yet.
-
-    A service created here has no sweeper running (the hub's `open()`/`close()` should own it);
-    queues still behave correctly, only Expired feedback then waits for the next receive or send."""
-    return hub.c2d

@@ -34,7 +34,7 @@ from tether.registry.service import RegistryService
 from tether.security.authenticator import AuditSink
 
 if TYPE_CHECKING:
-    from tether.hub import Hub
+    pass
 
 __all__ = [
     "CONNECT_TIMEOUT_RANGE",
@@ -47,7 +47,6 @@ __all__ = [
     "MethodResult",
     "MethodService",
     "RemoteMethods",
-    "methods_of",
     "validate_method_name",
 ]
 
@@ -394,9 +393,3 @@ class MethodService:
         for answer in list(self._pending.values()):
             if not answer.done():
                 answer.cancel()
-
-
-def methods_of(hub: Hub) -> MethodService:
-    """The hub's MethodService (`hub.methods`), created on first use over the hub's presence
-    registry and subscribed to device status changes, so REST routes and MQTT hooks share one."""
-    return hub.methods

@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Protocol
 from tether.registry.models import Device
 
 if TYPE_CHECKING:
-    from tether.hub import Hub
+    pass
 
-__all__ = ["ConnectionHandle", "ConnectionRegistry", "attach"]
+__all__ = ["ConnectionHandle", "ConnectionRegistry"]
 
 log = logging.getLogger("tether.presence")
 
@@ -171,9 +171,3 @@ def _call_each(callbacks: list[IdentityCallback], device_id: str, module_id: str
             cb(device_id, module_id)
         except Exception:  # a listener's bug must not fail the device's connect or disconnect
             log.exception("presence listener failed for %s", device_id)
-
-
-def attach(hub: Hub) -> ConnectionRegistry:
-    """The hub's ConnectionRegistry (`hub.connections`), created and subscribed to device status
-    changes on first use, so every protocol listener of the hub shares one."""
-    return hub.connections

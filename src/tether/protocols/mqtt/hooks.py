@@ -26,8 +26,8 @@ import logging
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Protocol
 
-from tether.messaging.methods import MethodService, methods_of
-from tether.messaging.presence import ConnectionHandle, ConnectionRegistry, attach
+from tether.messaging.methods import MethodService
+from tether.messaging.presence import ConnectionHandle, ConnectionRegistry
 from tether.messaging.twins import TwinService
 from tether.protocols.mqtt.c2d_pump import C2DPumps
 from tether.protocols.mqtt.session import MqttSession, NullTwinMethodHooks
@@ -38,7 +38,7 @@ from tether.security.principal import Principal
 if TYPE_CHECKING:
     from tether.hub import Hub
 
-__all__ = ["MQTT_METHODS", "HubDeviceHooks", "SessionStore", "c2d_pumps_of", "twins_of_hub"]
+__all__ = ["MQTT_METHODS", "HubDeviceHooks", "SessionStore"]
 
 log = logging.getLogger("tether.mqtt.hooks")
 
@@ -72,17 +72,6 @@ class _MqttMethodChannel:
 MQTT_METHODS = _MqttMethodChannel()
 
 
-def twins_of_hub(hub: Hub) -> TwinService:
-    """The hub's TwinService (`hub.twins`), created over the hub's storage if missing. REST routes
-    and these hooks must share it, or desired patches written through REST reach no device."""
-    return hub.twins
-
-
-def c2d_pumps_of(hub: Hub) -> C2DPumps:
-    """The hub's C2D pumps (`hub.c2d_pumps`, one pump per subscribed device), created if missing."""
-    return hub.c2d_pumps
-
-
 class HubDeviceHooks:
     """`TwinMethodHooks` over the hub's twin, method and C2D services: set `hub.twin_hooks` to one
     before the first MQTT listener starts, and `await close()` when the hub stops."""
@@ -96,10 +85,10 @@ class HubDeviceHooks:
         c2d_pumps: C2DPumps | None = None,
         connections: ConnectionRegistry | None = None,
     ) -> None:
-        self.connections = connections or attach(hub)
-        self.twins = twins or twins_of_hub(hub)
-        self.methods = methods or methods_of(hub)
-        self.c2d_pumps = c2d_pumps or c2d_pumps_of(hub)
+        self.connections = connections or hub.connections
+        self.twins = twins or hub.twins
+        self.methods = methods or hub.methods
+        self.c2d_pumps = c2d_pumps or hub.c2d_pumps
         self._null = NullTwinMethodHooks()
         self._desired: set[Key] = set()  # identities subscribed to desired patches
         self.sessions: SessionStore | None = None  # set by the cluster bus (several hub nodes)

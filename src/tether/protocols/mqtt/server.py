@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any, cast
 
 from cryptography import x509
 
-from tether.messaging.presence import attach
 from tether.observability.metrics import DISCONNECTS, watch_stream
 from tether.protocols.mqtt.session import MqttContext, MqttSession, TwinMethodHooks
 from tether.security.tls import TlsContextFactory, start_tls_server
@@ -31,8 +30,7 @@ _CONTEXTS: weakref.WeakKeyDictionary[Any, MqttContext] = weakref.WeakKeyDictiona
 def context_for(hub: Hub) -> MqttContext:
     """The hub's shared MQTT context (TCP, TLS and WebSocket sessions all use it).
 
-    Creates `hub.connections` (presence) and `hub.telemetry` (telemetry pipeline) if missing, and
-    takes twin/method hooks from `hub.twin_hooks` when present — set it before the first call."""
+    Built once per hub from the services the hub owns (presence, telemetry, device hooks)."""
     ctx = _CONTEXTS.get(hub)
     if ctx is not None:
         return ctx
@@ -45,7 +43,7 @@ def context_for(hub: Hub) -> MqttContext:
         authenticator=hub.authenticator,
         audit=hub.audit,
         activity=hub.registry,
-        connections=attach(hub),
+        connections=hub.connections,
         telemetry=telemetry,
         limits=settings.limits,
         hooks=hooks,
@@ -117,4 +115,4 @@ async def start_mqtt(hub: Hub, *, host: str, port: int, tls: bool) -> asyncio.Ab
 
 async def stop_mqtt(hub: Hub) -> None:
     """Close every live device connection of the hub (listeners are closed by the hub)."""
-    await attach(hub).close_all("hub-stopping")
+    await hub.connections.close_all("hub-stopping")
