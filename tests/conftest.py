@@ -11,16 +11,15 @@ services built on them. Protocol-agnostic on purpose; areas add their own fixtur
 
 from __future__ import annotations
 
-import asyncio
 import os
 import secrets
-import threading
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import asyncpg
 import pytest
+from loop_helpers import run_sync
 from sqlalchemy.engine import make_url
 
 from tether.registry.service import RegistryService
@@ -41,26 +40,6 @@ def _dsn(database: str | None = None) -> str:
     if database is not None:
         url = url.set(database=database)
     return url.render_as_string(hide_password=False)
-
-
-def run_sync(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine to completion on a private loop in a helper thread, so sync fixtures can do
-    async setup without touching the event loop pytest-asyncio runs the test on."""
-    result: list[T] = []
-    error: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            result.append(asyncio.run(fn()))
-        except BaseException as exc:
-            error.append(exc)
-
-    thread = threading.Thread(target=target, name="fixture-loop")
-    thread.start()
-    thread.join()
-    if error:
-        raise error[0]
-    return result[0]
 
 
 async def _pg_admin(sql: str) -> None:

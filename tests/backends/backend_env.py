@@ -11,19 +11,18 @@ Also imported by `tests/cluster` (its conftest puts this directory on `sys.path`
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 import secrets
 import socket
-import threading
-from collections.abc import Callable, Coroutine, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import asyncpg
 import pytest
+from loop_helpers import run_sync
 from sqlalchemy.engine import make_url
 
 PG_SERVER_URL = os.environ.get("TETHER_TEST_PG_URL", "postgresql+asyncpg://postgres@127.0.0.1:5432/test")
@@ -34,26 +33,6 @@ T = TypeVar("T")
 
 def in_ci() -> bool:
     return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
-
-
-def run_sync(fn: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine on a private loop in a helper thread (callable from sync code and from a test
-    whose own loop is running)."""
-    out: list[T] = []
-    err: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            out.append(asyncio.run(fn()))
-        except BaseException as exc:
-            err.append(exc)
-
-    thread = threading.Thread(target=target, name="backend-env")
-    thread.start()
-    thread.join()
-    if err:
-        raise err[0]
-    return out[0]
 
 
 def _unreachable(host: str, port: int) -> str | None:
