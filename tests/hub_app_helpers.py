@@ -1,5 +1,6 @@
-"""Helpers for the twin and query tests: a real hub (SQLite in a temp dir, or a given database URL)
-served by aiohttp on 127.0.0.1:0, policy tokens and device bodies."""
+"""Helpers for the tests that serve the hub's REST app (api, c2d, twins, query): a real hub (SQLite in
+a temp dir, or a given database URL) served by aiohttp on 127.0.0.1:0, policy tokens and device
+bodies."""
 
 from __future__ import annotations
 
@@ -43,14 +44,10 @@ def make_hub(data_dir: Path, database_url: str | None = None, hostname: str = HO
     return Hub(load_settings(hub={"hostname": hostname, "data_dir": data_dir}, storage=storage))
 
 
-def build_test_app(hub: Hub) -> web.Application:
-    """The hub's real REST app (twin and query routes are in the shared route table)."""
-    return build_app(hub)
-
-
 @asynccontextmanager
 async def serving(hub: Hub) -> AsyncIterator[str]:
-    runner = web.AppRunner(build_test_app(hub), access_log=None)
+    """Serve `build_app(hub)` (every route table) over plain HTTP on 127.0.0.1:0; yields the base URL."""
+    runner = web.AppRunner(build_app(hub), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()
@@ -61,9 +58,10 @@ async def serving(hub: Hub) -> AsyncIterator[str]:
         await runner.cleanup()
 
 
-async def policy_token(hub: Hub, policy: str = "registryReadWrite", *, ttl: int = 3600) -> str:
+async def policy_token(hub: Hub, policy: str = "registryReadWrite", *, ttl: int = 3600,
+                       hostname: str = HOST) -> str:
     record = await hub.policies.get(policy)
-    return build_token(HOST, record.primary_key, int(time.time()) + ttl, policy)
+    return build_token(hostname, record.primary_key, int(time.time()) + ttl, policy)
 
 
 async def create_device(client: httpx.AsyncClient, device_id: str) -> dict[str, Any]:

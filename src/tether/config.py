@@ -98,6 +98,9 @@ class StorageSettings(Section):
     stream_partitions: int = Field(4, ge=1, le=32)
     stream_retention_hours: float = Field(24.0, gt=0)
     stream_retention_bytes: int = Field(1 << 30, ge=1 << 20)
+    stream_reader_processes: int = Field(
+        1, ge=0, le=8,
+        description="Helper processes that read and render the embedded log for event feeds (0: in the hub).")
 
 
 class C2DSettings(Section):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any
 
@@ -37,6 +38,7 @@ from tether.storage.sql.twins import SqlTwinRepository
 log = logging.getLogger("tether.hub")
 
 ACTIVITY_FLUSH_INTERVAL_S = 5.0
+THROTTLE_SWEEP_INTERVAL_S = 1.0
 
 
 class Hub:
@@ -109,15 +111,10 @@ class Hub:
             await self.cluster.start()
         else:  # one gateway, just started: it holds no connection, whatever a crash left behind
             await self.storage.devices.reset_connection_states(utcnow())
-        self._tasks.append(asyncio.create_task(self._flush_activity_forever()))
-
-    async def _flush_activity_forever(self) -> None:
-        while True:
-            await asyncio.sleep(ACTIVITY_FLUSH_INTERVAL_S)
-            try:
-                await self.registry.flush_activity()
-            except Exception:  # keep flushing; a transient DB error must not stop the loop
-                log.exception("activity flush failed")
+        self._tasks.append(asyncio.create_task(
+            _every(ACTIVITY_FLUSH_INTERVAL_S, self.registry.flush_activity, "activity flush")))
+        self._tasks.append(asyncio.create_task(
+            _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
 
     def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
         """Track a listener so `close()` stops it; records its bound port in `ports`."""
@@ -175,3 +172,14 @@ class Hub:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+async def _every(interval_s: float, work: Callable[[], Awaitable[object]], what: str) -> None:
+    """Run `work` every `interval_s` until cancelled; a failure (a transient database or audit
+    error) is logged and the next round runs anyway."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            await work()
+        except Exception:
+            log.exception("%s failed", what)

@@ -3,28 +3,12 @@
 
 from __future__ import annotations
 
-import base64
-import os
-import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 import httpx
-from aiohttp import web
+from hub_app_helpers import API, HOST, make_hub, new_key, policy_token, serving
 
-from tether.api.app import build_app
-from tether.config import load_settings
-from tether.hub import Hub
-from tether.security.sas import build_token
-
-API = "?api-version=2021-04-12"
-HOST = "localhost"
-
-
-def new_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
+__all__ = ["API", "HOST", "create", "device_body", "make_hub", "new_key", "policy_token", "serving"]
 
 
 def device_body(device_id: str, **extra: Any) -> dict[str, Any]:
@@ -38,30 +22,6 @@ def device_body(device_id: str, **extra: Any) -> dict[str, Any]:
         "capabilities": {"iotEdge": False},
         **extra,
     }
-
-
-def make_hub(data_dir: Path, hostname: str = HOST) -> Hub:
-    return Hub(load_settings(hub={"hostname": hostname, "data_dir": data_dir}))
-
-
-@asynccontextmanager
-async def serving(hub: Hub) -> AsyncIterator[str]:
-    """Serve `build_app(hub)` over plain HTTP on 127.0.0.1:0; yields the base URL."""
-    runner = web.AppRunner(build_app(hub), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
-
-
-async def policy_token(hub: Hub, policy: str = "registryReadWrite", *, ttl: int = 3600,
-                       hostname: str = HOST) -> str:
-    record = await hub.policies.get(policy)
-    return build_token(hostname, record.primary_key, int(time.time()) + ttl, policy)
 
 
 async def create(client: httpx.AsyncClient, device_id: str, **extra: Any) -> dict[str, Any]:

@@ -1,11 +1,9 @@
 """Shared C2D test helpers and fixtures (also used by tests/device_http): a real hub on SQLite or
-PostgreSQL (`db_url`), served by aiohttp on 127.0.0.1:0 with the C2D and device routes mounted,
-device identities and tokens."""
+PostgreSQL (`db_url`), served by aiohttp on 127.0.0.1:0 (`hub_app_helpers.serving`), device
+identities and tokens."""
 
 from __future__ import annotations
 
-import base64
-import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -14,11 +12,8 @@ from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
+from hub_app_helpers import HOST, device_body, serving
 
-from tether.api.app import build_app
-from tether.api.c2d_routes import add_c2d_routes
-from tether.api.device_routes import add_device_routes
 from tether.config import load_settings
 from tether.hub import Hub
 from tether.messaging.c2d import C2DService
@@ -27,25 +22,11 @@ from tether.registry.service import RegistryService
 from tether.security.sas import build_token
 from tether.storage.base import AuditRecord
 
-API = "?api-version=2021-04-12"
-HOST = "localhost"
 SWEEP_S = 0.05
 
 
-def new_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
-
-
-def sas_body(device_id: str) -> dict[str, Any]:
-    return {
-        "deviceId": device_id,
-        "authentication": {"type": "sas",
-                           "symmetricKey": {"primaryKey": new_key(), "secondaryKey": new_key()}},
-    }
-
-
 async def create_device(registry: RegistryService, device_id: str) -> Device:
-    return await registry.create(device_id, sas_body(device_id), actor="test")
+    return await registry.create(device_id, device_body(device_id), actor="test")
 
 
 def device_token(device: Device, *, ttl: int = 3600) -> str:
@@ -62,22 +43,6 @@ async def policy_token(hub: Hub, policy: str = "service", *, ttl: int = 3600) ->
 async def refused(hub: Hub, action_prefix: str = "auth.https") -> list[AuditRecord]:
     await hub.audit.flush()
     return await hub.audit.query(action_prefix=action_prefix, outcome="refused", limit=1000)
-
-
-@asynccontextmanager
-async def serving(hub: Hub) -> AsyncIterator[str]:
-    app = build_app(hub)
-    add_c2d_routes(app, hub)
-    add_device_routes(app, hub)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        await runner.cleanup()
 
 
 @asynccontextmanager

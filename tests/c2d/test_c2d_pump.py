@@ -22,8 +22,8 @@ from c2d.helpers import HOST, create_device, device_token, running_hub
 from tether.hub import Hub
 from tether.messaging.c2d import C2DService
 from tether.protocols.mqtt.c2d_pump import C2DHooks, C2DPump, C2DPumps, c2d_message_topic
+from tether.protocols.mqtt.context import NullTwinMethodHooks
 from tether.protocols.mqtt.server import start_mqtt, stop_mqtt
-from tether.protocols.mqtt.session import NullTwinMethodHooks
 from tether.registry.service import RegistryService
 from tether.security.principal import CredentialKind, Principal, PrincipalKind
 from tether.storage.sql import SqlStorage

@@ -7,7 +7,8 @@ import json
 
 import httpx
 import pytest
-from c2d.helpers import API, c2d_of_hub, create_device, device_token, policy_token, refused
+from c2d.helpers import c2d_of_hub, create_device, device_token, policy_token, refused
+from hub_app_helpers import API
 
 from tether.hub import Hub
 from tether.messaging.events import EventData

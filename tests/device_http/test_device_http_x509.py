@@ -10,7 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 from aiohttp import web
-from c2d.helpers import API, c2d_of_hub, refused, running_hub
+from c2d.helpers import c2d_of_hub, refused, running_hub
+from hub_app_helpers import API
 
 from tether.api.app import build_app
 from tether.config import TlsSettings

@@ -16,7 +16,6 @@ import httpx
 from aiohttp import web
 
 from tether.api.app import build_app
-from tether.api.event_routes import add_event_routes
 from tether.config import load_settings
 from tether.hub import Hub
 from tether.messaging.events import EventData
@@ -29,16 +28,10 @@ def make_hub(data_dir: Path) -> Hub:
     return Hub(load_settings(hub={"hostname": HOST, "data_dir": data_dir}))
 
 
-def events_app(hub: Hub) -> web.Application:
-    app = build_app(hub)
-    add_event_routes(app, hub)
-    return app
-
-
 @asynccontextmanager
 async def serving(hub: Hub) -> AsyncIterator[tuple[str, web.AppRunner]]:
     """Serve the hub's REST app (with the event routes) over plain HTTP; yields (base URL, runner)."""
-    runner = web.AppRunner(events_app(hub), access_log=None)
+    runner = web.AppRunner(build_app(hub), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, "127.0.0.1", 0)
     await site.start()

@@ -15,9 +15,10 @@ from typing import Any, TypeVar
 
 import pytest
 from aiohttp import web
-from events_helpers import append, events_app
+from events_helpers import append
 from typer.testing import CliRunner, Result
 
+from tether.api.app import build_app
 from tether.api.event_routes import CONSUMERS_KEY
 from tether.cli.main import app as cli_app
 from tether.config import load_settings
@@ -61,7 +62,7 @@ class RunningHub:
                                  listeners=listeners)
         self.hub = Hub(settings)
         await self.hub.open()
-        self.runner = web.AppRunner(events_app(self.hub), access_log=None)
+        self.runner = web.AppRunner(build_app(self.hub), access_log=None)
         await self.runner.setup()
         if self.https_port is None:
             site = web.TCPSite(self.runner, "127.0.0.1", 0)

@@ -6,34 +6,24 @@ Values are read with prometheus_client's own text parser, so the exposition form
 
 from __future__ import annotations
 
-import base64
-import os
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import httpx
 import pytest
-from aiohttp import web
+from hub_app_helpers import API, HOST, make_hub, new_key, serving
 from prometheus_client.parser import text_string_to_metric_families
 
-from tether.api.app import build_app
-from tether.config import load_settings
 from tether.hub import Hub
 from tether.security.sas import build_token
 
-API = "?api-version=2021-04-12"
-HOST = "localhost"
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
-
-
-def new_key() -> str:
-    return base64.b64encode(os.urandom(32)).decode()
 
 
 @pytest.fixture
 async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
-    h = Hub(load_settings(hub={"hostname": HOST, "data_dir": tmp_path}))
+    h = make_hub(tmp_path)
     await h.open()
     try:
         yield h
@@ -43,16 +33,8 @@ async def hub(tmp_path: Path) -> AsyncIterator[Hub]:
 
 @pytest.fixture
 async def client(hub: Hub) -> AsyncIterator[httpx.AsyncClient]:
-    runner = web.AppRunner(build_app(hub), access_log=None)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    host, port = runner.addresses[0][:2]
-    try:
-        async with httpx.AsyncClient(base_url=f"http://{host}:{port}", timeout=30) as c:
-            yield c
-    finally:
-        await runner.cleanup()
+    async with serving(hub) as url, httpx.AsyncClient(base_url=url, timeout=30) as c:
+        yield c
 
 
 async def scrape(client: httpx.AsyncClient) -> tuple[str, Samples]:

@@ -21,8 +21,8 @@ from mqtt_helpers import HubRunner, PahoDevice, raw_connect, raw_socket, read_un
 
 from tether.observability.metrics import metrics_handler
 from tether.protocols.mqtt.codec import encode_packet, encode_publish
+from tether.protocols.mqtt.context import NullTwinMethodHooks
 from tether.protocols.mqtt.packets import Connect
-from tether.protocols.mqtt.session import NullTwinMethodHooks
 from tether.protocols.mqtt.topics import c2d_topic
 from tether.protocols.mqtt.websocket import WEBSOCKET_PATH, mqtt_websocket_handler
 from tether.registry.models import ConnectionState

@@ -92,10 +92,17 @@ async def test_durable_messages_are_counted_within_a_loop_turn(tmp_path: Path) -
         assert [e.properties["i"] for e in events] == ["0", "1", "2", "3"]
         await asyncio.sleep(0)
         assert counted(protocol) == (5, 5 + 4 * 2)
+        first = pipeline.append_nowait(who("g"), b"abc", {}, {}, protocol=protocol)
+        joined = [pipeline.append_nowait(who("g"), b"abc", {}, {}, protocol=protocol, join=first)
+                  for _ in range(2)]
+        assert all(f is first for f in joined)
+        await first
+        await asyncio.sleep(0)
+        assert counted(protocol) == (8, 13 + 3 * 3)  # a group counts each of its messages
     finally:
         await stream.close()
     refused = pipeline.append_nowait  # a closed stream refuses at once and counts nothing
     with pytest.raises(Exception, match="closed"):
         refused(who(), b"zz", {}, {}, protocol=protocol)
     await asyncio.sleep(0)
-    assert counted(protocol) == (5, 13)
+    assert counted(protocol) == (8, 22)

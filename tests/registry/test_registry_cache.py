@@ -7,7 +7,7 @@ SQLAlchemy `before_cursor_execute` listener on the real engine."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -326,13 +326,13 @@ class GatedRepository(SqlDeviceRepository):
         self.paused = asyncio.Event()
         self.release = asyncio.Event()
 
-    async def get(self, device_id: str) -> Device | None:
-        device = await super().get(device_id)
-        if device_id == self.gated:
+    async def get_many(self, device_ids: Sequence[str]) -> dict[str, Device]:
+        found = await super().get_many(device_ids)
+        if self.gated in device_ids:
             self.gated = None
             self.paused.set()
             await self.release.wait()
-        return device
+        return found
 
 
 async def test_a_read_overlapping_a_write_is_not_cached(storage: SqlStorage, audit: AuditLog) -> None:

@@ -176,6 +176,29 @@ def test_throttled_refusals_are_recorded_once_per_second_with_the_suppressed_cou
     assert not throttle.admit("10.0.0.1:9", "auth.mqtt").record
 
 
+def test_a_flood_that_stops_is_summarised_by_the_sweep_without_another_attempt() -> None:
+    clock = Clock()
+    throttle = AuthThrottle(0.5, clock=clock, burst=1)
+    throttle.admit("10.0.0.1:1", "auth.mqtt")
+    throttle.admit("10.0.0.1:2", "auth.mqtt")  # recorded: the episode starts
+    for port in range(3, 8):
+        throttle.admit(f"10.0.0.1:{port}", "auth.mqtt")  # 5 suppressed
+    clock.advance(0.5)
+    throttle.sweep()
+    assert throttle.take_summaries() == []  # not quiet for a second yet
+    clock.advance(0.5)
+    throttle.sweep()
+    assert [(s.peer, s.suppressed) for s in throttle.take_summaries()] == [("10.0.0.1:7", 5)]
+    throttle.sweep()
+    assert throttle.take_summaries() == []  # written once
+    clock.advance(0.1)
+    late = throttle.admit("10.0.0.1:8", "auth.mqtt")  # still throttled: counted from zero again
+    assert (late.allowed, late.record) == (False, False)
+    clock.advance(1.0)
+    throttle.sweep()
+    assert [(s.peer, s.suppressed) for s in throttle.take_summaries()] == [("10.0.0.1:8", 1)]
+
+
 def test_settings_are_checked() -> None:
     with pytest.raises(ValueError):
         AuthThrottle(0)
@@ -276,6 +299,20 @@ async def test_a_throttled_peer_is_refused_before_any_lookup_even_with_good_cred
         (f"{ATTACKER}:11", None, None),
     ]
     assert audit.records[2]["principal"] == "device:dev1" and audit.records[5].get("principal") is None
+
+
+async def test_audit_throttled_writes_the_quiet_episodes() -> None:
+    clock = Clock()
+    auth, _, audit = authenticator(clock)
+    for port in range(6):  # 2 verified, 1 recorded as throttled, 3 suppressed
+        await outcome(auth, bad(), f"{ATTACKER}:{port}")
+    await auth.audit_throttled()
+    assert len(audit.records) == 3
+    clock.advance(1.0)
+    await auth.audit_throttled()
+    assert audit.records[-1]["details"] == {"suppressed": 3, "summary": True}
+    accounted = sum(1 for r in audit.records if not (r.get("details") or {}).get("summary"))
+    assert accounted + audit.records[-1]["details"]["suppressed"] == 6
 
 
 async def test_successes_never_drain_the_bucket() -> None:

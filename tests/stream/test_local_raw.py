@@ -78,6 +78,30 @@ async def test_append_nowait_queues_now_and_refuses_at_once(tmp_path: Path) -> N
         s.append_nowait("d", b"", properties={}, system_properties={})
 
 
+async def test_appends_joined_on_one_turn_share_one_future_resolved_when_all_are_durable(
+    tmp_path: Path,
+) -> None:
+    s = LocalEventStream(tmp_path, 1, 24.0, 1 << 30)
+    await s.start()
+    try:
+        first = s.append_nowait("d", b"0", properties={}, system_properties={})
+        group = [first] + [s.append_nowait("d", b"%d" % i, properties={}, system_properties={}, join=first)
+                           for i in range(1, 4)]
+        assert all(f is first for f in group)
+        last = await first
+        assert last.sequence_number == 3 and last.body == b"3"  # resolves with the group's last event
+        events = await s.read(0, from_sequence=0, max_count=10)
+        assert [e.body for e in events] == [b"0", b"1", b"2", b"3"]  # all durable, in order
+        late = s.append_nowait("d", b"4", properties={}, system_properties={}, join=first)
+        assert late is not first  # the group was committed: a new one starts
+        other = s.append_nowait("e", b"5", properties={}, system_properties={})
+        after_other = s.append_nowait("d", b"6", properties={}, system_properties={}, join=late)
+        assert after_other is not late  # only the newest queued entry can be joined
+        assert [(await f).body for f in (late, other, after_other)] == [b"4", b"5", b"6"]
+    finally:
+        await s.close()
+
+
 async def test_partition_cache_agrees_with_the_mapping(tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(local, "PARTITION_CACHE", 16)  # force the cache to fill and start over

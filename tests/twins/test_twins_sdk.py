@@ -10,8 +10,9 @@ from typing import Any
 
 import pytest
 from aiohttp import web
-from hub_app_helpers import build_test_app, make_hub, new_key
+from hub_app_helpers import make_hub, new_key
 
+from tether.api.app import build_app
 from tether.config import TlsSettings
 from tether.hub import Hub
 from tether.security.pki import init_pki
@@ -31,7 +32,7 @@ async def tls_hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> AsyncItera
     port = server.sockets[0].getsockname()[1]
     hub = make_hub(tmp_path / "hub", hostname=f"127.0.0.1:{port}")
     await hub.open()
-    runner = web.AppRunner(build_test_app(hub), access_log=None)
+    runner = web.AppRunner(build_app(hub), access_log=None)
     await runner.setup()
     assert runner.server is not None
     holder["server"] = runner.server

@@ -18,20 +18,29 @@ import functools
 import json
 import json.encoder
 import logging
+import multiprocessing
+import os
 import re
+import signal
 import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from datetime import UTC, datetime, timedelta
-from typing import Any, NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, TypeVar, runtime_checkable
 
 from aiohttp import web
 
 from tether.api.context import principal_of
 from tether.messaging.events import EventData, EventStream, StreamError
 from tether.storage.stream.base import RawEvent
+from tether.storage.stream.segment import ReadPlan, read_plan
 
-__all__ = ["Chunk", "Feed", "event_doc", "event_json", "iso_time", "raw_event_json", "render"]
+__all__ = ["Chunk", "Feed", "FeedRenderer", "event_doc", "event_json", "iso_time", "raw_event_json", "render"]
 
 log = logging.getLogger("tether.api.events")
+_R = TypeVar("_R")
+Rendered = tuple[int, int, list[tuple[int, str]]]  # (events read, next sequence, (sequence, JSON) wanted)
 
 READ_COUNT = 1000  # events per read of a partition reader (the long-poll API's maximum too)
 READ_SLICE_S = 10.0  # one long-poll read of a feed's partition reader; it loops until the feed stops
@@ -50,6 +59,14 @@ class ReadsRaw(Protocol):
 
     async def read_raw(self, partition: int, *, from_sequence: int = 0, max_count: int = 100,
                        timeout_s: float = 0.0) -> list[RawEvent]: ...
+
+
+@runtime_checkable
+class PlansRaw(Protocol):
+    """A stream whose reads another process can do from files (`LocalEventStream.plan_raw`)."""
+
+    async def plan_raw(self, partition: int, *, from_sequence: int = 0, max_count: int = 100,
+                       timeout_s: float = 0.0) -> ReadPlan | None: ...
 
 
 # --- documents ---------------------------------------------------------------------------------------
@@ -152,6 +169,72 @@ def raw_event_json(event: RawEvent) -> str:
             f'"body":{body},"bodyEncoding":"{encoding}"}}')
 
 
+def render_events(raw: list[RawEvent], start: int, device: str | None) -> Rendered:
+    """The wanted ones of `raw` (all, or one device's) as JSON."""
+    if not raw:
+        return 0, start, []
+    wanted = [(e.sequence_number, raw_event_json(e)) for e in raw if device is None or e.device_id == device]
+    return len(raw), raw[-1].sequence_number + 1, wanted
+
+
+def render_plan(plan: ReadPlan, device: str | None) -> Rendered:
+    """In a renderer process: read and render one planned read (nothing when retention deleted a
+    segment meanwhile; the feed then plans again from what is left)."""
+    try:
+        raw = read_plan(plan)
+    except FileNotFoundError:
+        raw = []
+    return render_events(raw, plan.min_seq, device)
+
+
+def _helper_pid() -> int:
+    return os.getpid()  # called by reference: the helper imports this module to run it
+
+
+def _renderer_init() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the hub's to handle, not a worker's
+
+
+class FeedRenderer:
+    """Reads and renders feed events in helper processes (`storage.stream_reader_processes`).
+
+    Reading the log back and writing each event's JSON cost the hub ~8 µs per event per feed, a
+    quarter of its single core under full ingest (docs/performance.md); a helper process does that
+    on another core, and the hub only plans reads (committed file ranges) and writes the result.
+    Started at the first feed; a helper that dies is replaced at the next read."""
+
+    def __init__(self, processes: int) -> None:
+        self.processes = processes
+        self._pool: ProcessPoolExecutor | None = None
+
+    async def ready(self) -> None:
+        """Spawn the helpers and import this module in them (a second or more on a busy machine)
+        before a feed answers, not while its first events pile up."""
+        await self._call(_helper_pid)
+
+    async def render(self, plan: ReadPlan, device: str | None) -> Rendered:
+        return await self._call(render_plan, plan, device)
+
+    async def _call(self, fn: Callable[..., _R], *args: Any) -> _R:
+        loop = asyncio.get_running_loop()
+        for attempt in (1, 2):
+            if self._pool is None:
+                context = multiprocessing.get_context("spawn")
+                self._pool = ProcessPoolExecutor(self.processes, mp_context=context,
+                                                 initializer=_renderer_init)
+            try:
+                return await loop.run_in_executor(self._pool, fn, *args)
+            except BrokenProcessPool:
+                log.warning("event feed renderer process died (attempt %d); starting a new one", attempt)
+                self.close()
+        raise StreamError("event feed renderer unavailable")
+
+    def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+
 # --- the feed ----------------------------------------------------------------------------------------
 class Chunk(NamedTuple):
     """Rendered events of one read of one partition: (sequence number, event JSON) each."""
@@ -185,9 +268,11 @@ class Feed:
     `reason` says why it stopped."""
 
     def __init__(self, request: web.Request, stream: EventStream, starts: dict[int, int], device: str | None,
-                 closing: asyncio.Event) -> None:
+                 closing: asyncio.Event, renderer: FeedRenderer | None = None) -> None:
         self.stream, self.device, self._closing = stream, device, closing
         self._raw = stream if isinstance(stream, ReadsRaw) else None
+        # (the stream that plans reads, the helpers that do them) when reads leave the hub process
+        self._offload = (stream, renderer) if renderer is not None and isinstance(stream, PlansRaw) else None
         self.queue: asyncio.Queue[Chunk] = asyncio.Queue(QUEUE_CHUNKS)
         self.stop = asyncio.Event()
         self.reason = ""
@@ -215,17 +300,18 @@ class Feed:
             else:
                 await asyncio.sleep(WATCH_S)
 
-    async def _fetch(self, partition: int, sequence: int) -> tuple[int, int, list[tuple[int, str]]]:
+    async def _fetch(self, partition: int, sequence: int) -> Rendered:
         """(events read, next sequence, the wanted ones rendered)."""
         device = self.device
+        if self._offload is not None:
+            planner, renderer = self._offload
+            plan = await planner.plan_raw(partition, from_sequence=sequence, max_count=READ_COUNT,
+                                          timeout_s=READ_SLICE_S)
+            return (0, sequence, []) if plan is None else await renderer.render(plan, device)
         if self._raw is not None:
             raw = await self._raw.read_raw(partition, from_sequence=sequence, max_count=READ_COUNT,
                                         timeout_s=READ_SLICE_S)
-            if not raw:
-                return 0, sequence, []
-            wanted = [(e.sequence_number, raw_event_json(e)) for e in raw
-                      if device is None or e.device_id == device]
-            return len(raw), raw[-1].sequence_number + 1, wanted
+            return render_events(raw, sequence, device)
         events = await self.stream.read(partition, from_sequence=sequence, max_count=READ_COUNT,
                                    timeout_s=READ_SLICE_S)
         if not events:

@@ -24,7 +24,18 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError
 from tether.api.bodies import query_bool, query_int, read_optional_json_object
 from tether.api.context import hub_of, principal_of
 from tether.api.devices import validation_error
-from tether.api.event_feed import EPOCH, Chunk, Feed, ReadsRaw, event_doc, event_json, raw_event_json, render
+from tether.api.event_feed import (
+    EPOCH,
+    Chunk,
+    Feed,
+    FeedRenderer,
+    PlansRaw,
+    ReadsRaw,
+    event_doc,
+    event_json,
+    raw_event_json,
+    render,
+)
 from tether.api.routes import Param, Route
 from tether.errors import BadRequest, NotFound, TetherError, Throttled
 from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventStream
@@ -50,12 +61,17 @@ class _Consumers:
     """Long-lived requests of one app. At shutdown they end at once instead of holding aiohttp's
     graceful-shutdown wait (a long-poll lasts up to a minute, a feed forever)."""
 
-    def __init__(self) -> None:
+    def __init__(self, renderer: FeedRenderer | None) -> None:
         self.closing = asyncio.Event()
         self.feeds = 0  # open SSE feeds
+        self.renderer = renderer
 
     async def on_shutdown(self, _app: web.Application) -> None:
         self.closing.set()
+
+    async def on_cleanup(self, _app: web.Application) -> None:
+        if self.renderer is not None:
+            self.renderer.close()
 
 
 CONSUMERS_KEY: web.AppKey[_Consumers] = web.AppKey("tether_event_consumers")
@@ -357,11 +373,13 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
     partitions = [stream.partition_for(device)] if device else list(range(stream.partition_count))
     starts = await _feed_starts(request, stream, group, partitions, checkpointing)
 
+    consumers = request.app[CONSUMERS_KEY]
+    if consumers.renderer is not None:
+        await consumers.renderer.ready()
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.content_type, response.charset = "text/event-stream", "utf-8"
     await response.prepare(request)
-    consumers = request.app[CONSUMERS_KEY]
-    feed = Feed(request, stream, starts, device, consumers.closing)
+    feed = Feed(request, stream, starts, device, consumers.closing, consumers.renderer)
     consumers.feeds += 1
     positions, pending, last_checkpoint = dict(starts), dict[int, int](), time.monotonic()
     try:
@@ -454,6 +472,9 @@ def add_event_routes(app: web.Application, hub: Hub) -> None:
     """Mount the consumer API on an app from `build_app` (before it starts)."""
     from tether.api.app import mount  # not at import time: app.py imports this module
 
-    app[CONSUMERS_KEY] = consumers = _Consumers()
+    processes = hub.settings.storage.stream_reader_processes
+    renderer = FeedRenderer(processes) if processes and isinstance(hub.stream, PlansRaw) else None
+    app[CONSUMERS_KEY] = consumers = _Consumers(renderer)
     app.on_shutdown.append(consumers.on_shutdown)
+    app.on_cleanup.append(consumers.on_cleanup)
     mount(app, EVENT_ROUTES)

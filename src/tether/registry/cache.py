@@ -168,6 +168,9 @@ class InvalidatingRepository:
     async def get(self, device_id: str) -> Device | None:
         return await self.inner.get(device_id)
 
+    async def get_many(self, device_ids: Sequence[str]) -> dict[str, Device]:
+        return await self.inner.get_many(device_ids)
+
     async def insert(self, device: Device) -> None:
         try:
             await self.inner.insert(device)

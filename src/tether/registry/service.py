@@ -11,8 +11,7 @@ validation, server-managed fields, optimistic concurrency and auditing are imple
 - connection state and last activity are coalesced in memory by `touch()` and written in batches by
   `flush_activity()`, without changing the etag (as in Azure);
 - status listeners run after a device is disabled or deleted, so protocol servers drop its sessions;
-- `find()` (the authentication path) reads through a bounded TTL cache (`tether.registry.cache`),
-  dropped synchronously by every write of this service; `get()` and writes always read the database;
+- `find()` (authentication) is cached and batched; `get()` and writes always read the database;
 - `bulk()` (Azure's bulk registry operation) validates a whole batch of create/update/delete
   operations against the current registry, then writes it in one repository transaction
   (`apply_batch`), each update and delete guarded by the etag it was validated against.
@@ -33,6 +32,7 @@ from pydantic import ValidationError
 
 from tether.errors import BadRequest, Conflict, NotFound, PreconditionFailed, TetherError
 from tether.registry import cache as dcache
+from tether.registry.batch import CoalescingLoader
 from tether.registry.models import (
     DEVICE_ID_RE,
     EPOCH,
@@ -154,14 +154,13 @@ class RegistryService:
                  cache_size: int = dcache.DEFAULT_MAX_ENTRIES,
                  negative_ttl_s: float = dcache.DEFAULT_NEGATIVE_TTL_S,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        """`cache_ttl_s`: how long `find()` may serve a device without re-reading it, i.e. the bound
-        on how late writes of OTHER processes on the same database are seen (0 disables the cache)."""
+        """`cache_ttl_s`: how late `find()` may see other processes' writes (0: no cache)."""
         self._cache = dcache.DeviceCache(ttl_s=cache_ttl_s, max_entries=cache_size,
                                          negative_ttl_s=negative_ttl_s, clock=clock)
         self._repo = dcache.InvalidatingRepository(repo, self._cache)  # writes invalidate
+        self._loader = CoalescingLoader(self._repo.get_many)  # concurrent misses share one query
         self._audit = audit
-        self._listeners: list[StatusListener] = []
-        self._relays: list[StatusListener] = []
+        self._listeners, self._relays = list[StatusListener](), list[StatusListener]()
         self._pending: dict[str, ActivityUpdate] = {}
         self._flush_lock = asyncio.Lock()  # batches are written in order
 
@@ -190,24 +189,22 @@ class RegistryService:
 
     # Reads -----------------------------------------------------------------------------------
     async def find(self, device_id: str) -> Device | None:
-        """None for unknown or malformed ids (ids arrive from untrusted connections). Cached (the
-        per-CONNECT authentication lookup), safe because: every write of this service (disable, new
-        key, delete...) drops the entry before it returns; a device disabled or deleted on another
-        node is dropped here and its sessions closed by the status listeners (cluster bus →
-        `status_changed_elsewhere`); other changes made elsewhere (a regenerated key, a CLI create)
-        are honoured within `cache_ttl_s` (unknown ids: `negative_ttl_s`); disabled devices are never
-        cached. Activity: pending overlaid, flushed patched in; other nodes' after the TTL."""
+        """None for unknown or malformed ids (untrusted input). Cached for the per-CONNECT lookup
+        (see `tether.registry.cache`): this service's writes drop entries at once, other nodes'
+        disables/deletes arrive over the cluster bus, other changes within `cache_ttl_s`; cache
+        misses of concurrent calls share one query (`tether.registry.batch`)."""
         if not isinstance(device_id, str) or not DEVICE_ID_RE.fullmatch(device_id):
             return None
         hit, device = self._cache.lookup(device_id)
         if not hit:
-            device = await self._load(device_id)
+            device = await self._load(device_id, batched=True)
         return None if device is None else self._overlay(device)
 
-    async def _load(self, device_id: str) -> Device | None:
-        """Read the database and refresh the cache (unless a write overlapped the read)."""
+    async def _load(self, device_id: str, *, batched: bool = False) -> Device | None:
+        """Read the database and refresh the cache (unless a write overlapped the read); only
+        `find()` is `batched`, so a slow batch never holds up REST reads and writes."""
         token = self._cache.token()
-        device = await self._repo.get(device_id)
+        device = await (self._loader.load(device_id) if batched else self._repo.get(device_id))
         self._cache.store(device_id, device, token)
         return device
 

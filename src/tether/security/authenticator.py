@@ -49,6 +49,7 @@ from tether.security.sas import (
     SasToken,
     TokenVerifier,
     parse_token,
+    same_hub_host,
     scope_covers,
 )
 from tether.security.throttle import DEFAULT_MAX_PEERS, RATE_LIMITED, AuthThrottle, AuthThrottled
@@ -106,21 +107,6 @@ class _Attempt:
 
 def _label(text: str) -> str:
     return text if len(text) <= _LABEL_MAX else text[:_LABEL_MAX] + "…"
-
-
-def _strip_port(host: str) -> str:
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    name, sep, port = host.partition(":")
-    if sep and port.isdigit() and ":" not in port:
-        return name
-    return host
-
-
-def _same_hub(token_host: str, hostname: str) -> bool:
-    a, b = token_host.lower(), hostname.lower()
-    return a == b or _strip_port(a) == _strip_port(b)
 
 
 def _policy_permissions(policy: PolicyRecord) -> frozenset[Permission]:
@@ -251,6 +237,22 @@ class Authenticator:
             return None
         action = f"auth.{surface}"
         admission = throttle.admit(peer, action)
+        await self._write_summaries(throttle)
+        if admission.allowed:
+            return admission.key
+        _count_failure(surface, RATE_LIMITED)
+        if admission.record:
+            await self._refused(action, peer, attempt, RATE_LIMITED, {"suppressed": admission.suppressed})
+        raise AuthThrottled(admission.retry_after)
+
+    async def audit_throttled(self) -> None:
+        """Audit the suppressed counts of throttled floods that went quiet (the hub calls this every
+        second; otherwise the last episode of a peer would be written only when it tries again)."""
+        if self.throttle is not None:
+            self.throttle.sweep()
+            await self._write_summaries(self.throttle)
+
+    async def _write_summaries(self, throttle: AuthThrottle) -> None:
         for summary in throttle.take_summaries():
             await self._audit.record(
                 summary.action,
@@ -259,12 +261,6 @@ class Authenticator:
                 peer=summary.peer,
                 details={"suppressed": summary.suppressed, "summary": True},
             )
-        if admission.allowed:
-            return admission.key
-        _count_failure(surface, RATE_LIMITED)
-        if admission.record:
-            await self._refused(action, peer, attempt, RATE_LIMITED, {"suppressed": admission.suppressed})
-        raise AuthThrottled(admission.retry_after)
 
     def _refund(self, held: str | None) -> None:
         if held is not None and self.throttle is not None:
@@ -404,7 +400,7 @@ class Authenticator:
 
     def _hub_host(self, sas: SasToken) -> str:
         host = sas.host
-        if not _same_hub(host, self.hostname):
+        if not same_hub_host(host, self.hostname):
             raise AuthRefused("wrong-hub", "token is for another hub")
         return host
 

@@ -44,6 +44,7 @@ __all__ = [
     "encode_resource",
     "generate_key",
     "parse_token",
+    "same_hub_host",
     "scope_covers",
     "sign",
     "verify_signature",
@@ -260,3 +261,20 @@ class TokenVerifier:
         """Time rules, then signature; raises `SasError`."""
         self.check_time(token)
         self.check_signature(token, keys)
+
+
+def _strip_port(host: str) -> str:
+    if host.startswith("["):
+        end = host.find("]")
+        return host[: end + 1] if end > 0 else host
+    name, sep, port = host.partition(":")
+    if sep and port.isdigit() and ":" not in port:
+        return name
+    return host
+
+
+def same_hub_host(a: str, b: str) -> bool:
+    """Whether two host names name the same hub: case-insensitive, a `:port` on either side ignored
+    (the service SDK signs `localhost:8443` while devices sign `localhost`; MQTT usernames too)."""
+    a, b = a.lower(), b.lower()
+    return a == b or _strip_port(a) == _strip_port(b)

@@ -17,12 +17,14 @@ exhaust memory; an evicted peer merely starts over with a full bucket.
 Throttled refusals are audited in aggregate so the audit table cannot become the amplifier: the first
 refusal of an episode is recorded, then at most one per peer per `audit_interval_s`, each carrying
 `suppressed` = refusals not written since the previous record. Counts still pending when the episode
-ends (the peer is admitted again) or when the peer is evicted come back from `take_summaries()` for a
-closing record. Total refused = records that are not summaries + the sum of `suppressed`.
+ends (the peer is admitted again), when the peer is evicted, or when `sweep()` finds them quiet for
+`audit_interval_s` (the hub sweeps every second) come back from `take_summaries()` for a closing
+record. Total refused = records that are not summaries + the sum of `suppressed`.
 """
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 import time
@@ -70,10 +72,16 @@ def peer_key(peer: str, *, ipv6_prefix: int = 64) -> str:
     elif peer.count(":") == 1:
         host = peer.partition(":")[0]
     host = host.partition("%")[0]  # IPv6 zone id: same host whatever the interface
+    return _host_key(host, ipv6_prefix) or peer[:_KEY_MAX]
+
+
+@functools.lru_cache(maxsize=4096)
+def _host_key(host: str, ipv6_prefix: int) -> str | None:
+    """Parsing an address costs more than the rest of an admission: cached (ports vary, hosts repeat)."""
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return peer[:_KEY_MAX]
+        return None
     if isinstance(address, ipaddress.IPv6Address):
         if address.ipv4_mapped is not None:
             return str(address.ipv4_mapped)
@@ -139,6 +147,7 @@ class AuthThrottle:
         self._clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._summaries: list[Summary] = []
+        self._suppressing: set[str] = set()  # keys of buckets holding a suppressed count
 
     def __len__(self) -> int:
         """Peers remembered (those with a deficit or a throttled episode)."""
@@ -164,6 +173,7 @@ class AuthThrottle:
             if bucket.limited:  # the episode is over
                 bucket.limited = False
                 self._close(bucket)
+                self._suppressing.discard(key)
             return Admission(key, True)
         retry_after = (1.0 - bucket.tokens) / self.rate
         if not bucket.limited:
@@ -174,6 +184,7 @@ class AuthThrottle:
             return Admission(key, False, retry_after, record=True, suppressed=suppressed)
         bucket.suppressed += 1
         bucket.action, bucket.peer = action, peer
+        self._suppressing.add(key)
         return Admission(key, False, retry_after)
 
     def refund(self, key: str) -> None:
@@ -187,6 +198,19 @@ class AuthThrottle:
         if bucket.tokens >= self.burst and not bucket.limited and bucket.suppressed == 0:
             del self._buckets[key]  # full again: nothing worth remembering
 
+    def sweep(self) -> None:
+        """Close the suppressed counts that went quiet for `audit_interval_s`, so a flood that stops
+        is accounted for in the audit log within seconds, not when the peer next tries (or never)."""
+        now = self._clock()
+        for key in list(self._suppressing):
+            bucket = self._buckets.get(key)
+            if bucket is None:
+                self._suppressing.discard(key)
+            elif now - bucket.last_record >= self.audit_interval_s:
+                bucket.last_record = now
+                self._close(bucket)
+                self._suppressing.discard(key)
+
     def take_summaries(self) -> list[Summary]:
         """Suppressed counts of finished episodes and evicted peers, to be audited once each."""
         summaries, self._summaries = self._summaries, []
@@ -197,8 +221,9 @@ class AuthThrottle:
         bucket = self._buckets.get(key)
         if bucket is None:
             while len(self._buckets) >= self.max_peers:
-                _, evicted = self._buckets.popitem(last=False)
+                evicted_key, evicted = self._buckets.popitem(last=False)
                 self._close(evicted)
+                self._suppressing.discard(evicted_key)
             bucket = self._buckets[key] = _Bucket(self.burst, now)
         else:
             self._buckets.move_to_end(key)

@@ -49,6 +49,7 @@ class ActivityUpdate:
 
 class DeviceRepository(Protocol):
     async def get(self, device_id: str) -> Device | None: ...
+    async def get_many(self, device_ids: Sequence[str]) -> dict[str, Device]: ...  # unknown ids absent
     async def insert(self, device: Device) -> None: ...  # Conflict if it exists
     async def insert_many(self, devices: Sequence[Device]) -> None: ...  # all-or-nothing
     async def replace(self, device: Device, expected_etag: str | None) -> None: ...

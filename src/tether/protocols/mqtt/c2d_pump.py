@@ -25,7 +25,7 @@ from typing import Any
 from tether.errors import PreconditionFailed
 from tether.messaging.c2d import C2DMessage, C2DService
 from tether.messaging.presence import ConnectionHandle
-from tether.protocols.mqtt.session import TwinMethodHooks
+from tether.protocols.mqtt.context import TwinMethodHooks
 from tether.protocols.mqtt.topics import SubscriptionKind, TopicError, c2d_topic
 from tether.security.principal import Principal
 

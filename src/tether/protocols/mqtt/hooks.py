@@ -30,7 +30,8 @@ from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionHandle, ConnectionRegistry
 from tether.messaging.twins import TwinService
 from tether.protocols.mqtt.c2d_pump import C2DPumps
-from tether.protocols.mqtt.session import MqttSession, NullTwinMethodHooks
+from tether.protocols.mqtt.context import NullTwinMethodHooks
+from tether.protocols.mqtt.session import MqttSession
 from tether.protocols.mqtt.topics import SubscriptionKind, desired_patch_topic, method_request_topic
 from tether.registry.models import Device
 from tether.security.principal import Principal

@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any, cast
 from cryptography import x509
 
 from tether.observability.metrics import DISCONNECTS, watch_stream
-from tether.protocols.mqtt.session import MqttContext, MqttSession, TwinMethodHooks
+from tether.protocols.mqtt.context import MqttContext, TwinMethodHooks
+from tether.protocols.mqtt.session import MqttSession
 from tether.security.tls import TlsContextFactory, start_tls_server
 
 if TYPE_CHECKING:

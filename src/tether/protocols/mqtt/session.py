@@ -20,18 +20,13 @@ from __future__ import annotations
 import asyncio
 import enum
 import logging
-import time
 from collections import deque
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 from cryptography import x509
 
-from tether.config import LimitSettings
 from tether.errors import TetherError
-from tether.messaging.presence import ConnectionHandle, ConnectionRegistry
-from tether.messaging.telemetry import TelemetryPipeline
 from tether.observability.metrics import AUTH_FAILURES, CONNECTED_DEVICES, DISCONNECTS
 from tether.protocols.mqtt.codec import (
     NEED_DATA,
@@ -40,6 +35,7 @@ from tether.protocols.mqtt.codec import (
     encode_puback,
     encode_publish,
 )
+from tether.protocols.mqtt.context import Link, MqttContext, TwinMethodHooks
 from tether.protocols.mqtt.packets import (
     ConnAck,
     ConnAckCode,
@@ -57,6 +53,7 @@ from tether.protocols.mqtt.packets import (
 )
 from tether.protocols.mqtt.topics import (
     MethodResponse,
+    PublishTarget,
     SubscriptionKind,
     Telemetry,
     TopicError,
@@ -67,91 +64,17 @@ from tether.protocols.mqtt.topics import (
     parse_username,
     twin_response_topic,
 )
-from tether.registry.service import RegistryService
-from tether.security.audit import AuditLog
-from tether.security.authenticator import Authenticator
 from tether.security.principal import AuthRefused, Principal
+from tether.security.sas import same_hub_host
 from tether.security.throttle import RATE_LIMITED
 
-__all__ = ["Link", "MqttContext", "MqttSession", "NullTwinMethodHooks", "TwinMethodHooks"]
+__all__ = ["Link", "MqttContext", "MqttSession", "TwinMethodHooks"]
 
 log = logging.getLogger("tether.mqtt")
 
 MAX_INFLIGHT = 512  # unacknowledged publishes per connection before we stop reading
 RESUME_INFLIGHT = MAX_INFLIGHT // 2
 KEEPALIVE_FACTOR = 1.5
-EMPTY_TWIN = b'{"desired":{"$version":1},"reported":{"$version":1}}'
-
-
-class Link(Protocol):
-    """The byte transport under a session (a TCP/TLS socket or a WebSocket)."""
-
-    def write(self, data: bytes) -> None: ...
-
-    def close(self) -> None: ...  # flush what was written, then close
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-
-class TwinMethodHooks(Protocol):
-    """What the twin and direct-method features plug into every MQTT session."""
-
-    async def twin_get(self, principal: Principal) -> tuple[int, bytes]:
-        """(status, body) answering `$iothub/twin/GET`."""
-        ...
-
-    async def twin_patch_reported(self, principal: Principal, body: bytes) -> tuple[int, bytes, int | None]:
-        """(status, body, new reported version) answering a reported-properties patch."""
-        ...
-
-    async def method_response(self, principal: Principal, rid: str, status: int, body: bytes) -> None:
-        """A device answered the direct method invocation `rid`."""
-        ...
-
-    async def subscribed(
-        self, principal: Principal, handle: ConnectionHandle, kinds: Sequence[SubscriptionKind]
-    ) -> None:
-        """The device subscribed (C2D, desired patches, methods, …): start delivering."""
-        ...
-
-    # Optional, looked up with getattr: `async def connected(principal, handle, *, clean_session)`
-    # runs after CONNACK so a persistent session (clean_session=0) resumes its subscriptions.
-
-
-class NullTwinMethodHooks:
-    """Behaviour of a hub without twin/method services: nothing stored, nothing invoked."""
-
-    async def twin_get(self, principal: Principal) -> tuple[int, bytes]:
-        return 200, EMPTY_TWIN
-
-    async def twin_patch_reported(self, principal: Principal, body: bytes) -> tuple[int, bytes, int | None]:
-        return 503, b'{"message":"this hub does not store twins"}', None
-
-    async def method_response(self, principal: Principal, rid: str, status: int, body: bytes) -> None:
-        return None  # no invocation can be pending
-
-    async def subscribed(
-        self, principal: Principal, handle: ConnectionHandle, kinds: Sequence[SubscriptionKind]
-    ) -> None:
-        return None
-
-
-@dataclass(slots=True)
-class MqttContext:
-    """Everything a session needs from the hub, shared by all sessions of a hub."""
-
-    hostname: str
-    authenticator: Authenticator
-    audit: AuditLog
-    activity: RegistryService  # touch(): buffered connection state and last activity
-    connections: ConnectionRegistry
-    telemetry: TelemetryPipeline
-    limits: LimitSettings
-    hooks: TwinMethodHooks = field(default_factory=NullTwinMethodHooks)
-    clock: Callable[[], float] = time.time
-    activity_interval_s: float = 30.0  # at most one registry.touch() per device per interval
 
 
 class _State(enum.Enum):
@@ -159,19 +82,6 @@ class _State(enum.Enum):
     AUTHENTICATING = 2
     CONNECTED = 3
     CLOSED = 4
-
-
-def _strip_port(host: str) -> str:
-    if host.startswith("["):
-        end = host.find("]")
-        return host[: end + 1] if end > 0 else host
-    name, sep, port = host.partition(":")
-    return name if sep and port.isdigit() else host
-
-
-def _same_host(a: str, b: str) -> bool:
-    a, b = a.lower(), b.lower()
-    return a == b or _strip_port(a) == _strip_port(b)
 
 
 class MqttSession:
@@ -210,6 +120,9 @@ class MqttSession:
         self._last_rx = self._loop.time()
         self._keepalive_s = 0.0
         self._next_touch = 0.0
+        self._join: asyncio.Future[Any] | None = None
+        self._last_topic: str | None = None
+        self._last_target: PublishTarget | None = None
         self._timers: list[asyncio.TimerHandle] = [
             self._loop.call_later(ctx.limits.connect_timeout_s, self._on_connect_timeout)
         ]
@@ -270,6 +183,12 @@ class MqttSession:
         self.shutdown("peer-closed")
 
     def _drain(self) -> None:
+        try:
+            self._drain_packets()
+        finally:
+            self._join = None  # telemetry of one read shares one append future (see _on_publish)
+
+    def _drain_packets(self) -> None:
         codec = self._codec
         while not self._inflight_paused and (
             self._state is _State.CONNECTED or self._state is _State.WAIT_CONNECT
@@ -320,7 +239,7 @@ class MqttSession:
             self._refuse_connect(ConnAckCode.IDENTIFIER_REJECTED, "client-id-mismatch", expected,
                                  {"client_id": packet.client_id})
             return
-        if not _same_host(user.hostname, self._ctx.hostname):
+        if not same_hub_host(user.hostname, self._ctx.hostname):
             self._refuse_connect(ConnAckCode.BAD_USERNAME_OR_PASSWORD, "wrong-hostname", expected,
                                  {"hostname": user.hostname})
             return
@@ -407,11 +326,16 @@ class MqttSession:
         if not telemetry.allow(principal):
             self._refuse("mqtt.publish", "rate-limited", topic=packet.topic)
             return
-        try:
-            target = classify_publish(packet.topic, principal.device_id, principal.module_id)
-        except TopicError as exc:
-            self._refuse("mqtt.publish", exc.reason, topic=packet.topic)
-            return
+        topic = packet.topic
+        target: PublishTarget | None = self._last_target if topic == self._last_topic else None
+        if target is None:  # devices tend to repeat one telemetry topic: it is parsed once
+            try:
+                target = classify_publish(topic, principal.device_id, principal.module_id)
+            except TopicError as exc:
+                self._refuse("mqtt.publish", exc.reason, topic=topic)
+                return
+            if isinstance(target, Telemetry):
+                self._last_topic, self._last_target = topic, target
         now = self._loop.time()
         if now >= self._next_touch:
             self._next_touch = now + self._ctx.activity_interval_s
@@ -423,16 +347,18 @@ class MqttSession:
                 return
             # No task per message: the stream queues the event now (keeping arrival order) and the
             # future resolves once it is durable; refusals take the same path as failed appends.
+            # Appends of one read share a future while the stream still queues them (`join`).
             append: asyncio.Future[Any]
             try:
                 append = telemetry.append_nowait(
                     principal, packet.payload, target.system_properties, target.properties,
-                    protocol=self._protocol, model_id=self._model_id,
+                    protocol=self._protocol, model_id=self._model_id, join=self._join,
                 )
             except Exception as exc:
                 append = self._loop.create_future()
                 append.set_exception(exc)
-            self._enqueue(packet.packet_id, append)
+            self._enqueue(packet.packet_id, append, watch=append is not self._join)
+            self._join = append
             return
         hooks = self._ctx.hooks
         if isinstance(target, TwinGet):
@@ -443,14 +369,16 @@ class MqttSession:
             self._spawn(hooks.method_response(principal, target.rid, target.status, packet.payload))
         self._enqueue(packet.packet_id, None)
 
-    def _enqueue(self, packet_id: int | None, work: asyncio.Future[Any] | None) -> None:
-        """Queue the PUBACK behind the ones still waiting, so acks leave in arrival order."""
+    def _enqueue(self, packet_id: int | None, work: asyncio.Future[Any] | None, *,
+                 watch: bool = True) -> None:
+        """Queue the PUBACK behind the ones still waiting, so acks leave in arrival order. `watch`:
+        False when `work` is already watched (a group's shared append future)."""
         if work is None and not self._pending:
             if packet_id is not None:
                 self._link.write(encode_puback(packet_id))
             return
         self._pending.append((packet_id, work))
-        if work is not None:
+        if work is not None and watch:
             work.add_done_callback(self._on_work_done)
         if len(self._pending) >= MAX_INFLIGHT and not self._inflight_paused:
             self._inflight_paused = True

@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Delete, Row, String, Update, bindparam, case, func, or_, select, update
+from sqlalchemy import Delete, String, Update, bindparam, case, func, or_, select, update
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import insert as sql_insert
 from sqlalchemy.exc import IntegrityError
@@ -70,7 +70,7 @@ def _insert_values(device: Device) -> dict[str, Any]:
     return values
 
 
-def _from_row(row: Row[tuple[str, str, datetime, datetime]]) -> Device:
+def _from_row(row: Sequence[Any]) -> Device:
     doc: dict[str, Any] = json.loads(row[0])
     device = Device.model_validate(doc)
     device.connection_state = ConnectionState(row[1])
@@ -89,6 +89,21 @@ class SqlDeviceRepository:
         async with self._db.read() as conn:
             row = (await conn.execute(select(*_ROW_COLUMNS).where(DeviceRow.device_id == device_id))).first()
         return None if row is None else _from_row(row)
+
+    async def get_many(self, device_ids: Sequence[str]) -> dict[str, Device]:
+        """The stored devices among `device_ids` (unknown ids are absent), in one read transaction:
+        the registry coalesces concurrent authentication lookups into one of these."""
+        found: dict[str, Device] = {}
+        ids = list(dict.fromkeys(device_ids))
+        if not ids:
+            return found
+        async with self._db.read() as conn:
+            for start in range(0, len(ids), _IN_CHUNK):
+                chunk = ids[start : start + _IN_CHUNK]
+                stmt = select(DeviceRow.device_id, *_ROW_COLUMNS).where(DeviceRow.device_id.in_(chunk))
+                for row in await conn.execute(stmt):
+                    found[row[0]] = _from_row(row[1:])
+        return found
 
     async def insert(self, device: Device) -> None:
         with _duplicates_as_conflict(device.device_id):

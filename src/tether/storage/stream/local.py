@@ -49,12 +49,14 @@ from tether.storage.stream.diskio import (
 from tether.storage.stream.segment import (
     HEADER_SIZE,
     PreparedEvent,
+    ReadPlan,
     Record,
     Segment,
+    SegmentSlice,
     SparseIndex,
     encode_header,
     fsync_dir,
-    read_raw_records,
+    read_plan,
     read_records,
     segment_name,
 )
@@ -70,12 +72,12 @@ MAX_READ_BYTES = 4 << 20  # one read() answer stays below this (but always holds
 DEFAULT_SEGMENT_MAX = 64 << 20
 PARTITION_CACHE = 1 << 16  # device ids whose partition is remembered (cleared when full)
 
-_T = TypeVar("_T", EventData, RawEvent)
+_T = TypeVar("_T", EventData, RawEvent, ReadPlan)
 
 
 class _Pending(NamedTuple):
     event: PreparedEvent
-    future: asyncio.Future[EventData]
+    future: asyncio.Future[EventData] | None  # None: a later event of the same group carries it
 
 
 class _Partition:
@@ -119,7 +121,7 @@ class _Partition:
     def _fail(self, batch: list[_Pending], exc: BaseException) -> None:
         self.stream.stats.append_errors += len(batch)
         for item in batch:
-            if not item.future.done():
+            if item.future is not None and not item.future.done():
                 item.future.set_exception(exc)
 
     async def _commit(self, batch: list[_Pending]) -> None:
@@ -129,7 +131,7 @@ class _Partition:
         ms = max(int(stream.now() * 1000), self.last_time)
         ops: list[Create | Write] = []
         notes: list[tuple[Segment, int, int]] = []  # (segment, seq, position) per event
-        results: list[EventData] = []
+        results: list[EventData | None] = []
         new_segments: list[Segment] = []
         cur, size, chunk, chunk_at = active, active.size, list[bytes](), active.size
         for item in batch:
@@ -144,8 +146,9 @@ class _Partition:
             data = ev.encode(seq, ms)
             chunk.append(data)
             notes.append((cur, seq, size))
-            results.append(EventData(self.number, cur.base_offset + size, seq, ms, ev.device_id, ev.module_id,
-                                     ev.system_properties, ev.properties, ev.body))
+            results.append(None if item.future is None else EventData(
+                self.number, cur.base_offset + size, seq, ms, ev.device_id, ev.module_id,
+                ev.system_properties, ev.properties, ev.body))
             size += len(data)
             seq += 1
         ops.append(Write(cur, chunk_at, b"".join(chunk)))
@@ -185,7 +188,7 @@ class _Partition:
         stream.stats.segments_rolled += len(new_segments)
         self.notify()
         for item, result in zip(batch, results, strict=True):
-            if not item.future.done():
+            if item.future is not None and result is not None and not item.future.done():
                 item.future.set_result(result)
 
     async def _undo(self, new_segments: list[Segment], exc: OSError) -> None:
@@ -259,18 +262,17 @@ class _Partition:
         return out
 
     def _raw_from(self, i: int, pos: int, start: int, max_count: int) -> list[RawEvent]:
-        out: list[RawEvent] = []
-        budget = MAX_READ_BYTES
-        while i < len(self.segments) and len(out) < max_count and budget > 0:
-            seg = self.segments[i]
-            records = read_raw_records(seg.fd(), pos, seg.size, partition=self.number,
-                                       base_offset=seg.base_offset, min_seq=start,
-                                       max_count=max_count - len(out), max_bytes=budget)
-            out.extend(records)
-            budget -= sum(len(r.body) for r in records) + 64 * len(records)
-            i += 1
-            pos = HEADER_SIZE
-        return out
+        plan = self._plan_from(i, pos, start, max_count)[0]
+        by_path = {str(seg.path): seg for seg in self.segments[i:]}
+        return read_plan(plan, lambda piece: by_path[piece.path].fd())
+
+    def _plan_from(self, i: int, pos: int, start: int, max_count: int) -> list[ReadPlan]:
+        slices = tuple(SegmentSlice(str(seg.path), pos if k == i else HEADER_SIZE, seg.size, seg.base_offset)
+                       for k, seg in enumerate(self.segments[i:], start=i))
+        return [ReadPlan(self.number, slices, start, max_count, MAX_READ_BYTES)]
+
+    async def plan(self, from_seq: int, max_count: int) -> list[ReadPlan]:
+        return await self._read(from_seq, max_count, self._plan_from)
 
     def _event(self, seg: Segment, r: Record) -> EventData:
         return EventData(self.number, seg.base_offset + r.position, r.sequence, r.enqueued_ms, r.device_id,
@@ -462,9 +464,14 @@ class LocalEventStream:
         module_id: str | None = None,
         properties: Mapping[str, str],
         system_properties: Mapping[str, str],
+        join: asyncio.Future[EventData] | None = None,
     ) -> asyncio.Future[EventData]:
         """`append` without a coroutine: queues the event now (refusals raise here) and returns the
-        future that resolves once it is fsynced. Lets a protocol session skip a Task per message."""
+        future that resolves once it is fsynced. Lets a protocol session skip a Task per message.
+        `join`: a future this method returned on the same loop turn for the same device; while its
+        events are still queued the new event joins that group and `join` itself is returned (it
+        resolves once all of them are durable, with the last one's EventData): one future and one
+        callback per read of a connection instead of per message."""
         self._check_open()
         p = self._partitions[self.partition_for(device_id)]
         if p.failed is not None:
@@ -475,8 +482,13 @@ class LocalEventStream:
                                         bytes(body), system_json=system_json)
         except ValueError as exc:
             raise BadRequest(str(exc)) from exc
+        pending = p.pending
+        if join is not None and pending and pending[-1].future is join:  # still queued: extend the group
+            pending[-1] = _Pending(pending[-1].event, None)
+            pending.append(_Pending(event, join))
+            return join
         future: asyncio.Future[EventData] = asyncio.get_running_loop().create_future()
-        p.pending.append(_Pending(event, future))
+        pending.append(_Pending(event, future))
         p.wakeup.set()
         return future
 
@@ -492,8 +504,17 @@ class LocalEventStream:
         """`read`, with the properties as their stored JSON (for consumers that splice it)."""
         return await self._poll(partition, from_sequence, max_count, timeout_s, _Partition.read_raw)
 
+    async def plan_raw(
+        self, partition: int, *, from_sequence: int = 0, max_count: int = 100, timeout_s: float = 0.0
+    ) -> ReadPlan | None:
+        """`read_raw` resolved to committed file ranges, for a reader in another process
+        (`segment.read_plan`); None when nothing arrived within `timeout_s`."""
+        plans = await self._poll(partition, from_sequence, max_count, timeout_s, _Partition.plan, count=False)
+        return plans[0] if plans else None
+
     async def _poll(self, partition: int, from_sequence: int, max_count: int, timeout_s: float,
-                    fetch: Callable[[_Partition, int, int], Awaitable[list[_T]]]) -> list[_T]:
+                    fetch: Callable[[_Partition, int, int], Awaitable[list[_T]]], *, count: bool = True
+                    ) -> list[_T]:
         check_partition(partition, self.partition_count)
         if max_count < 1:
             raise BadRequest("max_count must be >= 1", field="max_count")
@@ -506,8 +527,9 @@ class LocalEventStream:
             if from_sequence < p.next_seq:
                 events = await fetch(p, from_sequence, max_count)
                 if events:
-                    self.stats.reads += 1
-                    self.stats.read_events += len(events)
+                    if count:
+                        self.stats.reads += 1
+                        self.stats.read_events += len(events)
                     return events
             remaining = deadline - loop.time()
             if remaining <= 0:

@@ -364,6 +364,48 @@ def _read(
     return out
 
 
+class SegmentSlice(NamedTuple):
+    """Committed bytes [start, end) of one segment file (files only grow, so they stay readable)."""
+
+    path: str
+    start: int
+    end: int
+    base_offset: int
+
+
+class ReadPlan(NamedTuple):
+    """A `read_raw` resolved to file ranges by the log's owner, so that another process (the feed
+    renderer) can do the reading; everything in it is committed."""
+
+    partition: int
+    slices: tuple[SegmentSlice, ...]
+    min_seq: int
+    max_count: int
+    max_bytes: int
+
+
+def read_plan(plan: ReadPlan, fd_of: Callable[[SegmentSlice], int] | None = None) -> list[RawEvent]:
+    """The events of `plan`. `fd_of`: the caller's open file of a slice (else each is opened here).
+    Raises FileNotFoundError when retention deleted a segment meanwhile: plan again."""
+    out: list[RawEvent] = []
+    budget = plan.max_bytes
+    for piece in plan.slices:
+        if len(out) >= plan.max_count or budget <= 0:
+            break
+        own = fd_of is None
+        fd = os.open(piece.path, os.O_RDONLY) if fd_of is None else fd_of(piece)
+        try:
+            records = read_raw_records(fd, piece.start, piece.end, partition=plan.partition,
+                                       base_offset=piece.base_offset, min_seq=plan.min_seq,
+                                       max_count=plan.max_count - len(out), max_bytes=budget)
+        finally:
+            if own:
+                os.close(fd)
+        out.extend(records)
+        budget -= sum(len(r.body) for r in records) + 64 * len(records)
+    return out
+
+
 def read_header(path: Path) -> tuple[int, int, int] | None:
     with open(path, "rb") as f:
         return decode_header(f.read(HEADER_SIZE))
