@@ -186,6 +186,8 @@ class MqttDevice:
         self.method_calls: list[tuple[str, Any]] = []
         self.acked_bodies: list[str] = []  # PUBACKed telemetry, in order
         self._in_flight: dict[int, str] = {}
+        self._early_acks: set[tuple[Any, int]] = set()
+        self._untracked: set[int] = set()  # our QoS 0 method replies
         self._suback: set[int] = set()
         self._cond = threading.Condition()
 
@@ -195,6 +197,8 @@ class MqttDevice:
         self.disconnected.clear()
         self.connack = None
         self._in_flight.clear()
+        self._early_acks.clear()
+        self._untracked.clear()
         client = mqtt.Client(client_id=self.device_id, clean_session=False, protocol=mqtt.MQTTv311,
                              reconnect_on_failure=False)
         client.username_pw_set(f"{HOSTNAME}/{self.device_id}/?{API}", build_token(
@@ -221,9 +225,16 @@ class MqttDevice:
             self.disconnected.set()
 
     def _on_publish(self, client: Any, userdata: Any, mid: int) -> None:
+        # paho calls this holding its own message lock, so publish() must not hold _cond while
+        # calling into paho; a PUBACK that beats publish()'s bookkeeping waits in _early_acks.
         with self._cond:
+            if mid in self._untracked:
+                self._untracked.discard(mid)
+                return
             body = self._in_flight.pop(mid, None)
-            if body is not None and client is self.client:
+            if body is None:
+                self._early_acks.add((client, mid))
+            elif client is self.client:
                 self.acked_bodies.append(body)
             self._cond.notify_all()
 
@@ -239,7 +250,9 @@ class MqttDevice:
             rid = parse_qs(query)["$rid"][0]
             self.method_calls.append((name, json.loads(payload or b"null")))
             answer = self.method_answers.get(name, {"unknown": name})
-            client.publish(f"$iothub/methods/res/200/?$rid={rid}", json.dumps(answer), qos=0)
+            reply = client.publish(f"$iothub/methods/res/200/?$rid={rid}", json.dumps(answer), qos=0)
+            with self._cond:  # written by this (paho's) thread after we return: not a telemetry ack
+                self._untracked.add(reply.mid)
         with self._cond:
             self.messages.append((topic, payload))
             self._cond.notify_all()
@@ -255,10 +268,17 @@ class MqttDevice:
             assert self._cond.wait_for(lambda: mid in self._suback, timeout), "no SUBACK"
 
     def publish(self, body: str) -> int:
-        assert self.client is not None
+        client = self.client
+        assert client is not None
+        info = client.publish(f"devices/{self.device_id}/messages/events/", body, qos=1)
         with self._cond:
-            info = self.client.publish(f"devices/{self.device_id}/messages/events/", body, qos=1)
-            self._in_flight[info.mid] = body
+            if (client, info.mid) in self._early_acks:
+                self._early_acks.discard((client, info.mid))
+                if client is self.client:
+                    self.acked_bodies.append(body)
+                self._cond.notify_all()
+            else:
+                self._in_flight[info.mid] = body
         return int(info.mid)
 
     def wait_acked(self, count: int, timeout: float = 10) -> None:
