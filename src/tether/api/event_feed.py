@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import functools
 import json
 import json.encoder
@@ -104,8 +103,10 @@ def declared_binary(system: dict[str, str]) -> bool:
 def _body(body: bytes, binary: bool) -> str | None:
     """The body as text, or None when it goes out as base64."""
     if not binary:
-        with contextlib.suppress(UnicodeDecodeError):
+        try:  # not contextlib.suppress, which costs a third more per binary body (~1 µs of 3.6)
             return body.decode("utf-8")
+        except UnicodeDecodeError:
+            pass
     return None
 
 
