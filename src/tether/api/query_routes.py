@@ -5,8 +5,6 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -14,9 +12,6 @@ from tether.api.bodies import read_json_object
 from tether.api.twin_routes import twins_of
 from tether.errors import BadRequest
 from tether.messaging.query import DEFAULT_PAGE, MAX_PAGE, QueryService
-
-if TYPE_CHECKING:
-    pass
 
 MAX_ITEM_COUNT = "x-ms-max-item-count"
 CONTINUATION = "x-ms-continuation"

@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeVar
+from typing import Any, Final, Protocol, TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -45,9 +45,6 @@ from tether.registry.models import DEVICE_ID_RE
 from tether.security.authenticator import AuditSink
 from tether.storage.sql.c2d import C2DMessage, NewC2DMessage, SqlC2DRepository
 from tether.storage.sql.engine import Database
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "DEFAULT_TTL_S",

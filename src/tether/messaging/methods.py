@@ -25,16 +25,13 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Final, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
 
 from tether.errors import BadRequest, GatewayTimeout, NotFound, TetherError
 from tether.messaging.presence import ConnectionHandle, ConnectionRegistry
 from tether.registry.models import Device, validate_device_id
 from tether.registry.service import RegistryService
 from tether.security.authenticator import AuditSink
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = [
     "CONNECT_TIMEOUT_RANGE",

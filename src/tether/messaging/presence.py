@@ -13,12 +13,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from tether.registry.models import Device
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["ConnectionHandle", "ConnectionRegistry"]
 
