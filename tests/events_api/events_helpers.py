@@ -5,27 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import httpx
 from aiohttp import web
+from hub_app_helpers import HOST, make_hub, policy_token
 
 from tether.api.app import build_app
-from tether.config import load_settings
 from tether.hub import Hub
 from tether.messaging.events import EventData
-from tether.security.sas import build_token
 
-HOST = "localhost"
-
-
-def make_hub(data_dir: Path) -> Hub:
-    return Hub(load_settings(hub={"hostname": HOST, "data_dir": data_dir}))
+__all__ = ["HOST", "SseReader", "append", "make_hub", "serving", "sse", "token"]
 
 
 @asynccontextmanager
@@ -43,8 +36,8 @@ async def serving(hub: Hub) -> AsyncIterator[tuple[str, web.AppRunner]]:
 
 
 async def token(hub: Hub, policy: str = "service", *, ttl: int = 3600) -> str:
-    record = await hub.policies.get(policy)
-    return build_token(HOST, record.primary_key, int(time.time()) + ttl, policy)
+    """A policy token; the consumer API's tests use the `service` policy by default."""
+    return await policy_token(hub, policy, ttl=ttl)
 
 
 async def append(hub: Hub, device: str, body: bytes | str = b"{}", *, module: str | None = None,
