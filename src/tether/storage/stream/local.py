@@ -131,7 +131,7 @@ class _Partition:
         ms = max(int(stream.now() * 1000), self.last_time)
         ops: list[Create | Write] = []
         notes: list[tuple[Segment, int, int]] = []  # (segment, seq, position) per event
-        results: list[EventData | None] = []
+        settled: list[tuple[asyncio.Future[EventData], EventData]] = []  # resolved once durable
         new_segments: list[Segment] = []
         cur, size, chunk, chunk_at = active, active.size, list[bytes](), active.size
         for item in batch:
@@ -146,9 +146,10 @@ class _Partition:
             data = ev.encode(seq, ms)
             chunk.append(data)
             notes.append((cur, seq, size))
-            results.append(None if item.future is None else EventData(
-                self.number, cur.base_offset + size, seq, ms, ev.device_id, ev.module_id,
-                ev.system_properties, ev.properties, ev.body))
+            if item.future is not None:  # a group's future is carried by its last event
+                settled.append((item.future, EventData(
+                    self.number, cur.base_offset + size, seq, ms, ev.device_id, ev.module_id,
+                    ev.system_properties, ev.properties, ev.body)))
             size += len(data)
             seq += 1
         ops.append(Write(cur, chunk_at, b"".join(chunk)))
@@ -187,9 +188,9 @@ class _Partition:
         stream.stats.observe_fsync(fsync_s)
         stream.stats.segments_rolled += len(new_segments)
         self.notify()
-        for item, result in zip(batch, results, strict=True):
-            if item.future is not None and result is not None and not item.future.done():
-                item.future.set_result(result)
+        for future, result in settled:
+            if not future.done():
+                future.set_result(result)
 
     async def _undo(self, new_segments: list[Segment], exc: OSError) -> None:
         """A write failed (e.g. disk full): cut the partial batch so the log stays clean, or give up."""
