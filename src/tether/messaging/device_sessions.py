@@ -135,6 +135,10 @@ class NullDeviceHooks:
         return None
 
 
+def _identity(principal: Principal) -> Key | None:
+    return None if principal.device_id is None else (principal.device_id, principal.module_id)
+
+
 @dataclass(slots=True)
 class _Session:
     family: str  # ConnectionHandle.family of the connections it belongs to
@@ -195,11 +199,10 @@ class DeviceSessions:
 
     # --- sessions and subscriptions --------------------------------------------------------------
     async def connected(self, principal: Principal, handle: ConnectionHandle, *, persistent: bool) -> None:
-        device_id = principal.device_id
-        if device_id is None:
+        key = _identity(principal)
+        if key is None:
             return
-        module_id = principal.module_id
-        key = (device_id, module_id)
+        device_id, module_id = key
         session = self._sessions.get(key)
         if (session is not None and persistent and session.persistent
                 and session.family == handle.family):
@@ -223,12 +226,11 @@ class DeviceSessions:
 
     async def subscribed(self, principal: Principal, handle: ConnectionHandle,
                          kinds: Collection[str]) -> None:
-        device_id = principal.device_id
+        key = _identity(principal)
         wanted = [k for k in SESSION_KINDS if k in kinds]
-        if device_id is None or not wanted:
+        if key is None or not wanted:
             return
-        module_id = principal.module_id
-        key = (device_id, module_id)
+        device_id, module_id = key
         session = self._sessions.get(key)
         if session is None or session.family != handle.family:
             session = self._sessions[key] = _Session(handle.family, persistent=True)
@@ -247,14 +249,11 @@ class DeviceSessions:
 
     async def unsubscribed(self, principal: Principal, handle: ConnectionHandle,
                            kinds: Collection[str]) -> None:
-        device_id = principal.device_id
-        if device_id is None:
+        key = _identity(principal)
+        session = None if key is None else self._sessions.get(key)
+        if key is None or session is None or session.family != handle.family:
             return
-        module_id = principal.module_id
-        key = (device_id, module_id)
-        session = self._sessions.get(key)
-        if session is None or session.family != handle.family:
-            return
+        device_id, module_id = key
         dropped = [k for k in SESSION_KINDS if k in kinds and k in session.kinds]
         session.kinds.difference_update(dropped)
         if "methods" in dropped:
