@@ -19,7 +19,6 @@ validation, server-managed fields, optimistic concurrency and auditing are imple
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import secrets
@@ -32,6 +31,7 @@ from pydantic import ValidationError
 
 from tether.errors import BadRequest, Conflict, NotFound, PreconditionFailed, TetherError
 from tether.registry import cache as dcache
+from tether.registry.activity import ActivityBuffer
 from tether.registry.batch import CoalescingLoader
 from tether.registry.models import (
     DEVICE_ID_RE,
@@ -48,7 +48,7 @@ from tether.registry.models import (
 )
 from tether.security.audit import AuditLog
 from tether.security.keys import generate_key
-from tether.storage.base import ActivityUpdate, DeviceRepository
+from tether.storage.base import DeviceRepository
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ KEY_CHOICES = ("primary", "secondary", "both")
 BULK_MODES = ("create", "update", "updateIfMatchETag", "delete", "deleteIfMatchETag")
 MAX_BULK = 100  # Azure's limit per bulk registry call
 MAX_LIST_TOP = 100_000
-MAX_PENDING_ACTIVITY = 10_000  # flush early rather than let the activity buffer grow without bound
 _WRITE_RETRIES = 8  # server-side read-modify-write attempts before giving up on a busy device
 
 
@@ -161,8 +160,7 @@ class RegistryService:
         self._loader = CoalescingLoader(self._repo.get_many)  # concurrent misses share one query
         self._audit = audit
         self._listeners, self._relays = list[StatusListener](), list[StatusListener]()
-        self._pending: dict[str, ActivityUpdate] = {}
-        self._flush_lock = asyncio.Lock()  # batches are written in order
+        self.activity = ActivityBuffer(self._repo)  # connection state / last activity, batched
 
     def add_status_listener(self, cb: StatusListener) -> None:
         self._listeners.append(cb)
@@ -268,7 +266,7 @@ class RegistryService:
         if expected is not None and current.etag != expected:
             raise _stale(device_id)
         await self._repo.delete(device_id, expected)
-        self._pending.pop(device_id, None)
+        self.activity.forget(device_id)
         await self._record("device.delete", device_id, actor)
         await self._notify(current)
 
@@ -379,7 +377,7 @@ class RegistryService:
             action = "create" if before is None else "delete" if after is None else "update"
             await self._record(f"device.{action}", op_id(before, after), actor, {"bulk": True})
             if before is not None and after is None:
-                self._pending.pop(before.device_id, None)
+                self.activity.forget(before.device_id)
                 await self._notify(before)
             elif before is not None and after is not None and before.enabled and not after.enabled:
                 await self._notify(after)
@@ -416,28 +414,14 @@ class RegistryService:
         return ""
 
     # Activity --------------------------------------------------------------------------------
-    async def touch(self, device_id: str, *, connected: bool | None = None) -> None:
-        """Note activity (and a connect/disconnect when `connected` is given); written by the next
-        `flush_activity()`, not per call."""
-        state = None if connected is None else (
-            ConnectionState.connected if connected else ConnectionState.disconnected
-        )
-        update = ActivityUpdate(device_id, state, utcnow())
-        self._pending[device_id] = dcache.merge_activity(self._pending.get(device_id), update)
-        if len(self._pending) >= MAX_PENDING_ACTIVITY:
-            await self.flush_activity()
+    async def touch(self, device_id: str, module_id: str | None = None, *,
+                    connected: bool | None = None) -> None:
+        """Note activity of a device or, with `module_id`, of one of its modules (and a connect /
+        disconnect when `connected` is given); written by the next `flush_activity()`, not per call."""
+        await self.activity.touch(device_id, module_id, connected=connected)
 
     async def flush_activity(self) -> None:
-        async with self._flush_lock:
-            if not self._pending:
-                return
-            batch, self._pending = self._pending, {}
-            try:
-                await self._repo.apply_activity(list(batch.values()))
-            except BaseException:
-                for device_id, older in batch.items():  # kept for the next flush; newer entries win
-                    self._pending[device_id] = dcache.merge_activity(older, self._pending.get(device_id))
-                raise
+        await self.activity.flush()
 
     # Internals -------------------------------------------------------------------------------
     def _parse(self, device_id: str, body: dict[str, Any]) -> Device:
@@ -537,8 +521,7 @@ class RegistryService:
 
     def _overlay(self, device: Device) -> Device:
         """Show activity not yet flushed, so reads are as fresh as the hub's own view."""
-        update = self._pending.get(device.device_id)
-        return device if update is None else dcache.with_activity(device, update)
+        return self.activity.overlay(device)
 
     async def _notify(self, device: Device, *, relay: bool = True) -> None:
         callbacks = [*self._relays, *self._listeners] if relay else list(self._listeners)
