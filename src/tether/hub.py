@@ -26,6 +26,7 @@ from tether.messaging.presence import ConnectionRegistry
 from tether.messaging.telemetry import TelemetryPipeline
 from tether.messaging.twins import TwinService
 from tether.registry.models import utcnow
+from tether.registry.modules import ModuleService
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.security.authenticator import Authenticator
@@ -50,13 +51,15 @@ class Hub:
         self.audit = AuditLog(self.storage.audit)
         self.policies = PolicyService(self.storage.policies, self.audit)
         self.registry = RegistryService(self.storage.devices, self.audit)
+        self.modules = ModuleService(self.storage.modules, self.registry, self.audit)
         self.stream: EventStream = open_stream(
             settings.stream_url,
             partitions=settings.storage.stream_partitions,
             retention_hours=settings.storage.stream_retention_hours,
             retention_bytes=settings.storage.stream_retention_bytes,
         )
-        self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit)
+        self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit,
+                                 modules=self.modules)
         self.telemetry = TelemetryPipeline(self.stream, settings.limits)
         self.c2d = C2DService(
             self.storage.db, audit=self.audit, max_queue_depth=settings.c2d.max_queue_depth,
@@ -65,12 +68,14 @@ class Hub:
         )
         self.connections = ConnectionRegistry(settings.limits.max_connections)
         self.registry.add_status_listener(self.connections.status_listener())
-        self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit)
+        self.modules.add_listener(self.connections.module_deleted)
+        self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit,
+                                     modules=self.modules)
         self.registry.add_status_listener(self.methods.status_listener())
         self.c2d_pumps = C2DPumps(self.c2d)
         self.device_sessions = DeviceSessions(
             connections=self.connections, twins=self.twins, methods=self.methods, c2d_pumps=self.c2d_pumps,
-            registry=self.registry,
+            registry=self.registry, modules=self.modules,
         )
         self.node_id = resolve_node_id(settings.cluster.node_id)
         self.cluster: ClusterBus | None = None
@@ -78,7 +83,8 @@ class Hub:
             self.cluster = ClusterBus(settings.cluster, node_id=self.node_id)
             self.cluster.attach(registry=self.registry, policies=self.policies, connections=self.connections,
                                 c2d=self.c2d,
-                                twins=self.twins, methods=self.methods, sessions=self.device_sessions)
+                                twins=self.twins, methods=self.methods, sessions=self.device_sessions,
+                                modules=self.modules)
             if settings.storage.database_url is None or settings.stream_url.startswith("file:"):
                 log.warning("cluster.nats_url is set but storage is embedded (SQLite / file stream): "
                             "hub nodes only share state through storage.database_url = postgresql+"
@@ -93,6 +99,7 @@ class Hub:
             clock_skew_s=settings.limits.sas_clock_skew_s,
             max_token_lifetime_s=settings.limits.sas_max_lifetime_s,
             cert_verifier=self.cert_verifier,
+            modules=self.modules,
             failure_rate=settings.limits.auth_failures_per_second,
         )
         self._servers: list[asyncio.AbstractServer] = []

@@ -56,6 +56,7 @@ def build_app(hub: Hub) -> web.Application:
     from tether.api.device_routes import add_device_routes
     from tether.api.event_routes import add_event_routes
     from tether.api.method_routes import add_method_routes
+    from tether.api.module_routes import add_module_routes
     from tether.api.security_routes import add_security_routes
 
     # aiohttp's own cap is the largest body any route accepts (bulk import); each handler then
@@ -69,6 +70,7 @@ def build_app(hub: Hub) -> web.Application:
     add_c2d_routes(app, hub)
     add_device_routes(app, hub)
     add_method_routes(app, hub)
+    add_module_routes(app, hub)
     add_event_routes(app, hub)
     add_security_routes(app, hub)
     mount(app, (

@@ -298,18 +298,7 @@ class RegistryService:
             raise BadRequest(f"key must be one of {', '.join(KEY_CHOICES)}", field="which")
 
         def change(current: Device) -> Device:
-            if current.authentication.type is not AuthType.sas:
-                raise BadRequest(
-                    f"device {device_id} uses {current.authentication.type.value} authentication, "
-                    "it has no symmetric keys",
-                    field="authentication.type",
-                )
-            keys = current.authentication.symmetric_key
-            new_keys = SymmetricKey(
-                primary_key=generate_key() if which in ("primary", "both") else keys.primary_key,
-                secondary_key=generate_key() if which in ("secondary", "both") else keys.secondary_key,
-            )
-            auth = current.authentication.model_copy(update={"symmetric_key": new_keys})
+            auth = regenerated_keys(current.authentication, which, f"device {device_id}")
             return current.model_copy(update={"authentication": auth})
 
         _, device = await self._update(device_id, None, change)
@@ -428,26 +417,17 @@ class RegistryService:
         """Validate a client body against the path id; server-managed fields are dropped."""
         if not isinstance(body, dict):
             raise BadRequest("device body must be a JSON object", field="body")
-        try:
-            data = {k: v for k, v in _strip_nulls(body).items() if k not in SERVER_MANAGED}
-        except RecursionError:  # json.loads accepts deeper nesting than this walk can take
-            raise BadRequest("device body nests too deeply", field="body") from None
+        data = client_fields(body, "device")
         body_id = data.pop("deviceId", data.pop("device_id", device_id))
         if body_id != device_id:
             raise BadRequest(
                 f"deviceId {body_id!r} in the body does not match {device_id!r}", field="deviceId"
             )
-        auth = data.get("authentication")
-        if isinstance(auth, dict):  # "" means unset for keys and thumbprints (portal/SDK habit)
-            data["authentication"] = {
-                k: {kk: vv for kk, vv in v.items() if vv != ""} if isinstance(v, dict) else v
-                for k, v in auth.items()
-            }
         try:
             device = Device.model_validate({**data, "deviceId": device_id})
         except ValidationError as exc:
             raise _bad(exc) from None
-        _check_authentication(device)
+        check_authentication(device.authentication, "devices")
         return device
 
     def _new_device(self, device_id: str, body: dict[str, Any]) -> Device:
@@ -455,7 +435,7 @@ class RegistryService:
         device = self._parse(device_id, body)
         return device.model_copy(
             update={
-                "authentication": _with_keys(device, None),
+                "authentication": complete_keys(device.authentication, None),
                 "generation_id": new_generation_id(),
                 "etag": new_etag(),
                 "status_updated_time": EPOCH,
@@ -485,7 +465,7 @@ class RegistryService:
         status_time = utcnow() if wanted.status != current.status else current.status_updated_time
         return wanted.model_copy(
             update={
-                "authentication": _with_keys(wanted, current),
+                "authentication": complete_keys(wanted.authentication, current.authentication),
                 "generation_id": current.generation_id,
                 "status_updated_time": status_time,
                 "connection_state": current.connection_state,
@@ -537,37 +517,67 @@ class RegistryService:
         await self._audit.record(action, "ok", principal=actor, target=target, details=details)
 
 
-def _check_authentication(device: Device) -> None:
-    auth = device.authentication
+def client_fields(body: dict[str, Any], what: str) -> dict[str, Any]:
+    """A device or module body without nulls (the SDKs send `null` for every unset field) and
+    without server-managed fields; `""` means unset for keys and thumbprints (portal/SDK habit)."""
+    try:
+        data = {k: v for k, v in _strip_nulls(body).items() if k not in SERVER_MANAGED}
+    except RecursionError:  # json.loads accepts deeper nesting than this walk can take
+        raise BadRequest(f"{what} body nests too deeply", field="body") from None
+    auth = data.get("authentication")
+    if isinstance(auth, dict):
+        data["authentication"] = {
+            k: {kk: vv for kk, vv in v.items() if vv != ""} if isinstance(v, dict) else v
+            for k, v in auth.items()
+        }
+    return data
+
+
+def check_authentication(auth: Authentication, noun: str) -> None:
+    """The authentication section is consistent with its type (`noun`: "devices" or "modules")."""
     has_keys = bool(auth.symmetric_key.primary_key or auth.symmetric_key.secondary_key)
     thumbprints = auth.x509_thumbprint
     has_thumbprints = bool(thumbprints.primary_thumbprint or thumbprints.secondary_thumbprint)
     kind = auth.type.value
     if auth.type is AuthType.sas and has_thumbprints:
-        raise BadRequest("sas devices take no x509 thumbprints", field="authentication.x509Thumbprint")
+        raise BadRequest(f"sas {noun} take no x509 thumbprints", field="authentication.x509Thumbprint")
     if auth.type is not AuthType.sas and has_keys:
-        raise BadRequest(f"{kind} devices take no symmetric keys", field="authentication.symmetricKey")
+        raise BadRequest(f"{kind} {noun} take no symmetric keys", field="authentication.symmetricKey")
     if auth.type is AuthType.self_signed and not thumbprints.primary_thumbprint:
         raise BadRequest(
-            "selfSigned devices need a primary thumbprint",
+            f"selfSigned {noun} need a primary thumbprint",
             field="authentication.x509Thumbprint.primaryThumbprint",
         )
     if auth.type in (AuthType.certificate_authority, AuthType.none) and has_thumbprints:
-        raise BadRequest(f"{kind} devices take no thumbprints", field="authentication.x509Thumbprint")
+        raise BadRequest(f"{kind} {noun} take no thumbprints", field="authentication.x509Thumbprint")
 
 
-def _with_keys(device: Device, current: Device | None) -> Authentication:
-    """sas devices always have both keys: missing ones are kept from `current` or generated."""
-    auth = device.authentication
+def complete_keys(auth: Authentication, current: Authentication | None) -> Authentication:
+    """sas identities always have both keys: missing ones are kept from `current` or generated."""
     if auth.type is not AuthType.sas:
         return auth
     keys = auth.symmetric_key
-    old = current.authentication.symmetric_key if current is not None else SymmetricKey()
-    if current is not None and current.authentication.type is not AuthType.sas:
+    old = current.symmetric_key if current is not None else SymmetricKey()
+    if current is not None and current.type is not AuthType.sas:
         old = SymmetricKey()
     new_keys = SymmetricKey(
         primary_key=keys.primary_key or old.primary_key or generate_key(),
         secondary_key=keys.secondary_key or old.secondary_key or generate_key(),
+    )
+    return auth.model_copy(update={"symmetric_key": new_keys})
+
+
+def regenerated_keys(auth: Authentication, which: str, what: str) -> Authentication:
+    """New random primary, secondary or both keys of a sas identity (`what` names it in errors)."""
+    if which not in KEY_CHOICES:
+        raise BadRequest(f"key must be one of {', '.join(KEY_CHOICES)}", field="which")
+    if auth.type is not AuthType.sas:
+        raise BadRequest(f"{what} uses {auth.type.value} authentication, it has no symmetric keys",
+                         field="authentication.type")
+    keys = auth.symmetric_key
+    new_keys = SymmetricKey(
+        primary_key=generate_key() if which in ("primary", "both") else keys.primary_key,
+        secondary_key=generate_key() if which in ("secondary", "both") else keys.secondary_key,
     )
     return auth.model_copy(update={"symmetric_key": new_keys})
 
@@ -578,5 +588,6 @@ def _stale(device_id: str) -> PreconditionFailed:
     )
 
 
-__all__ = ["BULK_MODES", "KEY_CHOICES", "MAX_BULK", "BulkError", "BulkOperation", "RegistryService",
-           "new_etag", "new_generation_id", "parse_if_match"]
+__all__ = ["BULK_MODES", "KEY_CHOICES", "MAX_BULK", "SERVER_MANAGED", "BulkError", "BulkOperation",
+           "RegistryService", "check_authentication", "client_fields", "complete_keys", "new_etag",
+           "new_generation_id", "parse_if_match", "regenerated_keys"]
