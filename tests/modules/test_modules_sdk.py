@@ -350,11 +350,12 @@ def audit(harness: HubHarness) -> list[AuditRecord]:
     return harness.call(run())
 
 
-def refusal(harness: HubHarness, principal: str, reason: str) -> AuditRecord:
+def refusal(harness: HubHarness, principal: str, reason: str, *, topic: str | None = None) -> AuditRecord:
     deadline = time.monotonic() + 10
     while True:
         for record in audit(harness):
-            if record.outcome == "refused" and record.principal == principal and record.reason == reason:
+            if (record.outcome == "refused" and record.principal == principal and record.reason == reason
+                    and (topic is None or record.details.get("topic") == topic)):
                 return record
         assert time.monotonic() < deadline, f"no refusal {reason} for {principal}"
         time.sleep(0.05)
@@ -396,3 +397,38 @@ def test_module_client_id_must_match_the_username(harness: HubHarness, new_modul
                and r.principal == "device:cid-dev/mod-b"]:
         assert time.monotonic() < deadline, "client-id-mismatch not audited"
         time.sleep(0.05)
+
+
+def test_a_module_acts_only_as_itself(harness: HubHarness, new_module: ModuleFactory) -> None:
+    """Topics naming another module (or the device itself) are refused, audited, and end the connection."""
+    module = new_module("own-dev", "own")
+    new_module("own-dev", "sibling")
+    attempts: list[tuple[str, str, str]] = [
+        ("subscribe", "devices/own-dev/modules/sibling/inputs/#", "other-module"),
+        ("subscribe", "devices/own-dev/messages/devicebound/#", "forbidden-topic"),  # modules get no C2D
+        ("publish", "devices/own-dev/modules/sibling/messages/events/", "other-module"),
+        ("publish", "devices/own-dev/messages/events/", "other-module"),  # the device's own topic
+        ("publish", "devices/other-dev/modules/own/messages/events/", "other-device"),
+    ]
+    for verb, topic, reason in attempts:
+        client = mqtt.Client(client_id="own-dev/own", clean_session=False, protocol=mqtt.MQTTv311,
+                             reconnect_on_failure=False)
+        client.username_pw_set(module_username("own-dev", "own"), module_token(module))
+        client.tls_set(ca_certs=str(harness.ca_file))
+        connected, dropped = threading.Event(), threading.Event()
+        client.on_connect = lambda *_, done=connected: done.set()
+        client.on_disconnect = lambda *_, done=dropped: done.set()
+        client.connect(IP, 8883, keepalive=30)
+        client.loop_start()
+        try:
+            assert connected.wait(15)
+            if verb == "subscribe":
+                client.subscribe(topic, 1)
+            else:
+                client.publish(topic, b"x", qos=1)
+            assert dropped.wait(15), f"{verb} {topic} was not refused"
+        finally:
+            client.disconnect()
+            client.loop_stop()
+        record = refusal(harness, "device:own-dev/own", reason, topic=topic)
+        assert record.action == f"mqtt.{verb}"
