@@ -87,21 +87,22 @@ async def get_module_twin(request: web.Request) -> web.Response:
 
 async def patch_module_twin(request: web.Request) -> web.Response:
     """Merge tags and/or desired properties; `If-Match` etag or `*` (absent = unconditional)."""
-    device_id, module_id = _ids(request)
-    if_match = parse_if_match(request.headers.get("If-Match"))
-    body = await read_json_object(request)
-    twin = await hub_of(request).twins.patch(device_id, body, module_id=module_id, if_match=if_match,
-                                             actor=principal_of(request).name)
-    return _twin_response(twin)
+    return await _write_twin(request, replace=False)
 
 
 async def replace_module_twin(request: web.Request) -> web.Response:
     """Replace tags and desired properties; `If-Match` etag or `*` (absent = unconditional)."""
+    return await _write_twin(request, replace=True)
+
+
+async def _write_twin(request: web.Request, *, replace: bool) -> web.Response:
     device_id, module_id = _ids(request)
     if_match = parse_if_match(request.headers.get("If-Match"))
     body = await read_json_object(request)
-    twin = await hub_of(request).twins.replace(device_id, body, module_id=module_id, if_match=if_match,
-                                               actor=principal_of(request).name)
+    twins = hub_of(request).twins
+    write = twins.replace if replace else twins.patch
+    twin = await write(device_id, body, module_id=module_id, if_match=if_match,
+                       actor=principal_of(request).name)
     return _twin_response(twin)
 
 

@@ -36,6 +36,13 @@ def validate_device_id(value: str, field: str = "deviceId") -> str:
     return value
 
 
+def checked_id(value: str) -> str:
+    """A device or module id by Azure's rules (a pydantic validator: raises ValueError)."""
+    if not DEVICE_ID_RE.fullmatch(value):
+        raise ValueError("must be 1-128 characters of letters, digits and -.%_*?!(),:=@$'")
+    return value
+
+
 def validate_key(value: str) -> str:
     """A supplied symmetric key must be base64 of 16..64 bytes."""
     try:
@@ -119,9 +126,7 @@ class Device(Camel):
     @field_validator("device_id")
     @classmethod
     def _id_ok(cls, v: str) -> str:
-        if not DEVICE_ID_RE.fullmatch(v):
-            raise ValueError("must be 1-128 characters of letters, digits and -.%_*?!(),:=@$'")
-        return v
+        return checked_id(v)
 
     @property
     def enabled(self) -> bool:
@@ -150,9 +155,7 @@ class Module(Camel):
     @field_validator("device_id", "module_id")
     @classmethod
     def _id_ok(cls, v: str) -> str:
-        if not DEVICE_ID_RE.fullmatch(v):
-            raise ValueError("must be 1-128 characters of letters, digits and -.%_*?!(),:=@$'")
-        return v
+        return checked_id(v)
 
     @property
     def key(self) -> tuple[str, str]:
