@@ -207,6 +207,9 @@ class OperatorSettings(Section):
     session_ttl_s: int = Field(8 * 3600, ge=300, le=7 * 86400, description="Console session lifetime.")
     lockout_threshold: int = Field(5, ge=1, le=100, description="Failed sign-ins before a lockout.")
     lockout_s: int = Field(900, ge=10, le=86400, description="How long a locked-out operator waits.")
+    public_url: str | None = Field(None, description="The console's external base URL (e.g. "
+                                   "https://hub.example.com:8443) for OIDC redirect URIs; default: "
+                                   "from the request's Host.")
     cookie_secure: bool = Field(True, description="Mark cookies Secure (HTTPS only); off only for tests "
                                 "over plain HTTP on loopback.")
 

@@ -132,6 +132,30 @@ class OidcProvider:
             raise AuthRefused("provider-unavailable", f"discovery has no {name}")
         return value
 
+    async def exchange_code(self, code: str, *, redirect_uri: str, code_verifier: str) -> str:
+        """Authorization code + PKCE → the ID token (verified by the caller with `verify`)."""
+        url = await self.endpoint("token_endpoint")
+        if not url.startswith("https://") and not (self.settings.allow_http and url.startswith("http://")):
+            raise AuthRefused("provider-unavailable", "provider URLs must be https://")
+        form = {"grant_type": "authorization_code", "code": code, "redirect_uri": redirect_uri,
+                "client_id": self.settings.client_id or "", "code_verifier": code_verifier}
+        if self.settings.client_secret:
+            form["client_secret"] = self.settings.client_secret
+        try:
+            async with self._client() as client:
+                response = await client.post(url, data=form, headers={"Accept": "application/json"})
+            if len(response.content) > MAX_DOCUMENT_BYTES:
+                raise AuthRefused("provider-unavailable", "token endpoint answered too much")
+            doc = response.json()
+        except (httpx.HTTPError, ssl.SSLError, OSError, ValueError) as exc:
+            raise AuthRefused("provider-unavailable", f"token endpoint: {type(exc).__name__}") from None
+        if response.status_code != 200 or not isinstance(doc, dict):
+            raise AuthRefused("code-refused", f"token endpoint answered {response.status_code}")
+        id_token = doc.get("id_token")
+        if not isinstance(id_token, str):
+            raise AuthRefused("code-refused", "token endpoint returned no id_token")
+        return id_token
+
     async def _refresh_keys(self) -> None:
         self._jwks_at = self._clock()  # counts even when the read fails: failures are rate-limited too
         self.jwks_fetches += 1
