@@ -73,8 +73,8 @@ class TestIssuer:
         return {"name": "testidp", "issuer": self.issuer, "audience": [AUDIENCE], "client_id": CLIENT_ID,
                 "allow_http": True, "jwks_min_refresh_s": 30, **extra}
 
-    def mint(self, subject: str = "alice", *, key: Key | None = None, alg: str | None = None, kid: str | None = None,
-             ttl: float = 300, **claims: Any) -> str:
+    def mint(self, subject: str = "alice", *, key: Key | None = None, alg: str | None = None,
+             kid: str | None = None, ttl: float = 300, **claims: Any) -> str:
         key = key or self.keys[0]
         now = int(time.time())
         body = {"iss": self.issuer, "aud": AUDIENCE, "sub": subject, "iat": now, "nbf": now,
@@ -117,7 +117,8 @@ class TestIssuer:
         pending = self._codes.pop(str(form.get("code")), None)
         verifier = str(form.get("code_verifier", ""))
         digest = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
-        if pending is None or digest != pending["challenge"] or form.get("redirect_uri") != pending["redirect_uri"]:
+        if pending is None or digest != pending["challenge"] or \
+                form.get("redirect_uri") != pending["redirect_uri"]:
             return web.json_response({"error": "invalid_grant"}, status=400)
         id_token = self.mint(self.login_subject, aud=CLIENT_ID, nonce=pending["nonce"], **self.login_claims)
         return web.json_response({"id_token": id_token, "access_token": "opaque", "token_type": "Bearer"})

@@ -35,7 +35,8 @@ class OperatorEnv:
     issuer: TestIssuer
     client: httpx.AsyncClient
 
-    async def audit(self, prefix: str = "auth.", outcome: str | None = None, limit: int = 50) -> list[AuditRecord]:
+    async def audit(self, prefix: str = "auth.", outcome: str | None = None,
+                    limit: int = 50) -> list[AuditRecord]:
         return await self.hub.audit.query(limit=limit, action_prefix=prefix, outcome=outcome)
 
     async def last_refusal(self, action: str = "auth.rest") -> AuditRecord:

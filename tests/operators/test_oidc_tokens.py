@@ -47,7 +47,8 @@ async def assert_refused(env: OperatorEnv, token: str, reason: str) -> None:
 
 
 @pytest.mark.parametrize("alg", ["RS256", "ES256", "EdDSA"])
-async def test_each_allowed_algorithm_is_accepted_and_the_audit_names_the_person(env: OperatorEnv, alg: str) -> None:
+async def test_each_allowed_algorithm_is_accepted_and_the_audit_names_the_person(env: OperatorEnv,
+                                                                                 alg: str) -> None:
     key = next(k for k in env.issuer.keys if k.alg == alg)
     r = await env.client.get(f"/devices{API}", headers=bearer(env.issuer.mint("alice", key=key,
                                                                                roles=["Tether.Reader"])))
@@ -75,8 +76,9 @@ async def test_expired_token_is_refused_beyond_the_skew(env: OperatorEnv) -> Non
 
 
 async def test_not_yet_valid_token_is_refused(env: OperatorEnv) -> None:
-    await assert_refused(env, env.issuer.mint(roles=["Tether.Owner"], nbf=int(time.time()) + 600), "not-yet-valid")
-    await assert_refused(env, env.issuer.mint(roles=["Tether.Owner"], iat=int(time.time()) + 600), "not-yet-valid")
+    later = int(time.time()) + 600
+    await assert_refused(env, env.issuer.mint(roles=["Tether.Owner"], nbf=later), "not-yet-valid")
+    await assert_refused(env, env.issuer.mint(roles=["Tether.Owner"], iat=later), "not-yet-valid")
 
 
 async def test_bad_signature_is_refused(env: OperatorEnv) -> None:
@@ -90,7 +92,8 @@ async def test_bad_signature_is_refused(env: OperatorEnv) -> None:
 
 
 async def test_alg_none_is_refused(env: OperatorEnv) -> None:
-    await assert_refused(env, handmade({"alg": "none", "kid": "rsa-1"}, claims_for(env), b""), "alg-not-allowed")
+    unsigned = handmade({"alg": "none", "kid": "rsa-1"}, claims_for(env), b"")
+    await assert_refused(env, unsigned, "alg-not-allowed")
     await assert_refused(env, handmade({"alg": "None"}, claims_for(env), b""), "alg-not-allowed")
 
 
@@ -111,8 +114,8 @@ async def test_an_rs256_header_on_an_ec_key_is_refused(env: OperatorEnv) -> None
 
 async def test_rotated_key_is_picked_up(make_env: object) -> None:
     async with make_env(provider={"jwks_min_refresh_s": 1}) as env:  # type: ignore[operator]
-        assert (await env.client.get(f"/devices{API}", headers=bearer(env.issuer.mint(roles=["Tether.Owner"])))
-                ).status_code == 200
+        owner = bearer(env.issuer.mint(roles=["Tether.Owner"]))
+        assert (await env.client.get(f"/devices{API}", headers=owner)).status_code == 200
         fetched = env.issuer.jwks_hits
         rotated = new_key("ES256", kid="ec-2")
         env.issuer.keys = [rotated]  # the provider rotates: old keys gone, a new one published
@@ -133,13 +136,14 @@ async def test_rotated_key_is_picked_up(make_env: object) -> None:
 async def test_unknown_kid_refetch_is_rate_limited(make_env: object) -> None:
     interval = 2.0
     async with make_env(provider={"jwks_min_refresh_s": interval}) as env:  # type: ignore[operator]
-        assert (await env.client.get(f"/devices{API}", headers=bearer(env.issuer.mint(roles=["Tether.Owner"])))
-                ).status_code == 200
+        owner = bearer(env.issuer.mint(roles=["Tether.Owner"]))
+        assert (await env.client.get(f"/devices{API}", headers=owner)).status_code == 200
         assert env.issuer.jwks_hits == 1
         await asyncio.sleep(interval + 0.2)
         started = time.monotonic()
         for i in range(20):
-            await assert_refused(env, env.issuer.mint(kid=f"forged-{i}", roles=["Tether.Owner"]), "unknown-key")
+            forged = env.issuer.mint(kid=f"forged-{i}", roles=["Tether.Owner"])
+            await assert_refused(env, forged, "unknown-key")
         elapsed = time.monotonic() - started
         # one re-read for the first unknown kid, then at most one per interval
         assert 2 <= env.issuer.jwks_hits <= 1 + math.ceil(elapsed / interval), (env.issuer.jwks_hits, elapsed)
