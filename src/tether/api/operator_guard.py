@@ -138,7 +138,7 @@ async def operator_call(request: web.Request, principal: Principal, handler: Han
         if decision.scoped:
             await _check_scope(request, principal, op, decision)
     keys = may_see_keys(grants)
-    if op.keys and keys.scopes is not None:  # no key role, or only scoped ones
+    if op.keys and not (keys.allowed and keys.scopes is None):  # no key role, or only scoped ones
         raise await _refuse(request, principal, "missing-role", "exporting every device key needs an "
                             "unscoped Owner, Data Contributor or Registry Contributor role", {"keys": True})
     with acting_as(principal.name, {"issuer": principal.issuer}):
