@@ -17,9 +17,9 @@ from tether.storage.sql.operators import SqlOperatorRepository
 RFC6238_SECRET = "GEZDGNBVGY3TQOJQGEZDGNBVGY3TQOJQ"  # base32 of "12345678901234567890"
 
 
-@pytest.mark.parametrize(("at", "code"), [(59, "94287082"), (1111111109, "07081804"), (1111111111, "14050471"),
-                                          (1234567890, "89005924"), (2000000000, "69279037"),
-                                          (20000000000, "65353130")])
+@pytest.mark.parametrize(("at", "code"), [(59, "94287082"), (1111111109, "07081804"),
+                                          (1111111111, "14050471"), (1234567890, "89005924"),
+                                          (2000000000, "69279037"), (20000000000, "65353130")])
 def test_totp_matches_the_rfc_6238_sha1_vectors(at: int, code: str) -> None:
     assert totp.totp(RFC6238_SECRET, at, digits=8) == code
 
