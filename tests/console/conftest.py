@@ -59,11 +59,12 @@ class ConsoleHub:
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="console-hub", daemon=True)
         self._thread.start()
-        self.issuer = TestIssuer(ISSUER_IP, login_subject="carol", login_claims={"roles": ["Tether.Owner"],
-                                                                                  "preferred_username": "carol"})
+        person = {"roles": ["Tether.Owner"], "preferred_username": "carol"}
+        self.issuer = TestIssuer(ISSUER_IP, login_subject="carol", login_claims=person)
         self._issuer_cm = running_issuer(ISSUER_IP, self.issuer)
         self.call(self._issuer_cm.__aenter__())
-        provider = {**self.issuer.provider_settings(), "claim_roles": [{"value": "Tether.Owner", "role": "Owner"}]}
+        owners = [{"value": "Tether.Owner", "role": "Owner"}]
+        provider = {**self.issuer.provider_settings(), "claim_roles": owners}
         self.settings = load_settings(
             hub={"hostname": HUB_IP, "data_dir": data_dir},
             tls={"cert_file": cert, "key_file": key},

@@ -117,7 +117,8 @@ def test_edit_the_twin_and_the_device_receives_the_patch(admin: Any, console_hub
     assert '"interval": 7' in admin.locator("#twin").inner_text()
 
 
-def test_invoke_a_direct_method(admin: Any, console_hub: ConsoleHub, device_client: IoTHubDeviceClient) -> None:
+def test_invoke_a_direct_method(admin: Any, console_hub: ConsoleHub,
+                                device_client: IoTHubDeviceClient) -> None:
     seen: list[MethodRequest] = []
 
     def answer(request: MethodRequest) -> None:
@@ -183,7 +184,8 @@ def test_a_data_reader_sees_but_gets_no_controls_and_the_api_refuses(browser: An
               fetch(`/twins/${device}${q}`, {method: 'PATCH', headers: h, body: '{"tags": {"x": 1}}'}),
               fetch(`/tether/devices/${device}/disable${q}`, {method: 'POST', headers: h, body: '{}'}),
               fetch(`/devices/${device}/messages/deviceBound${q}`, {method: 'POST', headers: h, body: 'x'}),
-              fetch(`/twins/${device}/methods${q}`, {method: 'POST', headers: h, body: '{"methodName": "m"}'}),
+              fetch(`/twins/${device}/methods${q}`,
+                    {method: 'POST', headers: h, body: '{"methodName": "m"}'}),
               fetch(`/devices/new-one${q}`, {method: 'PUT', headers: h, body: '{}'}),
             ];
             const keys = await (await fetch(`/devices/${device}${q}`)).json();
