@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import time
 
+import httpx
 import pytest
 from operator_helpers import API, PASSWORD, OperatorEnv
 
@@ -147,3 +148,20 @@ async def test_session_expiry_and_records_on_both_databases(db_url: str) -> None
         await audit.close()
     finally:
         await storage.close()
+
+
+async def test_disabling_an_operator_ends_their_open_telemetry_feed(env: OperatorEnv) -> None:
+    await env.hub.operators.add("hal", PASSWORD, actor="test")
+    await env.hub.roles.assign("local", "hal", "DataReader", actor="test")
+    r = await env.login("hal")
+    async with env.session_client(r) as session, \
+            session.stream("GET", f"/tether/events/stream{API}&heartbeat=1") as feed:
+        assert feed.status_code == 200
+        lines = feed.aiter_lines()
+        assert await anext(lines) == ": connected"
+        await env.hub.operators.set_disabled("hal", True, actor="test")
+        started = time.monotonic()
+        with pytest.raises(httpx.HTTPError):  # the hub closes the connection (heartbeats until then)
+            async for _line in lines:
+                assert time.monotonic() - started < 60
+        assert time.monotonic() - started < 60

@@ -19,6 +19,8 @@ issuer as well.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +29,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from tether.api.context import hub_of, peer_of
+from tether.api.operator_auth import session_token
 from tether.errors import Forbidden, NotFound, TetherError
 from tether.messaging.query.scope import in_scope
 from tether.registry.models import DEVICE_ID_RE
@@ -38,6 +41,7 @@ __all__ = ["SCOPES_KEY", "Operation", "classify", "operator_call", "scopes_of"]
 
 SCOPES_KEY: web.RequestKey[tuple[str, ...]] = web.RequestKey("operator_scopes")
 _R, _W = Access.read, Access.write
+SESSION_RECHECK_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,13 +145,38 @@ async def operator_call(request: web.Request, principal: Principal, handler: Han
     if op.keys and not (keys.allowed and keys.scopes is None):  # no key role, or only scoped ones
         raise await _refuse(request, principal, "missing-role", "exporting every device key needs an "
                             "unscoped Owner, Data Contributor or Registry Contributor role", {"keys": True})
-    with acting_as(principal.name, {"issuer": principal.issuer}):
-        response = await handler(request)
+    watcher = _watch_session(request) if _template(request) == "/tether/events/stream" else None
+    try:
+        with acting_as(principal.name, {"issuer": principal.issuer}):
+            response = await handler(request)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
     if op.lists and SCOPES_KEY in request and request.path.rstrip("/") == "/devices":
         await _filter_devices(request, response, request[SCOPES_KEY])
     if keys.scopes is not None or not keys.allowed:
         await _redact_keys(request, response, keys)
     return response
+
+
+def _watch_session(request: web.Request) -> asyncio.Task[None] | None:
+    """A feed lives as long as the connection: for a console session, end it when the session ends
+    (sign-out, operator disabled, expiry), checked every `SESSION_RECHECK_S`."""
+    token = session_token(request) if "Authorization" not in request.headers else None
+    if token is None:
+        return None
+    sessions = hub_of(request).sessions
+
+    async def watch() -> None:
+        while True:
+            await asyncio.sleep(SESSION_RECHECK_S)
+            with contextlib.suppress(Exception):  # a database hiccup is not a sign-out
+                if await sessions.lookup(token) is None:
+                    break
+        if request.transport is not None:
+            request.transport.close()
+
+    return asyncio.create_task(watch(), name="operator-session-watch")
 
 
 async def _check_scope(request: web.Request, principal: Principal, op: Operation, decision: Decision) -> None:
