@@ -32,6 +32,9 @@ def sign_in(browser: Any, hub: ConsoleHub, username: str) -> Any:
     page = context.new_page()
     page.set_default_timeout(WAIT_MS)
     page.goto(f"{hub.url}/console/")
+    page.wait_for_selector("#signin-form")
+    if username == "admin":
+        shot(page, "signin")
     page.fill("#username", username)
     page.fill("#password", PASSWORD)
     page.click("#signin-submit")
@@ -136,6 +139,18 @@ def test_invoke_a_direct_method(admin: Any, console_hub: ConsoleHub,
     assert result == {"status": 200, "payload": {"rebooting": True, "delay": 3}}
     assert seen and seen[0].name == "reboot"
     shot(admin, "device-method")
+
+
+def test_send_a_cloud_to_device_message(admin: Any, console_hub: ConsoleHub,
+                                        device_client: IoTHubDeviceClient) -> None:
+    received: queue.Queue[Message] = queue.Queue()
+    device_client.on_message_received = received.put
+    admin.goto(f"{console_hub.url}/console/#/device/{DEVICE}")
+    admin.fill("#c2d-body", "open the valve")
+    admin.click("#c2d-send")
+    admin.wait_for_selector("#device-status:has-text('queued')")
+    message = received.get(timeout=30)
+    assert message.data == b"open the valve"
 
 
 def test_a_refused_connection_shows_on_the_security_page(admin: Any, console_hub: ConsoleHub,

@@ -175,7 +175,12 @@ class OidcProvider:
         async with self._lock:
             stale = self._jwks_at is None or self._clock() - self._jwks_at >= self.settings.jwks_cache_s
             if stale:
-                await self._refresh_keys()
+                try:
+                    await self._refresh_keys()
+                except AuthRefused:
+                    if not self._keys:
+                        raise  # nothing cached: the provider must answer first
+                    # the provider is unreachable: keep verifying with the keys we have
             key = self._keys.get(kid)
             if key is not None:
                 return key
