@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 from azure.iot.device import IoTHubDeviceClient, Message, MethodRequest, MethodResponse
-from conftest import ARTIFACTS, PASSWORD, ConsoleHub
+from console_helpers import ARTIFACTS, PASSWORD, ConsoleHub
 
 DEVICE = "console-dev"
 WAIT_MS = 45_000

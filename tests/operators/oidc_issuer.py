@@ -55,7 +55,7 @@ def new_key(alg: str, kid: str | None = None) -> Key:
 
 
 @dataclass
-class TestIssuer:
+class IssuerServer:
     host: str
     keys: list[Key] = field(default_factory=lambda: [new_key("RS256", "rsa-1"), new_key("ES256", "ec-1"),
                                                      new_key("EdDSA", "ed-1")])
@@ -125,8 +125,8 @@ class TestIssuer:
 
 
 @asynccontextmanager
-async def running_issuer(host: str, issuer: TestIssuer | None = None) -> AsyncIterator[TestIssuer]:
-    issuer = issuer or TestIssuer(host)
+async def running_issuer(host: str, issuer: IssuerServer | None = None) -> AsyncIterator[IssuerServer]:
+    issuer = issuer or IssuerServer(host)
     runner = web.AppRunner(issuer.app(), access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, host, 0)

@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 from aiohttp import web
-from oidc_issuer import TestIssuer, running_issuer
+from oidc_issuer import IssuerServer, running_issuer
 
 from tether.api.app import build_app
 from tether.config import load_settings
@@ -32,7 +32,7 @@ CLAIM_ROLES = [
 class OperatorEnv:
     hub: Hub
     url: str
-    issuer: TestIssuer
+    issuer: IssuerServer
     client: httpx.AsyncClient
 
     async def audit(self, prefix: str = "auth.", outcome: str | None = None,
