@@ -10,7 +10,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0006"
+revision = "0006_operators"
 down_revision: str | None = "0004_c2d"
 branch_labels: str | None = None
 depends_on: str | None = None
