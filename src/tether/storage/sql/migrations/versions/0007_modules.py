@@ -1,8 +1,8 @@
 """Module identities and module twins (see tether.storage.sql.modules). Deleting a device deletes its
 modules, deleting a module its twin (ON DELETE CASCADE on both foreign keys).
 
-Revision ID: 0007
-Revises: 0004_c2d
+Revision ID: 0007_modules
+Revises: 0006_operators
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0007"
-down_revision: str | None = "0004_c2d"
+revision = "0007_modules"
+down_revision: str | None = "0006_operators"
 branch_labels: str | None = None
 depends_on: str | None = None
 
