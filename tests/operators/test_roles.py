@@ -184,3 +184,12 @@ async def test_module_routes_follow_the_device_rules(env: OperatorEnv) -> None:
     async with await signed_in(env, "registrar", ("RegistryContributor", None)) as c:
         r = await c.put(f"/devices/dev-b/modules/new{API}", json={})
         assert r.status_code == 200 and r.json()["authentication"]["symmetricKey"]["primaryKey"]
+    # A module twin tagged like another site does not widen a scope: the module's device decides.
+    await env.hub.twins.patch("dev-b", {"tags": {"site": "a"}}, module_id="edge", if_match=None, actor="test")
+    async with await signed_in(env, "site-a", ("DataReader", ID)) as c:
+        query = {"query": "SELECT * FROM devices.modules"}
+        twins = (await c.post(f"/devices/query{API}", json=query)).json()
+        seen = [(t["deviceId"], t["moduleId"]) for t in twins]
+        assert seen == [("dev-a", "edge")]
+        count = {"query": "SELECT COUNT() AS n FROM devices.modules WHERE tags.site = 'a'"}
+        assert (await c.post(f"/devices/query{API}", json=count)).json() == [{"n": 0}]

@@ -23,11 +23,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tether.errors import BadRequest
+from tether.errors import BadRequest, NotFound
 from tether.messaging.query.evaluator import Aggregation, matches, project
 from tether.messaging.query.nodes import Query
 from tether.messaging.query.parser import parse_query
-from tether.messaging.query.scope import narrowed
+from tether.messaging.query.scope import in_scope, narrowed
 from tether.messaging.twins import TwinService
 
 DEFAULT_PAGE = 100
@@ -105,9 +105,13 @@ class QueryService:
 
     async def run(self, text: str, *, max_items: int = DEFAULT_PAGE,
                   continuation: str | None = None, scopes: tuple[str, ...] | None = None) -> QueryPage:
-        """`scopes`: only devices matching one of these conditions (a scoped operator's view)."""
+        """`scopes`: only devices matching one of these conditions (a scoped operator's view; for
+        `FROM devices.modules`, the modules of such devices)."""
         query = parse_query(text)
-        if scopes:
+        device_scope: _DeviceScope | None = None
+        if scopes and query.source == "devices.modules":
+            device_scope = _DeviceScope(self._twins, scopes)
+        elif scopes:
             query = narrowed(query, scopes)
         if not 1 <= max_items <= MAX_PAGE:
             raise BadRequest(f"x-ms-max-item-count must be between 1 and {MAX_PAGE}",
@@ -118,10 +122,11 @@ class QueryService:
             raise BadRequest("x-ms-continuation is not a token from a previous page of this query",
                              field=TOKEN_FIELD)
         if query.aggregate:
-            return await self._aggregate(text, query, max_items, cursor)
-        return await self._select(text, query, max_items, cursor)
+            return await self._aggregate(text, query, max_items, cursor, device_scope)
+        return await self._select(text, query, max_items, cursor, device_scope)
 
-    async def _select(self, text: str, query: Query, max_items: int, cursor: _Cursor) -> QueryPage:
+    async def _select(self, text: str, query: Query, max_items: int, cursor: _Cursor,
+                      device_scope: _DeviceScope | None) -> QueryPage:
         remaining = None if query.top is None else query.top - cursor.returned
         if remaining is not None and remaining <= 0:
             return QueryPage([], query.item_type, None)
@@ -130,7 +135,7 @@ class QueryService:
         last_id: After | None = None
         after = cursor.after
         while True:
-            batch = await self._scan(query, after)
+            batch, following = await self._scan(query, after, device_scope)
             for doc in batch:
                 if not matches(query, doc):
                     continue
@@ -141,28 +146,37 @@ class QueryService:
                 last_id = _identity(doc)
                 if remaining is not None and len(items) == remaining:
                     return QueryPage(items, query.item_type, None)
-            if len(batch) < self._scan_page:
+            if following is None:
                 return QueryPage(items, query.item_type, None)
-            after = _identity(batch[-1])
+            after = following
 
-    async def _scan(self, query: Query, after: After | None) -> list[dict[str, Any]]:
-        """The next twins of the query's collection after `after` (its shape was checked by `run`)."""
+    async def _scan(self, query: Query, after: After | None,
+                    device_scope: _DeviceScope | None) -> tuple[list[dict[str, Any]], After | None]:
+        """(the next twins of the query's collection after `after` that the caller may see, where the
+        scan goes on: None at the end). The cursor's shape was checked by `run`."""
         if query.source == "devices.modules":
-            return await self._twins.scan_modules(after=after if isinstance(after, tuple) else None,
-                                                  limit=self._scan_page)
-        return await self._twins.scan(after=after if isinstance(after, str) else None, limit=self._scan_page)
+            batch = await self._twins.scan_modules(after=after if isinstance(after, tuple) else None,
+                                                   limit=self._scan_page)
+        else:
+            batch = await self._twins.scan(after=after if isinstance(after, str) else None,
+                                           limit=self._scan_page)
+        following = _identity(batch[-1]) if len(batch) >= self._scan_page else None
+        if device_scope is not None:
+            batch = await device_scope.keep(batch)
+        return batch, following
 
-    async def _aggregate(self, text: str, query: Query, max_items: int, cursor: _Cursor) -> QueryPage:
+    async def _aggregate(self, text: str, query: Query, max_items: int, cursor: _Cursor,
+                         device_scope: _DeviceScope | None) -> QueryPage:
         aggregation = Aggregation(query)
         after: After | None = None
         while True:
-            batch = await self._scan(query, after)
+            batch, following = await self._scan(query, after, device_scope)
             for doc in batch:
                 if matches(query, doc):
                     aggregation.add(doc)
-            if len(batch) < self._scan_page:
+            if following is None:
                 break
-            after = _identity(batch[-1])
+            after = following
         rows = aggregation.rows()
         if query.top is not None:
             rows = rows[: query.top]
@@ -170,6 +184,27 @@ class QueryService:
         end = cursor.offset + len(page)
         token = encode_token(text, _Cursor(offset=end)) if end < len(rows) else None
         return QueryPage(page, query.item_type, token)
+
+
+class _DeviceScope:
+    """A scoped caller's view of module twins: a module is in scope when its device's twin matches
+    one of the scopes (the scopes speak about devices; a module twin's own tags do not widen them)."""
+
+    def __init__(self, twins: TwinService, scopes: tuple[str, ...]) -> None:
+        self._twins = twins
+        self._scopes = scopes
+        self._devices: dict[str, bool] = {}  # device id → in scope, for this query run
+
+    async def keep(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for device_id in dict.fromkeys(d["deviceId"] for d in docs):
+            if device_id not in self._devices:
+                try:
+                    twin = await self._twins.get(device_id)
+                except NotFound:  # deleted meanwhile
+                    self._devices[device_id] = False
+                else:
+                    self._devices[device_id] = in_scope(self._scopes, twin)
+        return [d for d in docs if self._devices[d["deviceId"]]]
 
 
 __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "QueryPage", "QueryService"]
