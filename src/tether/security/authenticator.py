@@ -5,7 +5,11 @@ A surface hands over the raw credential and the claimed identity and gets back a
 (`auth.{surface}`, outcome `allowed` | `refused`) — except throttled refusals, written in aggregate
 (below); tokens and keys never reach the audit log. Every refusal, throttled ones included, also
 increments `tether_auth_failures{surface,reason}` (`observability.metrics.AUTH_FAILURES`), so the
-metric covers MQTT, MQTT over WebSockets, device HTTPS and the REST API alike.
+metric covers MQTT, MQTT over WebSockets, device HTTPS and the REST API alike; that metric is public,
+so reasons that would tell an unknown identity from a bad signature share one label
+(`invalid-credential`, see `tether.security.principal.PUBLIC_REASONS`); the audit log keeps the exact
+reason. Refusals before authentication (malformed CONNECTs, bad HTTP requests) go through `refuse()`:
+counted, charged and audited like failed authentications.
 
 Rules (Azure's):
 
@@ -25,8 +29,8 @@ Rules (Azure's):
 With `failure_rate` set (the hub passes `limits.auth_failures_per_second`), every refusal (401 and 403
 alike; not internal errors) is charged to the peer's address (`tether.security.throttle`): a peer over
 its budget is refused with `auth-rate-limited` (`AuthThrottled`, carrying `retry_after`) before any
-lookup or HMAC, whatever it presents, and those refusals are audited in aggregate. Internal calls
-(`peer=None`) are never throttled.
+lookup or HMAC, whatever it presents; while a peer is over budget all its refusals are audited in
+aggregate (at most one record per second). Internal calls (`peer=None`) are never throttled.
 """
 
 from __future__ import annotations
@@ -208,8 +212,11 @@ class Authenticator:
         try:
             principal = await work()
         except AuthRefused as exc:  # the peer's token stays spent (so does a cancelled attempt's)
-            _count_failure(surface, exc.reason)
-            await self._refused(action, peer, attempt, exc.reason)
+            _count_failure(surface, exc.public_reason)
+            verdict = (self.throttle.refused(held, peer, action, exc.reason)
+                       if held is not None and self.throttle is not None and peer is not None else None)
+            if verdict is None or verdict.record:
+                await self._refused(action, peer, attempt, exc.reason, verdict.details() if verdict else None)
             raise
         except Exception:
             self._refund(held)  # our failure, not the peer's
@@ -242,12 +249,41 @@ class Authenticator:
             return admission.key
         _count_failure(surface, RATE_LIMITED)
         if admission.record:
-            await self._refused(action, peer, attempt, RATE_LIMITED, {"suppressed": admission.suppressed})
+            await self._refused(action, peer, attempt, RATE_LIMITED, admission.verdict.details())
         raise AuthThrottled(admission.retry_after)
 
+    async def refuse(
+        self,
+        action: str,
+        reason: str,
+        *,
+        surface: str,
+        peer: str | None,
+        principal: str | None = None,
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """A refusal before any authentication ran — a malformed or mismatched MQTT CONNECT, no
+        CONNECT in time, an HTTP request that does not parse: counted in `tether_auth_failures`,
+        charged to the peer's failure budget like a failed authentication (a peer that floods them is
+        then throttled) and audited the same way: individually until the peer is over budget, then in
+        aggregate (`tether.security.throttle`)."""
+        _count_failure(surface, reason)
+        throttle = self.throttle
+        if throttle is not None and peer is not None:
+            verdict = throttle.charge(peer, action, reason)
+            await self._write_summaries(throttle)
+            if not verdict.record:
+                return
+            extra = verdict.details()
+            if extra:
+                details = {**(details or {}), **extra}
+        await self._audit.record(action, "refused", principal=principal, reason=reason, peer=peer,
+                                 target=target, details=details or None)
+
     async def audit_throttled(self) -> None:
-        """Audit the suppressed counts of throttled floods that went quiet (the hub calls this every
-        second; otherwise the last episode of a peer would be written only when it tries again)."""
+        """Audit the suppressed counts of floods that went quiet (the hub calls this every second;
+        otherwise the last episode of a peer would be written only when it tries again)."""
         if self.throttle is not None:
             self.throttle.sweep()
             await self._write_summaries(self.throttle)
@@ -257,9 +293,9 @@ class Authenticator:
             await self._audit.record(
                 summary.action,
                 "refused",
-                reason=RATE_LIMITED,
+                reason=summary.reason,
                 peer=summary.peer,
-                details={"suppressed": summary.suppressed, "summary": True},
+                details=summary.details(),
             )
 
     def _refund(self, held: str | None) -> None:
@@ -439,7 +475,8 @@ class Authenticator:
 
 def _count_failure(surface: str, reason: str) -> None:
     """One refusal in `tether_auth_failures{surface,reason}` (both are slugs chosen by Tether code,
-    never by the peer, so the label sets stay small)."""
+    never by the peer, so the label sets stay small; authentication outcomes that depend on which
+    identities exist are merged first: `AuthRefused.public_reason`)."""
     AUTH_FAILURES.labels(surface, reason).inc()
 
 
