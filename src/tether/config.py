@@ -112,6 +112,19 @@ class C2DSettings(Section):
     default_ttl_s: float = Field(3600.0, gt=0, le=172_800, description="TTL when the sender gives none.")
 
 
+class AuditSettings(Section):
+    """Audit log retention: what is older or beyond the size limit is exported, then deleted."""
+
+    retention_days: float | None = Field(
+        90.0, gt=0, description="Records older than this are exported and deleted; unset = no age limit.")
+    max_records: int | None = Field(
+        1_000_000, ge=1, description="Keep at most this many records (the newest); unset = no limit.")
+    export_dir: Path | None = Field(
+        None, description="Where expired records are written (JSON lines) first; default {data_dir}/audit.")
+    retention_interval_s: float = Field(
+        3600.0, gt=0, description="How often the hub applies the retention (and once shortly after start).")
+
+
 class ClusterSettings(Section):
     nats_url: str | None = Field(
         None, description="NATS server the hub nodes signal each other through; unset = single node."
@@ -154,6 +167,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     storage: StorageSettings = StorageSettings()
     c2d: C2DSettings = C2DSettings()
+    audit: AuditSettings = AuditSettings()
     cluster: ClusterSettings = ClusterSettings()
 
     @classmethod
@@ -183,6 +197,10 @@ class Settings(BaseSettings):
     @property
     def stream_url(self) -> str:
         return self.storage.stream_url or f"file://{self.data_dir.resolve()}/stream"
+
+    @property
+    def audit_export_dir(self) -> Path:
+        return self.audit.export_dir or self.data_dir / "audit"
 
     @property
     def pki_dir(self) -> Path:

@@ -28,6 +28,7 @@ from tether.protocols.mqtt.hooks import HubDeviceHooks
 from tether.registry.models import utcnow
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
+from tether.security.audit_retention import AuditRetention
 from tether.security.authenticator import Authenticator
 from tether.security.policies import PolicyService
 from tether.security.x509 import CaService, X509Verifier
@@ -39,6 +40,7 @@ log = logging.getLogger("tether.hub")
 
 ACTIVITY_FLUSH_INTERVAL_S = 5.0
 THROTTLE_SWEEP_INTERVAL_S = 1.0
+RETENTION_FIRST_S = 60.0  # the first audit retention run after start (a hub restarted often still runs it)
 
 
 class Hub:
@@ -48,6 +50,12 @@ class Hub:
         self.settings = settings
         self.storage: SqlStorage = open_storage(settings)
         self.audit = AuditLog(self.storage.audit)
+        retention = settings.audit
+        self.audit_retention = AuditRetention(
+            self.storage.audit, self.audit, settings.audit_export_dir,
+            max_age_s=retention.retention_days * 86400 if retention.retention_days is not None else None,
+            max_records=retention.max_records,
+        )
         self.policies = PolicyService(self.storage.policies, self.audit)
         self.registry = RegistryService(self.storage.devices, self.audit)
         self.stream: EventStream = open_stream(
@@ -115,6 +123,9 @@ class Hub:
             _every(ACTIVITY_FLUSH_INTERVAL_S, self.registry.flush_activity, "activity flush")))
         self._tasks.append(asyncio.create_task(
             _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
+        interval = self.settings.audit.retention_interval_s
+        self._tasks.append(asyncio.create_task(_every(
+            interval, self.audit_retention.run, "audit retention", first_s=min(interval, RETENTION_FIRST_S))))
 
     def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
         """Track a listener so `close()` stops it; records its bound port in `ports`."""
@@ -174,11 +185,14 @@ class Hub:
         await self.close()
 
 
-async def _every(interval_s: float, work: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run `work` every `interval_s` until cancelled; a failure (a transient database or audit
-    error) is logged and the next round runs anyway."""
+async def _every(interval_s: float, work: Callable[[], Awaitable[object]], what: str, *,
+                 first_s: float | None = None) -> None:
+    """Run `work` every `interval_s` (the first time after `first_s`, default the interval) until
+    cancelled; a failure (a transient database or audit error) is logged and the next round runs."""
+    delay = interval_s if first_s is None else first_s
     while True:
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(delay)
+        delay = interval_s
         try:
             await work()
         except Exception:
