@@ -115,10 +115,10 @@ class C2DSettings(Section):
 class AuditSettings(Section):
     """Audit log retention: what is older or beyond the size limit is exported, then deleted."""
 
-    retention_days: float | None = Field(
-        90.0, gt=0, description="Records older than this are exported and deleted; unset = no age limit.")
-    max_records: int | None = Field(
-        1_000_000, ge=1, description="Keep at most this many records (the newest); unset = no limit.")
+    retention_days: float = Field(
+        90.0, ge=0, description="Records older than this are exported and deleted; 0 = no age limit.")
+    max_records: int = Field(
+        1_000_000, ge=0, description="Keep at most this many records (the newest); 0 = no size limit.")
     export_dir: Path | None = Field(
         None, description="Where expired records are written (JSON lines) first; default {data_dir}/audit.")
     retention_interval_s: float = Field(

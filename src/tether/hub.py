@@ -53,8 +53,8 @@ class Hub:
         retention = settings.audit
         self.audit_retention = AuditRetention(
             self.storage.audit, self.audit, settings.audit_export_dir,
-            max_age_s=retention.retention_days * 86400 if retention.retention_days is not None else None,
-            max_records=retention.max_records,
+            max_age_s=retention.retention_days * 86400 if retention.retention_days else None,
+            max_records=retention.max_records or None,
         )
         self.policies = PolicyService(self.storage.policies, self.audit)
         self.registry = RegistryService(self.storage.devices, self.audit)
