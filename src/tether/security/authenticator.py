@@ -45,6 +45,7 @@ from cryptography import x509
 from tether.observability.metrics import AUTH_FAILURES
 from tether.registry.models import DEVICE_ID_RE, AuthType, Device
 from tether.security.audit import AuditSink
+from tether.security.disclosure import rights_of
 from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
 from tether.security.sas import (
     DEFAULT_CLOCK_SKEW_S,
@@ -111,14 +112,6 @@ class _Attempt:
 
 def _label(text: str) -> str:
     return text if len(text) <= _LABEL_MAX else text[:_LABEL_MAX] + "…"
-
-
-def _policy_permissions(policy: PolicyRecord) -> frozenset[Permission]:
-    known = {p.value for p in Permission}
-    perms = {Permission(p) for p in policy.permissions if p in known}
-    if Permission.registry_write in perms:
-        perms.add(Permission.registry_read)
-    return frozenset(perms)
 
 
 class Authenticator:
@@ -354,7 +347,7 @@ class Authenticator:
         else:
             policy = await self._policy(sas.policy_name)
             self._check_signature(sas, [policy.primary_key, policy.secondary_key])
-            if Permission.device_connect not in _policy_permissions(policy):
+            if Permission.device_connect not in rights_of(policy.permissions):
                 raise AuthRefused("missing-permission", "policy lacks DeviceConnect", not_authorized=True)
             device, identity = await self._identity(device_id, module_id)
             credential, policy_name = CredentialKind.policy_device_token, policy.name
@@ -415,7 +408,7 @@ class Authenticator:
         self._check_time(sas)
         policy = await self._policy(sas.policy_name)
         self._check_signature(sas, [policy.primary_key, policy.secondary_key])
-        permissions = _policy_permissions(policy)
+        permissions = rights_of(policy.permissions)
         if required not in permissions:
             raise AuthRefused("missing-permission", f"policy lacks {required.value}", not_authorized=True)
         return Principal(
