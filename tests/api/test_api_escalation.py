@@ -85,15 +85,18 @@ async def test_the_listing_withholds_the_keys_of_policies_with_more_rights(
     assert record.details == {"policies": sorted(shown), "withheld": ["device", "iothubowner"]}
 
 
-async def test_the_owner_reads_every_key_and_each_read_is_audited(hub: Hub, client: httpx.AsyncClient) -> None:
-    r = await client.get(f"/tether/policies/device{API}&keys=true", headers=await as_policy(hub, "iothubowner"))
+async def test_the_owner_reads_every_key_and_each_read_is_audited(hub: Hub,
+                                                                 client: httpx.AsyncClient) -> None:
+    owner = await as_policy(hub, "iothubowner")
+    r = await client.get(f"/tether/policies/device{API}&keys=true", headers=owner)
     assert r.status_code == 200 and r.json()["primaryKey"] == (await hub.policies.get("device")).primary_key
     [record] = await key_reads(hub)
     assert (record.outcome, record.principal, record.target) == ("allowed", "policy:iothubowner", "device")
     assert "primaryKey" not in repr(record) and r.json()["primaryKey"] not in repr(record)
 
 
-async def test_without_key_management_rights_no_key_is_shown_at_all(hub: Hub, client: httpx.AsyncClient) -> None:
+async def test_without_key_management_rights_no_key_is_shown_at_all(hub: Hub,
+                                                                    client: httpx.AsyncClient) -> None:
     """`readerAndService` holds every right of `registryRead`, but not RegistryReadWrite: no keys."""
     r = await client.get(f"/tether/policies/registryRead{API}&keys=true",
                          headers=await as_policy(hub, "readerAndService"))
@@ -114,9 +117,11 @@ async def test_a_non_owner_cannot_create_or_change_policies(hub: Hub, client: ht
     assert (await client.post(f"/tether/admin/tls/reload{API}", headers=headers)).status_code == 403
 
 
-async def test_the_escalation_chain_of_the_outside_test_is_closed(hub: Hub, client: httpx.AsyncClient) -> None:
+async def test_the_escalation_chain_of_the_outside_test_is_closed(hub: Hub,
+                                                                  client: httpx.AsyncClient) -> None:
     """The reported chain, step by step: read the owner key, mint an owner token, create a policy."""
-    r = await client.get(f"/tether/policies/iothubowner{API}&keys=true", headers=await as_policy(hub, "almostOwner"))
+    almost = await as_policy(hub, "almostOwner")
+    r = await client.get(f"/tether/policies/iothubowner{API}&keys=true", headers=almost)
     assert r.status_code == 403
     guessed = build_token(HOST, "AAAA" * 11, int(time.time()) + 600, "iothubowner")  # all it can do: guess
     r = await client.put(f"/tether/policies/evil{API}", json={"rights": [p.value for p in Permission]},

@@ -141,7 +141,8 @@ def test_monitor_explains_the_embedded_stream_is_busy(cli: Cli, remote: tuple[st
     assert "another process" in result.stderr and "stop the hub" in result.stderr
 
 
-def test_remote_cli_cannot_obtain_a_key_with_more_rights_than_its_own(cli: Cli, remote: tuple[str, str]) -> None:
+def test_remote_cli_cannot_obtain_a_key_with_more_rights_than_its_own(cli: Cli,
+                                                                     remote: tuple[str, str]) -> None:
     """Issue 14: the CLI goes through REST, so a non-owner connection string cannot print the owner's
     connection string, mint an owner token, or export device keys it could not use anyway."""
     url, cs = remote

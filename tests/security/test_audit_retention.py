@@ -41,8 +41,8 @@ async def test_records_older_than_the_age_limit_are_exported_then_deleted(storag
     recent = [record(100 + n, NOW - timedelta(days=1, minutes=n)) for n in range(5)]
     await storage.audit.append([*old, *recent])
     ids = {r.principal: r.id for r in await stored(storage)}
-    retention = AuditRetention(storage.audit, audit, tmp_path / "export", max_age_s=90 * DAY, max_records=None,
-                               batch=3, clock=lambda: NOW)  # three batches: 3 + 3 + 1
+    retention = AuditRetention(storage.audit, audit, tmp_path / "export", max_age_s=90 * DAY,
+                               max_records=None, batch=3, clock=lambda: NOW)  # three batches: 3 + 3 + 1
 
     result = await retention.run()
     await audit.flush()
