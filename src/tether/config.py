@@ -83,7 +83,17 @@ class LimitSettings(Section):
     max_d2c_message_bytes: int = Field(262_144, ge=1, description="Device-to-cloud message size limit.")
     max_mqtt_packet_bytes: int = Field(270_000, ge=1024)
     max_request_body_bytes: int = Field(1_048_576, ge=1024, description="REST body limit (bulk: x16).")
-    connect_timeout_s: float = Field(5.0, gt=0, description="Time a socket gets to send CONNECT.")
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="Time a socket gets for its TLS handshake (every listener) and MQTT CONNECT.")
+    http_idle_timeout_s: float = Field(
+        30.0, gt=0, description="An HTTPS connection with no request in progress (just connected, idle "
+        "keep-alive, or half a request head) is closed after this long.")
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for the next bytes of a request body (then 408, closed).")
+    max_connections_per_peer: int = Field(
+        1000, ge=1, description="Sockets one peer address (IPv6: its /64) may hold across all listeners.")
+    fd_reserve: int = Field(
+        256, ge=16, description="File descriptors kept free of peer sockets for storage, files and pipes.")
     device_messages_per_second: float = Field(100.0, gt=0, description="Per-device telemetry rate limit.")
     sas_clock_skew_s: int = Field(300, ge=0, le=3600, description="Tolerated clock skew for tokens.")
     sas_max_lifetime_s: int = Field(

@@ -27,6 +27,7 @@ from tether.protocols.mqtt.c2d_pump import C2DPumps
 from tether.protocols.mqtt.hooks import HubDeviceHooks
 from tether.registry.models import utcnow
 from tether.registry.service import RegistryService
+from tether.security.admission import ConnectionSlots, socket_capacity
 from tether.security.audit import AuditLog
 from tether.security.audit_retention import AuditRetention
 from tether.security.authenticator import Authenticator
@@ -72,6 +73,9 @@ class Hub:
             default_ttl_s=settings.c2d.default_ttl_s,
         )
         self.connections = ConnectionRegistry(settings.limits.max_connections)
+        # Every listener's sockets: descriptor budget, per-peer caps, shedding (re-measured at start).
+        self.slots = ConnectionSlots(socket_capacity(settings.limits.fd_reserve),
+                                     settings.limits.max_connections_per_peer)
         self.registry.add_status_listener(self.connections.status_listener())
         self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit)
         self.registry.add_status_listener(self.methods.status_listener())

@@ -50,8 +50,12 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads(raw: bytes | str) -> Any:
-    """Strict JSON: no NaN/Infinity; raises ValueError with a position on bad input."""
-    return json.loads(raw, parse_constant=_reject_constant)
+    """Strict JSON: no NaN/Infinity; raises ValueError (with a position where there is one) on any bad
+    input, absurd nesting included (the decoder's RecursionError would otherwise escape as a 500)."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nests too deeply") from None
 
 
 def parse_json_object(raw: bytes, *, field: str = "body") -> dict[str, Any]:
