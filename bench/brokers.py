@@ -29,6 +29,7 @@ AMQTT_VENV = Path(__file__).resolve().parent / ".venv-amqtt"
 BENCH_KEY = base64.b64encode(b"tether-bench-shared-device-key!!").decode()
 HOSTNAME = "localhost"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+READY_LINE = "Tether hub ready"  # what `tether run` prints once every listener is up
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -152,9 +153,10 @@ class TetherHub:
                     "primaryKey": key, "secondaryKey": key}}} for d in device_ids]
                 for i in range(0, len(records), 5000):
                     await hub.registry.import_devices(records[i : i + 5000], actor="bench")
+                # `tether run` never prints the owner key: read it here, as `tether init` would show it
+                self.service_connection_string = await hub.service_connection_string()
 
-        if device_ids:
-            asyncio.run(provision()) if not _loop_running() else _run_in_thread(provision)
+        asyncio.run(provision()) if not _loop_running() else _run_in_thread(provision)
 
     def command(self) -> list[str]:
         if self.profile_out is not None:
@@ -175,7 +177,7 @@ class TetherHub:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = (self.data_dir / "hub.out").read_text(errors="replace")
-            if "Service connection string:" in text and text.endswith("\n"):
+            if READY_LINE in text and text.endswith("\n"):
                 self._parse(text)
                 return
             if self.proc.poll() is not None:
@@ -189,8 +191,6 @@ class TetherHub:
             parts = line.split()
             if len(parts) == 4 and parts[1:3] == ["listening", "on"]:
                 self.ports[parts[0]] = int(parts[3].rsplit(":", 1)[1])
-            elif line.startswith("Service connection string:"):
-                self.service_connection_string = line.split(":", 1)[1].strip()
 
     def stderr_tail(self, n: int = 2000) -> str:
         with contextlib.suppress(OSError):
