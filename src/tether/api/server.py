@@ -48,9 +48,9 @@ MAX_LINGER_S: Final = 10.0
 
 def undecodable_header(headers: Any) -> str | None:
     """The name of the first header whose value was not valid UTF-8 (aiohttp decodes header bytes with
-    `surrogateescape`, so such a value holds U+DC80..U+DCFF), else None."""
+    `surrogateescape`, so such a value holds U+DC80..U+DCFF; any lone surrogate is refused), else None."""
     for name, value in headers.items():
-        if not value.isascii() and any("\udc80" <= c <= "\udcff" for c in value):
+        if not value.isascii() and any("\ud800" <= c <= "\udfff" for c in value):
             return str(name)
     return None
 
