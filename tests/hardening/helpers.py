@@ -1,6 +1,6 @@
 """Helpers for the issue-14 hardening tests: a hub with every listener as `tether run` starts them
-(HTTPS with Tether's request handler,
-TLS, plain MQTT), on 127.0.0.90 with its own dev PKI, plus raw-socket helpers for hostile clients."""
+(HTTPS with Tether's request handler, MQTT over TLS, plain MQTT), on 127.0.0.90 with its own dev PKI,
+plus raw-socket helpers for hostile clients."""
 
 from __future__ import annotations
 
