@@ -139,9 +139,9 @@ async def test_ten_thousand_pre_auth_refusals_from_one_peer_write_a_bounded_numb
             jobs.append(lambda n=n: mqtt_attempt(served, MQTT_REFUSALS[n % len(MQTT_REFUSALS)], tls=False))
         for n in range(counts["mqtts"]):
             jobs.append(lambda n=n: mqtt_attempt(served, MQTT_REFUSALS[n % len(MQTT_REFUSALS)], tls=True))
+        bad_signature = connect("meter", username("meter"), wrong_key)
         for _ in range(counts["bad-signature"]):
-            bad = connect("meter", username("meter"), wrong_key)
-            jobs.append(lambda: mqtt_attempt(served, bad, tls=False))
+            jobs.append(lambda: mqtt_attempt(served, bad_signature, tls=False))
         for n in range(counts["https"]):
             jobs.append(lambda n=n: https_attempt(served, https_bad[n % len(https_bad)]))
         ws_payloads = [MQTT_REFUSALS[n % len(MQTT_REFUSALS)] for n in range(TOTAL - sum(counts.values()))]
