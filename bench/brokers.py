@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -113,8 +114,10 @@ class TetherHub:
     """A `tether run` process on its own data dir: prepare once, start/kill/restart as often as needed."""
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", limits: dict[str, Any] | None = None,
-                 plain: bool = True, stdlib_loop: bool = False, profile_out: Path | None = None) -> None:
+                 plain: bool = True, stdlib_loop: bool = False, profile_out: Path | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.data_dir = data_dir.resolve()
+        self.preexec = preexec  # runs in the child before exec, e.g. to set resource limits
         self.host = host
         self.config = self.data_dir / "bench.toml"
         self.limits = {"device_messages_per_second": 1_000_000.0, **(limits or {})}
@@ -171,7 +174,8 @@ class TetherHub:
         out = (self.data_dir / "hub.out").open("wb")
         err = (self.data_dir / "hub.err").open("ab")
         env = dict(os.environ, TETHER_CONFIG=str(self.config))
-        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=err, env=env, cwd=str(self.data_dir))
+        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=err, env=env, cwd=str(self.data_dir),
+                                     preexec_fn=self.preexec)
         out.close()
         err.close()
         deadline = time.monotonic() + timeout
