@@ -126,10 +126,18 @@ class Hub:
         self._tasks.append(asyncio.create_task(
             _every(ACTIVITY_FLUSH_INTERVAL_S, self.registry.flush_activity, "activity flush")))
         self._tasks.append(asyncio.create_task(
-            _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
+            _every(THROTTLE_SWEEP_INTERVAL_S, self._audit_refusals, "aggregated refusal audit")))
         interval = self.settings.audit.retention_interval_s
         self._tasks.append(asyncio.create_task(_every(
             interval, self.audit_retention.run, "audit retention", first_s=min(interval, RETENTION_FIRST_S))))
+
+    async def _audit_refusals(self) -> None:
+        """Every second: the aggregated records of throttled peers that went quiet, and of sockets the
+        listeners refused or shed (one record per reason, naming the peers with the most)."""
+        await self.authenticator.audit_throttled()
+        for report in self.slots.take_report():
+            await self.audit.record("connection.refused", "refused", reason=report.reason,
+                                    details={"count": report.count, "peers": dict(report.peers)})
 
     def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
         """Track a listener so `close()` stops it; records its bound port in `ports`."""

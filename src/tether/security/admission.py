@@ -135,7 +135,7 @@ class AdmissionReport:
 
     reason: str
     count: int
-    peers: tuple[tuple[str, int], ...]  # the peers with the most, at most 10
+    peers: tuple[tuple[str, int], ...]  # the peer addresses (IPv6: /64) with the most, at most 10
 
 
 @dataclass(slots=True)
@@ -143,11 +143,10 @@ class _Tally:
     count: int = 0
     peers: dict[str, int] = field(default_factory=dict)
 
-    def add(self, peer: str | None) -> None:
+    def add(self, key: str) -> None:
         self.count += 1
-        name = peer or "-"
-        if name in self.peers or len(self.peers) < 1000:
-            self.peers[name] = self.peers.get(name, 0) + 1
+        if key in self.peers or len(self.peers) < 1000:
+            self.peers[key] = self.peers.get(key, 0) + 1
 
 
 class ConnectionSlots:
@@ -185,10 +184,10 @@ class ConnectionSlots:
         spent; None: refuse the socket (close it at once)."""
         key = peer_key(peer, ipv6_prefix=self.ipv6_prefix) if peer else "-"
         if self._peers.get(key, 0) >= self.per_peer:
-            self._refused(listener, PER_PEER, peer)
+            self._refused(listener, PER_PEER, key)
             return None
         if self.open_count >= self._capacity and not self._shed():
-            self._refused(listener, CAPACITY, peer)
+            self._refused(listener, CAPACITY, key)
             return None
         slot = Slot(self, listener, peer, key)
         self.open_count += 1
@@ -209,14 +208,14 @@ class ConnectionSlots:
                 continue  # an authenticated session: it leaves the candidates for good
             closer = slot._closer
             self._release(slot)
-            self._refused(slot.listener, EVICTED, slot.peer)
+            self._refused(slot.listener, EVICTED, slot.key)
             if closer is not None:
                 closer()
             return True
         return False
 
-    def _refused(self, listener: str, reason: str, peer: str | None) -> None:
-        self._tallies.setdefault(reason, _Tally()).add(peer)
+    def _refused(self, listener: str, reason: str, key: str) -> None:
+        self._tallies.setdefault(reason, _Tally()).add(key)
         CONNECTIONS_REFUSED.labels(listener, reason).inc()
 
     def _release(self, slot: Slot) -> None:
