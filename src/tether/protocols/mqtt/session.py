@@ -75,6 +75,8 @@ log = logging.getLogger("tether.mqtt")
 MAX_INFLIGHT = 512  # unacknowledged publishes per connection before we stop reading
 RESUME_INFLIGHT = MAX_INFLIGHT // 2
 KEEPALIVE_FACTOR = 1.5
+# Azure's ceiling, and what a client asking for none (0) gets: no connection idles forever.
+MAX_KEEPALIVE_S = 1177
 
 
 class _State(enum.Enum):
@@ -245,7 +247,7 @@ class MqttSession:
             return
         self._model_id = user.query.get("model-id") or None
         self._clean_session = packet.clean_session
-        self._keepalive_s = packet.keep_alive * KEEPALIVE_FACTOR
+        self._keepalive_s = min(packet.keep_alive or MAX_KEEPALIVE_S, MAX_KEEPALIVE_S) * KEEPALIVE_FACTOR
         self._state = _State.AUTHENTICATING
         self._link.pause_reading()
         self._spawn(self._authenticate(packet.password, user.device_id, user.module_id))
