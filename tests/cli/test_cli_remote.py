@@ -159,6 +159,12 @@ def test_remote_cli_cannot_obtain_a_key_with_more_rights_than_its_own(cli: Cli,
         assert owner_key not in result.stdout + result.stderr, command
         if command[1] != "list":
             assert result.exit_code == 1 and "DeviceConnect" in result.stderr, (command, result.stderr)
-    cli(*owner, "device", "create", "kdev")
-    refused = cli("--hub-url", url, "--connection-string", reader_cs, "export", ok=False)
-    assert refused.exit_code == 1 and "primaryKey" not in refused.stdout
+    created = json.loads(cli(*owner, "device", "create", "kdev", "--show-keys").stdout)
+    device_key = created["authentication"]["symmetricKey"]["primaryKey"]
+    reader = ("--hub-url", url, "--connection-string", reader_cs)
+    for command in (("export",), ("device", "connection-string", "kdev"), ("token", "device", "kdev"),
+                    ("device", "show", "kdev", "--show-keys")):
+        result = cli(*reader, *command, ok=False)
+        assert device_key not in result.stdout + result.stderr, command
+        if command[0] != "device" or command[1] != "show":
+            assert result.exit_code == 1, (command, result.stdout)

@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tether.cli.backend import Backend
+from tether.cli.backend import KEYS_WITHHELD, Backend
 from tether.cli.context import state_of, with_backend
 from tether.cli.output import device_json, echo_json, table
 from tether.errors import BadRequest
@@ -282,7 +282,8 @@ def device_connection_string(
     else:
         key = auth.symmetric_key.primary_key
         if not key:
-            raise BadRequest(f"device {device.device_id} has no symmetric key (auth {auth.type.value})")
+            raise BadRequest(f"no symmetric key for device {device.device_id} (auth {auth.type.value}; "
+                             f"{KEYS_WITHHELD})")
         parts.append(f"SharedAccessKey={key}")
     return ";".join(parts)
 

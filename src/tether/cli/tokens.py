@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tether.cli.backend import Backend
+from tether.cli.backend import KEYS_WITHHELD, Backend
 from tether.cli.context import state_of, with_backend
 from tether.errors import BadRequest
 from tether.registry.models import validate_device_id
@@ -50,8 +50,8 @@ def device_token(
         key = device.authentication.symmetric_key.primary_key
         if not key:
             raise BadRequest(
-                f"device {device_id} has no symmetric key (auth {device.authentication.type.value}); "
-                "use --policy with a DeviceConnect policy"
+                f"no symmetric key for device {device_id} (auth {device.authentication.type.value}; "
+                f"{KEYS_WITHHELD}); use --policy with a DeviceConnect policy"
             )
         return build_token(resource, key, expiry)
 
