@@ -29,7 +29,9 @@ from tether.messaging.twins import TwinService
 from tether.registry.models import utcnow
 from tether.registry.modules import ModuleService
 from tether.registry.service import RegistryService
+from tether.security.admission import ConnectionSlots, socket_capacity
 from tether.security.audit import AuditLog
+from tether.security.audit_retention import AuditRetention
 from tether.security.authenticator import Authenticator
 from tether.security.identity import OperatorIdentity
 from tether.security.oidc import OidcProvider
@@ -48,6 +50,7 @@ log = logging.getLogger("tether.hub")
 ACTIVITY_FLUSH_INTERVAL_S = 5.0
 THROTTLE_SWEEP_INTERVAL_S = 1.0
 SESSION_SWEEP_INTERVAL_S = 300.0
+RETENTION_FIRST_S = 60.0  # the first audit retention run after start (a hub restarted often still runs it)
 
 
 class Hub:
@@ -57,6 +60,12 @@ class Hub:
         self.settings = settings
         self.storage: SqlStorage = open_storage(settings)
         self.audit = AuditLog(self.storage.audit)
+        retention = settings.audit
+        self.audit_retention = AuditRetention(
+            self.storage.audit, self.audit, settings.audit_export_dir,
+            max_age_s=retention.retention_days * 86400 if retention.retention_days else None,
+            max_records=retention.max_records or None,
+        )
         self.policies = PolicyService(self.storage.policies, self.audit)
         self.registry = RegistryService(self.storage.devices, self.audit)
         self.modules = ModuleService(self.storage.modules, self.registry, self.audit)
@@ -75,6 +84,9 @@ class Hub:
             default_ttl_s=settings.c2d.default_ttl_s,
         )
         self.connections = ConnectionRegistry(settings.limits.max_connections)
+        # Every listener's sockets: descriptor budget, per-peer caps, shedding (re-measured at start).
+        self.slots = ConnectionSlots(socket_capacity(settings.limits.fd_reserve),
+                                     settings.limits.max_connections_per_peer)
         self.registry.add_status_listener(self.connections.status_listener())
         self.modules.add_listener(self.connections.module_deleted)
         self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit,
@@ -140,9 +152,20 @@ class Hub:
         self._tasks.append(asyncio.create_task(
             _every(ACTIVITY_FLUSH_INTERVAL_S, self.registry.flush_activity, "activity flush")))
         self._tasks.append(asyncio.create_task(
-            _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
+            _every(THROTTLE_SWEEP_INTERVAL_S, self._audit_refusals, "aggregated refusal audit")))
         self._tasks.append(asyncio.create_task(
             _every(SESSION_SWEEP_INTERVAL_S, self.sessions.sweep, "expired-session sweep")))
+        interval = self.settings.audit.retention_interval_s
+        self._tasks.append(asyncio.create_task(_every(
+            interval, self.audit_retention.run, "audit retention", first_s=min(interval, RETENTION_FIRST_S))))
+
+    async def _audit_refusals(self) -> None:
+        """Every second: the aggregated records of throttled peers that went quiet, and of sockets the
+        listeners refused or shed (one record per reason, naming the peers with the most)."""
+        await self.authenticator.audit_throttled()
+        for report in self.slots.take_report():
+            await self.audit.record("connection.refused", "refused", reason=report.reason,
+                                    details={"count": report.count, "peers": dict(report.peers)})
 
     def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
         """Track a listener so `close()` stops it; records its bound port in `ports`."""
@@ -202,11 +225,14 @@ class Hub:
         await self.close()
 
 
-async def _every(interval_s: float, work: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run `work` every `interval_s` until cancelled; a failure (a transient database or audit
-    error) is logged and the next round runs anyway."""
+async def _every(interval_s: float, work: Callable[[], Awaitable[object]], what: str, *,
+                 first_s: float | None = None) -> None:
+    """Run `work` every `interval_s` (the first time after `first_s`, default the interval) until
+    cancelled; a failure (a transient database or audit error) is logged and the next round runs."""
+    delay = interval_s if first_s is None else first_s
     while True:
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(delay)
+        delay = interval_s
         try:
             await work()
         except Exception:

@@ -28,7 +28,14 @@ from cryptography.x509.oid import NameOID
 from tether.observability.metrics import REGISTRY
 from tether.registry.models import Device
 from tether.security.authenticator import Authenticator
-from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
+from tether.security.principal import (
+    AuthRefused,
+    CredentialKind,
+    Permission,
+    Principal,
+    PrincipalKind,
+    public_reason,
+)
 from tether.security.sas import build_token, generate_key, parse_token
 from tether.storage.base import PolicyRecord
 
@@ -132,8 +139,10 @@ def _device(device_id: str, *, status: str = "enabled", auth: dict[str, Any] | N
 
 
 def failures(surface: str, reason: str) -> float:
-    """Current `tether_auth_failures_total` sample (the registry is process-wide: compare deltas)."""
-    value = REGISTRY.get_sample_value("tether_auth_failures_total", {"surface": surface, "reason": reason})
+    """Current `tether_auth_failures_total` sample (the registry is process-wide: compare deltas), under
+    the public label of `reason` (reasons revealing whether an identity exists share one)."""
+    labels = {"surface": surface, "reason": public_reason(reason)}
+    value = REGISTRY.get_sample_value("tether_auth_failures_total", labels)
     return value or 0.0
 
 
@@ -583,14 +592,14 @@ async def test_throttled_refusals_are_all_counted_though_audited_in_aggregate() 
     base = Hub()
     auth = Authenticator(hostname=HOST, devices=base.devices, policies=base.policies, audit=base.audit,
                          now=lambda: float(NOW), failure_rate=1.0, throttle_clock=lambda: 100.0)
-    bad, throttled = failures("https", "bad-signature"), failures("https", "auth-rate-limited")
+    bad, throttled = failures("https", "invalid-credential"), failures("https", "auth-rate-limited")
     outcomes = []
     for _ in range(10):  # burst 2 (2 x rate), the clock stands still: 2 bad signatures, 8 throttled
         with pytest.raises(AuthRefused) as info:
             await auth.device_sas(tok(key=K3), "dev1", surface="https", peer="192.0.2.7:1")
         outcomes.append(info.value.reason)
     assert outcomes == ["bad-signature"] * 2 + ["auth-rate-limited"] * 8
-    assert failures("https", "bad-signature") == bad + 2
+    assert failures("https", "invalid-credential") == bad + 2
     assert failures("https", "auth-rate-limited") == throttled + 8
     assert len([r for r in base.audit.records if r["reason"] == "auth-rate-limited"]) < 8
 

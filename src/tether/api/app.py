@@ -2,8 +2,8 @@
 
 aiohttp rather than an ASGI server because the device HTTPS surface needs the TLS peer
 certificate (see docs/decisions/0001-http-stack-aiohttp.md). Serve it with
-`web.AppRunner(build_app(hub))` on a `TCPSite` (plain, tests) or through
-`tether.security.tls.start_tls_server(runner.server, …)`.
+`web.AppRunner(build_app(hub))` on a `TCPSite` (plain, tests) or, as `tether run` does, through
+`tether.api.server.start_https(hub, runner, …)` (deadlines, admission, total parsing).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tether.api.errors import error_middleware
 from tether.api.openapi import spec_bytes
 from tether.api.operator_guard import operator_call
 from tether.api.routes import ROUTES, Route
+from tether.api.server import hide_server_banner, request_guard
 from tether.hub import Hub
 from tether.observability.metrics import metrics_handler
 from tether.protocols.mqtt.websocket import mqtt_websocket_handler
@@ -65,9 +66,10 @@ def build_app(hub: Hub) -> web.Application:
     # aiohttp's own cap is the largest body any route accepts (bulk import); each handler then
     # reads with its own limit, so ordinary routes still answer 413 above the normal limit.
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, request_guard],
         client_max_size=hub.settings.limits.max_request_body_bytes * BULK_FACTOR,
     )
+    app.on_response_prepare.append(hide_server_banner)
     app[HUB_KEY] = hub
     mount(app, ROUTES)
     add_c2d_routes(app, hub)

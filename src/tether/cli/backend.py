@@ -13,6 +13,8 @@ from typing import Any, Protocol
 from tether.registry.models import Device, Module
 from tether.storage.base import AuditRecord, PolicyRecord
 
+# Why a remote device can come back without keys (tether.security.disclosure).
+KEYS_WITHHELD = "a hub shows device keys only to RegistryReadWrite or DeviceConnect policies"
 
 class Backend(Protocol):
     mode: str  # "local" | "remote"

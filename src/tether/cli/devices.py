@@ -10,7 +10,7 @@ from typing import Annotated, Any
 
 import typer
 
-from tether.cli.backend import Backend
+from tether.cli.backend import KEYS_WITHHELD, Backend
 from tether.cli.context import state_of, with_backend
 from tether.cli.output import device_json, echo_json, table
 from tether.errors import BadRequest
@@ -284,7 +284,8 @@ def device_connection_string(
         key = auth.symmetric_key.primary_key
         if not key:
             what = "module" if isinstance(device, Module) else "device"
-            raise BadRequest(f"{what} {device.device_id} has no symmetric key (auth {auth.type.value})")
+            raise BadRequest(f"{what} {device.device_id} has no symmetric key (auth {auth.type.value}; "
+                             f"{KEYS_WITHHELD})")
         parts.append(f"SharedAccessKey={key}")
     return ";".join(parts)
 

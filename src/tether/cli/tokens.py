@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tether.cli.backend import Backend
+from tether.cli.backend import KEYS_WITHHELD, Backend
 from tether.cli.context import state_of, with_backend
 from tether.errors import BadRequest
 from tether.registry.models import validate_device_id
@@ -62,8 +62,8 @@ async def identity_token(backend: Backend, device_id: str, module_id: str | None
     key = identity.authentication.symmetric_key.primary_key
     if not key:
         what = f"device {device_id}" if module_id is None else f"module {device_id}/{module_id}"
-        raise BadRequest(f"{what} has no symmetric key (auth {identity.authentication.type.value}); "
-                         "use --policy with a DeviceConnect policy")
+        raise BadRequest(f"{what} has no symmetric key (auth {identity.authentication.type.value}; "
+                         f"{KEYS_WITHHELD}); use --policy with a DeviceConnect policy")
     return build_token(resource, key, expiry)
 
 

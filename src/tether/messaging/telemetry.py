@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from tether.config import LimitSettings
+from tether.errors import BadRequest
 from tether.messaging.events import EventData, EventStream
 from tether.observability.metrics import MESSAGES_IN, MESSAGES_IN_BYTES
 from tether.security.principal import CredentialKind, Principal
@@ -181,8 +182,24 @@ def build_properties(
     system[ENQUEUED_TIME] = stamp = enqueued_time(now)
     system[MESSAGE_SOURCE] = "Telemetry"
     parts.append(conn.json + stamp + _TIME_TAIL)
-    system.encoded = ("{" + ",".join(parts)).encode("utf-8")
+    try:
+        system.encoded = ("{" + ",".join(parts)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("message properties must be Unicode text (no lone surrogates)",
+                         field="properties") from None
+    for key, value in app.items():  # encoded later by the stream: refuse now what it could not encode
+        if not (key.isascii() and value.isascii()):
+            _check_encodable(key, value)
     return app, system
+
+
+def _check_encodable(*texts: str) -> None:
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("message properties must be Unicode text (no lone surrogates)",
+                         field="properties") from None
 
 
 @dataclass(slots=True)

@@ -5,7 +5,11 @@ A surface hands over the raw credential and the claimed identity and gets back a
 (`auth.{surface}`, outcome `allowed` | `refused`) — except throttled refusals, written in aggregate
 (below); tokens and keys never reach the audit log. Every refusal, throttled ones included, also
 increments `tether_auth_failures{surface,reason}` (`observability.metrics.AUTH_FAILURES`), so the
-metric covers MQTT, MQTT over WebSockets, device HTTPS and the REST API alike.
+metric covers MQTT, MQTT over WebSockets, device HTTPS and the REST API alike; that metric is public,
+so reasons that would tell an unknown identity from a bad signature share one label
+(`invalid-credential`, see `tether.security.principal.PUBLIC_REASONS`); the audit log keeps the exact
+reason. Refusals before authentication (malformed CONNECTs, bad HTTP requests) go through `refuse()`:
+counted, charged and audited like failed authentications.
 
 Rules (Azure's):
 
@@ -27,8 +31,8 @@ Rules (Azure's):
 With `failure_rate` set (the hub passes `limits.auth_failures_per_second`), every refusal (401 and 403
 alike; not internal errors) is charged to the peer's address (`tether.security.throttle`): a peer over
 its budget is refused with `auth-rate-limited` (`AuthThrottled`, carrying `retry_after`) before any
-lookup or HMAC, whatever it presents, and those refusals are audited in aggregate. Internal calls
-(`peer=None`) are never throttled.
+lookup or HMAC, whatever it presents; while a peer is over budget all its refusals are audited in
+aggregate (at most one record per second). Internal calls (`peer=None`) are never throttled.
 """
 
 from __future__ import annotations
@@ -42,6 +46,7 @@ from cryptography import x509
 from tether.observability.metrics import AUTH_FAILURES
 from tether.registry.models import DEVICE_ID_RE, AuthType, Device
 from tether.security.audit import AuditSink
+from tether.security.disclosure import rights_of
 from tether.security.principal import (
     AuthAttempt,
     AuthRefused,
@@ -115,14 +120,6 @@ _Attempt = AuthAttempt
 
 def _label(text: str) -> str:
     return text if len(text) <= _LABEL_MAX else text[:_LABEL_MAX] + "…"
-
-
-def _policy_permissions(policy: PolicyRecord) -> frozenset[Permission]:
-    known = {p.value for p in Permission}
-    perms = {Permission(p) for p in policy.permissions if p in known}
-    if Permission.registry_write in perms:
-        perms.add(Permission.registry_read)
-    return frozenset(perms)
 
 
 class Authenticator:
@@ -243,8 +240,11 @@ class Authenticator:
         try:
             principal = await work()
         except AuthRefused as exc:  # the peer's token stays spent (so does a cancelled attempt's)
-            _count_failure(surface, exc.reason)
-            await self._refused(action, peer, attempt, exc.reason)
+            _count_failure(surface, exc.public_reason)
+            verdict = (self.throttle.refused(held, peer, action, exc.reason)
+                       if held is not None and self.throttle is not None and peer is not None else None)
+            if verdict is None or verdict.record:
+                await self._refused(action, peer, attempt, exc.reason, verdict.details() if verdict else None)
             raise
         except Exception:
             self._refund(held)  # our failure, not the peer's
@@ -277,12 +277,41 @@ class Authenticator:
             return admission.key
         _count_failure(surface, RATE_LIMITED)
         if admission.record:
-            await self._refused(action, peer, attempt, RATE_LIMITED, {"suppressed": admission.suppressed})
+            await self._refused(action, peer, attempt, RATE_LIMITED, admission.verdict.details())
         raise AuthThrottled(admission.retry_after)
 
+    async def refuse(
+        self,
+        action: str,
+        reason: str,
+        *,
+        surface: str,
+        peer: str | None,
+        principal: str | None = None,
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """A refusal before any authentication ran — a malformed or mismatched MQTT CONNECT, no
+        CONNECT in time, an HTTP request that does not parse: counted in `tether_auth_failures`,
+        charged to the peer's failure budget like a failed authentication (a peer that floods them is
+        then throttled) and audited the same way: individually until the peer is over budget, then in
+        aggregate (`tether.security.throttle`)."""
+        _count_failure(surface, reason)
+        throttle = self.throttle
+        if throttle is not None and peer is not None:
+            verdict = throttle.charge(peer, action, reason)
+            await self._write_summaries(throttle)
+            if not verdict.record:
+                return
+            extra = verdict.details()
+            if extra:
+                details = {**(details or {}), **extra}
+        await self._audit.record(action, "refused", principal=principal, reason=reason, peer=peer,
+                                 target=target, details=details or None)
+
     async def audit_throttled(self) -> None:
-        """Audit the suppressed counts of throttled floods that went quiet (the hub calls this every
-        second; otherwise the last episode of a peer would be written only when it tries again)."""
+        """Audit the suppressed counts of floods that went quiet (the hub calls this every second;
+        otherwise the last episode of a peer would be written only when it tries again)."""
         if self.throttle is not None:
             self.throttle.sweep()
             await self._write_summaries(self.throttle)
@@ -292,9 +321,9 @@ class Authenticator:
             await self._audit.record(
                 summary.action,
                 "refused",
-                reason=RATE_LIMITED,
+                reason=summary.reason,
                 peer=summary.peer,
-                details={"suppressed": summary.suppressed, "summary": True},
+                details=summary.details(),
             )
 
     def _refund(self, held: str | None) -> None:
@@ -357,7 +386,7 @@ class Authenticator:
         else:
             policy = await self._policy(sas.policy_name)
             self._check_signature(sas, [policy.primary_key, policy.secondary_key])
-            if Permission.device_connect not in _policy_permissions(policy):
+            if Permission.device_connect not in rights_of(policy.permissions):
                 raise AuthRefused("missing-permission", "policy lacks DeviceConnect", not_authorized=True)
             device, identity = await self._identity(device_id, module_id)
             credential, policy_name = CredentialKind.policy_device_token, policy.name
@@ -418,7 +447,7 @@ class Authenticator:
         self._check_time(sas)
         policy = await self._policy(sas.policy_name)
         self._check_signature(sas, [policy.primary_key, policy.secondary_key])
-        permissions = _policy_permissions(policy)
+        permissions = rights_of(policy.permissions)
         if required not in permissions:
             raise AuthRefused("missing-permission", f"policy lacks {required.value}", not_authorized=True)
         return Principal(
@@ -478,7 +507,8 @@ class Authenticator:
 
 def _count_failure(surface: str, reason: str) -> None:
     """One refusal in `tether_auth_failures{surface,reason}` (both are slugs chosen by Tether code,
-    never by the peer, so the label sets stay small)."""
+    never by the peer, so the label sets stay small; authentication outcomes that depend on which
+    identities exist are merged first: `AuthRefused.public_reason`)."""
     AUTH_FAILURES.labels(surface, reason).inc()
 
 

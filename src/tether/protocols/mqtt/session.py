@@ -28,7 +28,7 @@ from cryptography import x509
 
 from tether.errors import TetherError
 from tether.messaging.c2d import C2DMessage, C2DOutcome
-from tether.observability.metrics import AUTH_FAILURES, CONNECTED_DEVICES, DISCONNECTS
+from tether.observability.metrics import CONNECTED_DEVICES, DISCONNECTS
 from tether.protocols.mqtt.codec import (
     NEED_DATA,
     MqttConnection,
@@ -79,6 +79,8 @@ log = logging.getLogger("tether.mqtt")
 MAX_INFLIGHT = 512  # unacknowledged publishes per connection before we stop reading
 RESUME_INFLIGHT = MAX_INFLIGHT // 2
 KEEPALIVE_FACTOR = 1.5
+# Azure's ceiling, and what a client asking for none (0) gets: no connection idles forever.
+MAX_KEEPALIVE_S = 1177
 
 
 class _State(enum.Enum):
@@ -274,7 +276,7 @@ class MqttSession:
             return
         self._model_id = user.query.get("model-id") or None
         self._clean_session = packet.clean_session
-        self._keepalive_s = packet.keep_alive * KEEPALIVE_FACTOR
+        self._keepalive_s = min(packet.keep_alive or MAX_KEEPALIVE_S, MAX_KEEPALIVE_S) * KEEPALIVE_FACTOR
         self._state = _State.AUTHENTICATING
         self._link.pause_reading()
         self._spawn(self._authenticate(packet.password, user.device_id, user.module_id))
@@ -299,7 +301,8 @@ class MqttSession:
             code = ConnAckCode.NOT_AUTHORIZED if refused else ConnAckCode.BAD_USERNAME_OR_PASSWORD
             if exc.reason == RATE_LIMITED:
                 code = ConnAckCode.SERVER_UNAVAILABLE  # throttled: back off and retry later
-            self._refuse_connect(code, exc.reason, None)  # the authenticator wrote the audit record
+            # the authenticator wrote the audit record; the disconnect counter is public
+            self._refuse_connect(code, exc.public_reason, None)
             return
         except Exception:
             log.exception("authentication of %s failed", device_id)
@@ -335,10 +338,9 @@ class MqttSession:
         if self._state is _State.CLOSED:
             return
         if identity is not None:  # pre-auth refusal; the authenticator counts and audits its own
-            AUTH_FAILURES.labels(self._surface, reason).inc()
             device = identity.partition("/")[0] or None
-            self._audit("mqtt.connect", reason, principal=f"device:{identity}" if identity else None,
-                        target=device, details=details)
+            self._refuse_early(reason, principal=f"device:{identity}" if identity else None,
+                               target=device, details=details)
         self._link.write(self._codec.send(ConnAck(False, code)))
         self.shutdown(reason)
 
@@ -478,8 +480,7 @@ class MqttSession:
             if exc.connack_code is not None:
                 self._refuse_connect(exc.connack_code, exc.reason, "")
             else:
-                AUTH_FAILURES.labels(self._surface, exc.reason).inc()
-                self._audit("mqtt.connect", exc.reason)
+                self._refuse_early(exc.reason)
                 self.shutdown(exc.reason)
             return
         self._refuse("mqtt.protocol", exc.reason)
@@ -497,10 +498,15 @@ class MqttSession:
     def _audit(self, action: str, reason: str, **fields: Any) -> None:
         self._spawn(self._ctx.audit.record(action, "refused", reason=reason, peer=self.peer, **fields))
 
+    def _refuse_early(self, reason: str, **fields: Any) -> None:
+        """A refusal before authentication: counted, charged to the peer's failure budget and audited
+        (in aggregate once the peer floods) by the authenticator, like a failed authentication."""
+        self._spawn(self._ctx.authenticator.refuse("mqtt.connect", reason, surface=self._surface,
+                                                   peer=self.peer, **fields))
+
     def _on_connect_timeout(self) -> None:
         if self._state is _State.WAIT_CONNECT:
-            AUTH_FAILURES.labels(self._surface, "connect-timeout").inc()
-            self._audit("mqtt.connect", "connect-timeout")
+            self._refuse_early("connect-timeout")
             self.shutdown("connect-timeout")
 
     def _start_timers(self, principal: Principal) -> None:
