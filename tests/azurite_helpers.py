@@ -101,7 +101,8 @@ def start_azurite(work_dir: Path, ip: str, *, port: int = 443, ca_dir: Path | No
             cwd=work_dir, env=env, stdout=log, stderr=subprocess.STDOUT,
         )
     endpoint = f"https://{ip}{'' if port == 443 else f':{port}'}/{name}"
-    server = AzuriteServer(ip, port, BlobAccount.create(name, key, endpoint, ca_file), ca_file, process, log_file)
+    account = BlobAccount.create(name, key, endpoint, ca_file)
+    server = AzuriteServer(ip, port, account, ca_file, process, log_file)
     deadline = time.monotonic() + 60
     while True:
         if process.poll() is not None:
@@ -117,7 +118,8 @@ def start_azurite(work_dir: Path, ip: str, *, port: int = 443, ca_dir: Path | No
 
 
 @pytest.fixture(scope="module")
-def azurite_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
+def azurite_server(request: pytest.FixtureRequest,
+                   tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzuriteServer]:
     """Azurite on the module's `AZURITE_IP` (port 443), for the whole test module."""
     ip = getattr(request.module, "AZURITE_IP", None)
     assert ip, "set AZURITE_IP (one of your reserved loopback addresses) in the test module"

@@ -50,6 +50,8 @@ from tether.storage.sql.twins import TwinRecord, TwinRepository
 log = logging.getLogger(__name__)
 
 DesiredListener = Callable[[str, dict[str, Any]], Awaitable[None]]
+ChangeListener = Callable[[str], None]
+ConfigurationDecision = Callable[[dict[str, Any]], "tuple[dict[str, Any] | None, dict[str, Any]] | None"]
 
 INITIAL_ETAG = "AAAAAAAAAAE="  # Azure's etag of a twin that was never written
 _WRITE_RETRIES = 16
@@ -90,7 +92,7 @@ def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
     the service hands in is freshly loaded or freshly built, and nothing else holds it."""
     metadata = record.metadata
     thumbprints = device.authentication.x509_thumbprint
-    return {
+    doc = {
         "deviceId": device.device_id,
         "etag": record.etag,
         "deviceEtag": device.etag,
@@ -121,6 +123,10 @@ def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
             },
         },
     }
+    if record.configurations:  # automatic device configurations: Azure shows only their status
+        doc["configurations"] = {cid: {"status": entry.get("status")}
+                                 for cid, entry in record.configurations.items()}
+    return doc
 
 
 def _not_found(device_id: str) -> NotFound:
@@ -202,6 +208,7 @@ class TwinService:
         self._clock = clock
         self._listeners: list[DesiredListener] = []
         self._relays: list[DesiredListener] = []
+        self._change_listeners: list[ChangeListener] = []
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         registry.add_status_listener(self._on_device_status)
 
@@ -215,6 +222,12 @@ class TwinService:
         the network); other hub nodes' writes arrive through `notify_from_peer` when a cluster bus
         is configured. Exceptions are logged and ignored."""
         self._listeners.append(cb)
+
+    def add_change_listener(self, cb: ChangeListener) -> None:
+        """`cb(device_id)` after every committed write of a device's twin made through this process
+        (tags, desired, reported, configurations). Synchronous and quick: note it, work later (the
+        configuration reconciler marks the device for re-evaluation)."""
+        self._change_listeners.append(cb)
 
     def add_desired_relay(self, cb: DesiredListener) -> None:
         """Like a desired listener, but skipped by `notify_from_peer`: the cluster bus forwards this
@@ -311,6 +324,42 @@ class TwinService:
 
         return await self._service_write(device_id, if_match, mutate, "twin.replace", actor,
                                          ["tags", "desired"])
+
+    async def configure(self, device_id: str, decide: ConfigurationDecision, *, actor: str) -> bool:
+        """Automatic device configuration write: `decide(twin document)` returns None (nothing to do)
+        or (desired merge-patch or None, the new `configurations` section). Decided again on the fresh
+        twin when a concurrent writer gets in first; desired changes reach the device like a service
+        PATCH. True when something was written."""
+        device = await self._registry.find(device_id)
+        if device is None:
+            return False
+        now = self._clock()
+
+        def mutate(current: TwinRecord) -> tuple[TwinRecord, dict[str, Any] | None] | None:
+            result = decide(twin_document(device, current))
+            if result is None:
+                return None
+            desired_patch, configurations = result
+            desired, metadata, version = current.desired, current.metadata, current.desired_version
+            notice: dict[str, Any] | None = None
+            if desired_patch:
+                version += 1
+                desired, metadata = copy.deepcopy(desired), copy.deepcopy(metadata)
+                apply_patch(desired, metadata.setdefault("desired", {}), desired_patch, stamp(now, version))
+                check_size("properties.desired", desired, DESIRED_LIMIT)
+                notice = {**copy.deepcopy(desired_patch), "$version": version}
+            updated = dc_replace(current, desired=desired, metadata=metadata, desired_version=version,
+                                 configurations=configurations)
+            return updated, notice
+
+        async with self._lock(device_id):
+            _, record, notice, written = await self._write(device_id, None, mutate)
+            if notice is not None:
+                await self._notify(device_id, notice)
+        if written and notice is not None:
+            await self._audit.record("twin.configure", "ok", principal=actor, target=device_id,
+                                     details={"sections": ["desired"], "version": record.version})
+        return written
 
     # Device writes ---------------------------------------------------------------------------
     async def update_reported(self, device_id: str, patch: dict[str, Any]) -> int:
@@ -416,6 +465,8 @@ class TwinService:
             else:
                 written = await self._repo.update(updated, stored.version)
             if written:
+                for listener in self._change_listeners:
+                    listener(device_id)
                 return device, updated, notice, True
             # Another writer (a device, a service, another hub node) got in first: read again.
             await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
@@ -437,4 +488,5 @@ class TwinService:
             await self._repo.delete(device.device_id)
 
 
-__all__ = ["INITIAL_ETAG", "DesiredListener", "TwinService", "blank_record", "twin_document"]
+__all__ = ["INITIAL_ETAG", "ChangeListener", "ConfigurationDecision", "DesiredListener", "TwinService",
+           "blank_record", "twin_document"]

@@ -92,7 +92,8 @@ class BlobAccount:
     ca_file: Path | None = None
 
     @classmethod
-    def create(cls, name: str, key: str, endpoint: str | None = None, ca_file: Path | None = None) -> BlobAccount:
+    def create(cls, name: str, key: str, endpoint: str | None = None,
+               ca_file: Path | None = None) -> BlobAccount:
         return cls(name, key, _endpoint(name, endpoint), ca_file)
 
     def __repr__(self) -> str:  # never print the key
@@ -238,7 +239,8 @@ class ContainerUri:
 
     def __init__(self, uri: str, *, ca_file: Path | None = None, field: str = "containerUri") -> None:
         parts = urlsplit(uri.strip()) if isinstance(uri, str) else None
-        if parts is None or parts.scheme not in ("https", "http") or not parts.netloc or not parts.path.strip("/"):
+        if (parts is None or parts.scheme not in ("https", "http") or not parts.netloc
+                or not parts.path.strip("/")):
             raise BadRequest(f"{field} must be a blob container URL (https://…/container?sas)", field=field)
         self._uri = uri.strip()
         self._ca_file = ca_file

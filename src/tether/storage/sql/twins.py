@@ -17,7 +17,7 @@ module does not touch the shared `tables.py`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import JSON, BigInteger, Column, ForeignKey, MetaData, Row, String, Table, select
@@ -60,6 +60,8 @@ twins_table = Table(
     Column("reported_version", BigInteger, nullable=False),
     Column("metadata", JSON, nullable=False),  # {"desired": {$metadata tree}, "reported": {…}}
     Column("updated_at", UtcDateTime(), nullable=False),
+    # {configurationId: {"status": "Applied" | "Targeted", …}} (0008_fleet; messaging.configurations)
+    Column("configurations", JSON, nullable=False, server_default="{}"),
 )
 
 _COLUMNS = (
@@ -72,6 +74,7 @@ _COLUMNS = (
     twins_table.c.desired_version,
     twins_table.c.reported_version,
     twins_table.c.metadata,
+    twins_table.c.configurations,
 )
 
 
@@ -90,6 +93,7 @@ class TwinRecord:
     desired_version: int
     reported_version: int
     metadata: dict[str, Any]
+    configurations: dict[str, Any] = field(default_factory=dict)
 
 
 class TwinRepository(Protocol):
@@ -111,6 +115,7 @@ def _from_row(row: Row[Any]) -> TwinRecord:
         desired_version=int(row[6]),
         reported_version=int(row[7]),
         metadata=dict(row[8]),
+        configurations=dict(row[9] or {}),
     )
 
 
@@ -124,6 +129,7 @@ def _values(record: TwinRecord) -> dict[str, Any]:
         "desired_version": record.desired_version,
         "reported_version": record.reported_version,
         "metadata": record.metadata,
+        "configurations": record.configurations,
         "updated_at": utcnow(),
     }
 
