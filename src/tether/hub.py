@@ -21,6 +21,7 @@ from tether.messaging.c2d import C2DService
 from tether.messaging.c2d_delivery import C2DPumps
 from tether.messaging.device_sessions import DeviceSessions
 from tether.messaging.events import EventStream, open_stream
+from tether.messaging.file_upload import FileUploadService
 from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionRegistry
 from tether.messaging.telemetry import TelemetryPipeline
@@ -32,6 +33,7 @@ from tether.security.authenticator import Authenticator
 from tether.security.policies import PolicyService
 from tether.security.x509 import CaService, X509Verifier
 from tether.storage.factory import open_storage
+from tether.storage.sql.file_uploads import SqlFileUploadRepository
 from tether.storage.sql.storage import SqlStorage
 from tether.storage.sql.twins import SqlTwinRepository
 
@@ -39,6 +41,7 @@ log = logging.getLogger("tether.hub")
 
 ACTIVITY_FLUSH_INTERVAL_S = 5.0
 THROTTLE_SWEEP_INTERVAL_S = 1.0
+FILE_UPLOAD_SWEEP_INTERVAL_S = 5.0
 
 
 class Hub:
@@ -83,6 +86,8 @@ class Hub:
                 log.warning("cluster.nats_url is set but storage is embedded (SQLite / file stream): "
                             "hub nodes only share state through storage.database_url = postgresql+"
                             "asyncpg://… and storage.stream_url = nats://…")
+        self.file_uploads = FileUploadService(SqlFileUploadRepository(self.storage.db), settings.file_upload,
+                                              self.audit, ca_file=settings.blob.ca_file)
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
         self.authenticator = Authenticator(
@@ -115,6 +120,9 @@ class Hub:
             _every(ACTIVITY_FLUSH_INTERVAL_S, self.registry.flush_activity, "activity flush")))
         self._tasks.append(asyncio.create_task(
             _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
+        await self.file_uploads.start()
+        self._tasks.append(asyncio.create_task(
+            _every(FILE_UPLOAD_SWEEP_INTERVAL_S, self.file_uploads.sweep, "file upload sweep")))
 
     def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
         """Track a listener so `close()` stops it; records its bound port in `ports`."""
@@ -160,6 +168,8 @@ class Hub:
             await self.registry.flush_activity()
         with contextlib.suppress(Exception):
             await self.c2d.close()
+        with contextlib.suppress(Exception):
+            await self.file_uploads.close()
         await self.stream.close()
         await self.audit.close()
         await self.storage.close()

@@ -32,7 +32,7 @@ __all__ = [
 
 
 def _serial() -> BigInteger:
-    return BigInteger().with_variant(Integer(), "sqlite")  # type: ignore[return-value]
+    return BigInteger().with_variant(Integer(), "sqlite")
 
 
 fleet_metadata = MetaData(
