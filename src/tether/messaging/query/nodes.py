@@ -97,6 +97,7 @@ class Query:
     top: int | None
     where: Condition | None
     group_by: tuple[Path, ...]
+    source: str = "devices"  # FROM devices | devices.jobs
 
     @property
     def aggregate(self) -> bool:

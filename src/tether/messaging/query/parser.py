@@ -47,6 +47,7 @@ from tether.messaging.query.nodes import (
     Truth,
 )
 
+SOURCES = frozenset({"devices", "devices.jobs"})
 MAX_QUERY_CHARS = 32_768
 MAX_NESTING = 64
 MAX_TOP = 1_000_000
@@ -78,6 +79,7 @@ value_list: "[" [literal ("," literal)*] "]"
 path: NAME segment*
 segment: "." NAME                               -> dotted
        | "[" STRING "]"                         -> bracketed
+       | "." DOUBLE_BRACKETED                   -> double_bracketed
 literal: STRING                                 -> string
        | NUMBER                                 -> number
        | _TRUE                                  -> true
@@ -101,6 +103,7 @@ _TRUE: "true"i
 _FALSE: "false"i
 _NULL: "null"i
 STAR: "*"
+DOUBLE_BRACKETED: /\[\[[^\[\]]{1,128}\]\]/
 COMPARATOR: /<=|>=|<>|!=|=|<|>/
 NAME: /[A-Za-z_$][A-Za-z0-9_$]*/
 STRING: /'(?:[^'\\]|\\.)*'/ | /"(?:[^"\\]|\\.)*"/
@@ -161,16 +164,16 @@ class _Build(Transformer[Token, Any]):
 
     def start(self, children: list[Any]) -> Query:
         top, projection, source, where, group = children
-        if source.segments != ("devices",):
-            raise _bad(f"FROM {source.text} is not supported: only FROM devices")
+        if source.text not in SOURCES:
+            raise _bad(f"FROM {source.text} is not supported: FROM {' or '.join(sorted(SOURCES))}")
         group_by: tuple[Path, ...] = group or ()
         if projection is None:  # SELECT *
             if group_by:
                 raise _bad("GROUP BY needs a projection list, not SELECT *")
-            return Query(True, (), top, where, ())
+            return Query(True, (), top, where, (), source.text)
         items: tuple[SelectItem, ...] = tuple(projection)
         _check_items(items, group_by)
-        return Query(False, items, top, where, group_by)
+        return Query(False, items, top, where, group_by, source.text)
 
     def group_by(self, children: list[Path]) -> tuple[Path, ...]:
         return tuple(children)
@@ -254,6 +257,10 @@ class _Build(Transformer[Token, Any]):
     def bracketed(self, children: list[Token]) -> str:
         return _unescape(children[0])
 
+    def double_bracketed(self, children: list[Token]) -> str:
+        """`configurations.[[my-config]].status`: a key that need not be a name (Azure's syntax)."""
+        return str(children[0])[2:-2]
+
     def string(self, children: list[Token]) -> Literal:
         return Literal(_unescape(children[0]))
 
@@ -298,7 +305,7 @@ def _name_counts(query: Query) -> Query:
                 name = f"${unnamed}"
             item = Count(name)
         items.append(item)
-    return Query(query.star, tuple(items), query.top, query.where, query.group_by)
+    return Query(query.star, tuple(items), query.top, query.where, query.group_by, query.source)
 
 
 def _nesting(condition: Condition | None) -> int:
