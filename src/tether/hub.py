@@ -22,6 +22,8 @@ from tether.messaging.c2d_delivery import C2DPumps
 from tether.messaging.device_sessions import DeviceSessions
 from tether.messaging.events import EventStream, open_stream
 from tether.messaging.file_upload import FileUploadService
+from tether.messaging.jobs import JobRunner, JobService
+from tether.messaging.lease import Leadership
 from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionRegistry
 from tether.messaging.telemetry import TelemetryPipeline
@@ -34,6 +36,7 @@ from tether.security.policies import PolicyService
 from tether.security.x509 import CaService, X509Verifier
 from tether.storage.factory import open_storage
 from tether.storage.sql.file_uploads import SqlFileUploadRepository
+from tether.storage.sql.jobs import SqlJobRepository, SqlLeaseRepository
 from tether.storage.sql.storage import SqlStorage
 from tether.storage.sql.twins import SqlTwinRepository
 
@@ -88,6 +91,15 @@ class Hub:
                             "asyncpg://… and storage.stream_url = nats://…")
         self.file_uploads = FileUploadService(SqlFileUploadRepository(self.storage.db), settings.file_upload,
                                               self.audit, ca_file=settings.blob.ca_file)
+        jobs_repo = SqlJobRepository(self.storage.db)
+        self.leases = SqlLeaseRepository(self.storage.db)
+        self.jobs = JobService(jobs_repo, self.audit)
+        self.job_runner = JobRunner(
+            jobs_repo, Leadership(self.leases, "jobs", self.node_id, ttl_s=settings.jobs.lease_ttl_s),
+            twins=self.twins, methods=self.methods, registry=self.registry, audit=self.audit,
+            concurrency=settings.jobs.concurrency, poll_interval_s=settings.jobs.poll_interval_s,
+            retention_s=settings.jobs.retention_days * 86400, blob_ca_file=settings.blob.ca_file)
+        self.jobs.on_created(self.job_runner.wake)
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
         self.authenticator = Authenticator(
@@ -121,6 +133,7 @@ class Hub:
         self._tasks.append(asyncio.create_task(
             _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
         await self.file_uploads.start()
+        self.job_runner.start()
         self._tasks.append(asyncio.create_task(
             _every(FILE_UPLOAD_SWEEP_INTERVAL_S, self.file_uploads.sweep, "file upload sweep")))
 
@@ -149,6 +162,8 @@ class Hub:
     async def close(self) -> None:
         for server in self._servers:
             server.close()
+        with contextlib.suppress(Exception):  # before connections close: unfinished devices resume later
+            await self.job_runner.close()
         with contextlib.suppress(Exception):
             await self.connections.close_all("hub-stopping")
         with contextlib.suppress(Exception):  # stop C2D delivery, fail pending method calls

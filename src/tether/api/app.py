@@ -56,6 +56,7 @@ def build_app(hub: Hub) -> web.Application:
     from tether.api.device_routes import add_device_routes
     from tether.api.event_routes import add_event_routes
     from tether.api.file_upload_routes import add_file_upload_routes
+    from tether.api.job_routes import add_job_routes
     from tether.api.method_routes import add_method_routes
     from tether.api.security_routes import add_security_routes
 
@@ -73,6 +74,7 @@ def build_app(hub: Hub) -> web.Application:
     add_event_routes(app, hub)
     add_security_routes(app, hub)
     add_file_upload_routes(app, hub)
+    add_job_routes(app, hub)
     mount(app, (
         Route("GET", "/metrics", metrics_handler, "Prometheus metrics", None, "operations"),
         Route("GET", "/$iothub/websocket", mqtt_websocket_handler(hub), "MQTT 3.1.1 over WebSockets "
