@@ -19,6 +19,7 @@ from tether.cluster.node import resolve_node_id
 from tether.config import Settings
 from tether.messaging.c2d import C2DService
 from tether.messaging.c2d_delivery import C2DPumps
+from tether.messaging.configurations import ConfigurationReconciler, ConfigurationService
 from tether.messaging.device_sessions import DeviceSessions
 from tether.messaging.events import EventStream, open_stream
 from tether.messaging.file_upload import FileUploadService
@@ -35,6 +36,7 @@ from tether.security.authenticator import Authenticator
 from tether.security.policies import PolicyService
 from tether.security.x509 import CaService, X509Verifier
 from tether.storage.factory import open_storage
+from tether.storage.sql.configurations import SqlConfigurationRepository
 from tether.storage.sql.file_uploads import SqlFileUploadRepository
 from tether.storage.sql.jobs import SqlJobRepository, SqlLeaseRepository
 from tether.storage.sql.storage import SqlStorage
@@ -100,6 +102,11 @@ class Hub:
             concurrency=settings.jobs.concurrency, poll_interval_s=settings.jobs.poll_interval_s,
             retention_s=settings.jobs.retention_days * 86400, blob_ca_file=settings.blob.ca_file)
         self.jobs.on_created(self.job_runner.wake)
+        self.configurations = ConfigurationService(SqlConfigurationRepository(self.storage.db), self.twins,
+                                                   self.audit)
+        self.configuration_reconciler = ConfigurationReconciler(
+            self.configurations, self.twins, self.job_runner.leadership,
+            sweep_interval_s=settings.jobs.configuration_sweep_s)
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
         self.authenticator = Authenticator(
@@ -134,6 +141,7 @@ class Hub:
             _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
         await self.file_uploads.start()
         self.job_runner.start()
+        self.configuration_reconciler.start()
         self._tasks.append(asyncio.create_task(
             _every(FILE_UPLOAD_SWEEP_INTERVAL_S, self.file_uploads.sweep, "file upload sweep")))
 
@@ -164,6 +172,8 @@ class Hub:
             server.close()
         with contextlib.suppress(Exception):  # before connections close: unfinished devices resume later
             await self.job_runner.close()
+        with contextlib.suppress(Exception):
+            await self.configuration_reconciler.close()
         with contextlib.suppress(Exception):
             await self.connections.close_all("hub-stopping")
         with contextlib.suppress(Exception):  # stop C2D delivery, fail pending method calls

@@ -53,6 +53,7 @@ def mount(app: web.Application, routes: tuple[Route, ...]) -> None:
 
 def build_app(hub: Hub) -> web.Application:
     from tether.api.c2d_routes import add_c2d_routes
+    from tether.api.configuration_routes import add_configuration_routes
     from tether.api.device_routes import add_device_routes
     from tether.api.event_routes import add_event_routes
     from tether.api.file_upload_routes import add_file_upload_routes
@@ -75,6 +76,7 @@ def build_app(hub: Hub) -> web.Application:
     add_security_routes(app, hub)
     add_file_upload_routes(app, hub)
     add_job_routes(app, hub)
+    add_configuration_routes(app, hub)
     mount(app, (
         Route("GET", "/metrics", metrics_handler, "Prometheus metrics", None, "operations"),
         Route("GET", "/$iothub/websocket", mqtt_websocket_handler(hub), "MQTT 3.1.1 over WebSockets "

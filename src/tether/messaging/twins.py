@@ -51,7 +51,8 @@ log = logging.getLogger(__name__)
 
 DesiredListener = Callable[[str, dict[str, Any]], Awaitable[None]]
 ChangeListener = Callable[[str], None]
-ConfigurationDecision = Callable[[dict[str, Any]], "tuple[dict[str, Any] | None, dict[str, Any]] | None"]
+ConfigurationDecision = Callable[[dict[str, Any], dict[str, Any]],
+                                 "tuple[dict[str, Any] | None, dict[str, Any]] | None"]
 
 INITIAL_ETAG = "AAAAAAAAAAE="  # Azure's etag of a twin that was never written
 _WRITE_RETRIES = 16
@@ -326,7 +327,8 @@ class TwinService:
                                          ["tags", "desired"])
 
     async def configure(self, device_id: str, decide: ConfigurationDecision, *, actor: str) -> bool:
-        """Automatic device configuration write: `decide(twin document)` returns None (nothing to do)
+        """Automatic device configuration write: `decide(twin document, stored configurations section)`
+        returns None (nothing to do)
         or (desired merge-patch or None, the new `configurations` section). Decided again on the fresh
         twin when a concurrent writer gets in first; desired changes reach the device like a service
         PATCH. True when something was written."""
@@ -336,7 +338,7 @@ class TwinService:
         now = self._clock()
 
         def mutate(current: TwinRecord) -> tuple[TwinRecord, dict[str, Any] | None] | None:
-            result = decide(twin_document(device, current))
+            result = decide(twin_document(device, current), current.configurations)
             if result is None:
                 return None
             desired_patch, configurations = result
