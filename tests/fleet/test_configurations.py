@@ -174,3 +174,31 @@ def test_configuration_calls_need_the_right_permissions(hub: RunningHub) -> None
     refused = hub.audit("auth.rest", "refused")
     assert any(r.principal == "policy:registryRead" for r in refused)
     assert any(r.principal == "policy:service" for r in refused)
+
+
+def test_cli_config_and_job_commands(hub: RunningHub) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from tether.cli.main import app
+
+    base = ["--hub-url", f"https://{IP}", "--connection-string", hub.connection_string(),
+            "--ca-file", str(hub.ca_file)]
+    runner = CliRunner()
+    created = runner.invoke(app, [*base, "config", "create", "cli-cfg", "--target", "tags.cli = true",
+                                  "--content", '{"properties.desired.fromCli": 1}', "--priority", "3",
+                                  "--metric", "all=SELECT deviceId FROM devices"])
+    assert created.exit_code == 0, created.output
+    assert json.loads(created.output)["priority"] == 3
+    listed = runner.invoke(app, [*base, "config", "list"])
+    assert "cli-cfg" in [c["id"] for c in json.loads(listed.output)]
+    tested = runner.invoke(app, [*base, "config", "test", "--target", "tags.x ="])
+    assert json.loads(tested.output)["targetConditionError"]
+    assert runner.invoke(app, [*base, "config", "delete", "cli-cfg"]).exit_code == 0
+    job = runner.invoke(app, [*base, "job", "create", "cli-job", "--query", "deviceId = 'none'",
+                              "--desired", '{"a": 1}'])
+    assert job.exit_code == 0, job.output
+    assert json.loads(runner.invoke(app, [*base, "job", "show", "cli-job"]).output)["jobId"] == "cli-job"
+    missing = runner.invoke(app, [*base, "config", "show", "nope"])
+    assert missing.exit_code == 1
