@@ -27,18 +27,26 @@ from tether.messaging.jobs import JobRunner, JobService
 from tether.messaging.lease import Leadership
 from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionRegistry
+from tether.messaging.query.scope import validate_scope
 from tether.messaging.telemetry import TelemetryPipeline
 from tether.messaging.twins import TwinService
 from tether.registry.models import utcnow
+from tether.registry.modules import ModuleService
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.security.authenticator import Authenticator
+from tether.security.identity import OperatorIdentity
+from tether.security.oidc import OidcProvider
+from tether.security.operators import LOCAL_ISSUER, OperatorService
 from tether.security.policies import PolicyService
+from tether.security.role_assignments import RoleService
+from tether.security.sessions import SessionService
 from tether.security.x509 import CaService, X509Verifier
 from tether.storage.factory import open_storage
 from tether.storage.sql.configurations import SqlConfigurationRepository
 from tether.storage.sql.file_uploads import SqlFileUploadRepository
 from tether.storage.sql.jobs import SqlJobRepository, SqlLeaseRepository
+from tether.storage.sql.operators import SqlOperatorRepository
 from tether.storage.sql.storage import SqlStorage
 from tether.storage.sql.twins import SqlTwinRepository
 
@@ -47,6 +55,7 @@ log = logging.getLogger("tether.hub")
 ACTIVITY_FLUSH_INTERVAL_S = 5.0
 THROTTLE_SWEEP_INTERVAL_S = 1.0
 FILE_UPLOAD_SWEEP_INTERVAL_S = 5.0
+SESSION_SWEEP_INTERVAL_S = 300.0
 
 
 class Hub:
@@ -58,13 +67,15 @@ class Hub:
         self.audit = AuditLog(self.storage.audit)
         self.policies = PolicyService(self.storage.policies, self.audit)
         self.registry = RegistryService(self.storage.devices, self.audit)
+        self.modules = ModuleService(self.storage.modules, self.registry, self.audit)
         self.stream: EventStream = open_stream(
             settings.stream_url,
             partitions=settings.storage.stream_partitions,
             retention_hours=settings.storage.stream_retention_hours,
             retention_bytes=settings.storage.stream_retention_bytes,
         )
-        self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit)
+        self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit,
+                                 modules=self.modules)
         self.telemetry = TelemetryPipeline(self.stream, settings.limits)
         self.c2d = C2DService(
             self.storage.db, audit=self.audit, max_queue_depth=settings.c2d.max_queue_depth,
@@ -73,12 +84,14 @@ class Hub:
         )
         self.connections = ConnectionRegistry(settings.limits.max_connections)
         self.registry.add_status_listener(self.connections.status_listener())
-        self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit)
+        self.modules.add_listener(self.connections.module_deleted)
+        self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit,
+                                     modules=self.modules)
         self.registry.add_status_listener(self.methods.status_listener())
         self.c2d_pumps = C2DPumps(self.c2d)
         self.device_sessions = DeviceSessions(
             connections=self.connections, twins=self.twins, methods=self.methods, c2d_pumps=self.c2d_pumps,
-            registry=self.registry,
+            registry=self.registry, modules=self.modules,
         )
         self.node_id = resolve_node_id(settings.cluster.node_id)
         self.cluster: ClusterBus | None = None
@@ -86,7 +99,8 @@ class Hub:
             self.cluster = ClusterBus(settings.cluster, node_id=self.node_id)
             self.cluster.attach(registry=self.registry, policies=self.policies, connections=self.connections,
                                 c2d=self.c2d,
-                                twins=self.twins, methods=self.methods, sessions=self.device_sessions)
+                                twins=self.twins, methods=self.methods, sessions=self.device_sessions,
+                                modules=self.modules)
             if settings.storage.database_url is None or settings.stream_url.startswith("file:"):
                 log.warning("cluster.nats_url is set but storage is embedded (SQLite / file stream): "
                             "hub nodes only share state through storage.database_url = postgresql+"
@@ -109,6 +123,16 @@ class Hub:
             sweep_interval_s=settings.jobs.configuration_sweep_s)
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
+        # People: OIDC providers, local operators, console sessions, role assignments.
+        ops = settings.operators
+        operator_store = SqlOperatorRepository(self.storage.db)
+        self.roles = RoleService(operator_store, self.audit, validate_scope=validate_scope)
+        self.sessions = SessionService(operator_store, ttl_s=ops.session_ttl_s)
+        self.operators = OperatorService(
+            operator_store, self.audit, lockout_threshold=ops.lockout_threshold, lockout_s=ops.lockout_s,
+            on_revoke=lambda username: self.sessions.end_all(LOCAL_ISSUER, username))
+        self.identity = OperatorIdentity([OidcProvider(p) for p in ops.oidc], self.operators, self.sessions,
+                                         self.roles)
         self.authenticator = Authenticator(
             hostname=settings.hub.hostname,
             devices=self.registry,
@@ -117,6 +141,8 @@ class Hub:
             clock_skew_s=settings.limits.sas_clock_skew_s,
             max_token_lifetime_s=settings.limits.sas_max_lifetime_s,
             cert_verifier=self.cert_verifier,
+            modules=self.modules,
+            operators=self.identity,
             failure_rate=settings.limits.auth_failures_per_second,
         )
         self._servers: list[asyncio.AbstractServer] = []
@@ -144,6 +170,8 @@ class Hub:
         self.configuration_reconciler.start()
         self._tasks.append(asyncio.create_task(
             _every(FILE_UPLOAD_SWEEP_INTERVAL_S, self.file_uploads.sweep, "file upload sweep")))
+        self._tasks.append(asyncio.create_task(
+            _every(SESSION_SWEEP_INTERVAL_S, self.sessions.sweep, "expired-session sweep")))
 
     def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
         """Track a listener so `close()` stops it; records its bound port in `ports`."""

@@ -166,6 +166,7 @@ class Hub:
         )
         self.audit = FakeAudit()
         module = _device("dev1", auth={"type": "sas", "symmetricKey": {"primaryKey": K3}})
+        sibling = _device("dev1", auth={"type": "sas", "symmetricKey": {"primaryKey": K2}})
         self.auth = Authenticator(
             hostname=HOST,
             devices=self.devices,
@@ -173,7 +174,7 @@ class Hub:
             audit=self.audit,
             now=now,
             cert_verifier=ThumbprintVerifier(),
-            modules=FakeModules({("dev1", "m1"): module}) if with_modules else None,
+            modules=FakeModules({("dev1", "m1"): module, ("dev1", "m2"): sibling}) if with_modules else None,
         )
 
     def one_record(self, outcome: str) -> dict[str, Any]:
@@ -260,7 +261,16 @@ DEVICE_REFUSALS: dict[str, tuple[str, str, str | None, str, bool]] = {
     "invalid device id": (tok(), "dev/1", None, "unknown-device", False),
     "x509 device with sas": (tok(f"{HOST}/devices/cam1"), "cam1", None, "wrong-auth-type", False),
     "device key for module": (tok(f"{HOST}/devices/dev1/modules/m1"), "dev1", "m1", "bad-signature", False),
-    "unknown module": (tok(f"{HOST}/devices/dev1/modules/m2", K3), "dev1", "m2", "unknown-module", False),
+    "unknown module": (tok(f"{HOST}/devices/dev1/modules/m9", K3), "dev1", "m9", "unknown-module", False),
+    "device token for module": (tok(f"{HOST}/devices/dev1"), "dev1", "m1", "wrong-scope", False),
+    "device-scoped token with the module key": (tok(f"{HOST}/devices/dev1", K3), "dev1", "m1", "wrong-scope",
+                                                False),
+    "another module's token": (tok(f"{HOST}/devices/dev1/modules/m2", K2), "dev1", "m1", "wrong-scope",
+                               False),
+    "module token of another device": (tok(f"{HOST}/devices/dev2/modules/m1", K3), "dev1", "m1",
+                                       "wrong-scope", False),
+    "module id prefix m1 vs m10": (tok(f"{HOST}/devices/dev1/modules/m1", K3), "dev1", "m10", "wrong-scope",
+                                   False),
     "module token for device": (
         tok(f"{HOST}/devices/dev1/modules/m1", K3),
         "dev1",
@@ -417,6 +427,26 @@ async def test_module_with_its_own_key(hub: Hub) -> None:
 async def test_device_wide_policy_token_covers_a_module(hub: Hub) -> None:
     p = await _allowed(hub, tok(f"{HOST}/devices/dev1", PK["device"][0], skn="device"), module_id="m1")
     assert p.kind is PrincipalKind.module
+
+
+@pytest.mark.parametrize(("resource", "key", "module_id", "scope"), [
+    (f"{HOST}/devices/dev1", K1, "m1", "device"),
+    (f"{HOST}/devices/dev1/modules/m2", K2, "m1", "module"),
+    (f"{HOST}/devices/dev1/modules/m1", K3, None, "module"),
+])
+async def test_scope_refusals_record_what_the_token_was_for(hub: Hub, resource: str, key: str,
+                                                           module_id: str | None, scope: str) -> None:
+    with pytest.raises(AuthRefused, match="wrong-scope"):
+        await hub.auth.device_sas(tok(resource, key), "dev1", module_id, surface="mqtt", peer="p")
+    record = hub.one_record("refused")
+    assert record["details"] == {"tokenScope": scope}  # the kind of scope, never the ids in it
+    assert record["principal"] == ("device:dev1/m1" if module_id else "device:dev1")
+
+
+async def test_a_module_of_a_disabled_device_is_refused(hub: Hub) -> None:
+    hub.devices.items["dev1"] = _device("dev1", status="disabled")
+    with pytest.raises(AuthRefused, match="device-disabled"):
+        await hub.auth.device_sas(tok(f"{HOST}/devices/dev1/modules/m1", K3), "dev1", "m1", surface="mqtt")
 
 
 async def test_modules_are_refused_without_a_module_lookup() -> None:

@@ -16,18 +16,21 @@ from tether.api.bodies import BULK_FACTOR
 from tether.api.context import HUB_KEY, PRINCIPAL_KEY, ROUTES_KEY, SPEC_KEY
 from tether.api.errors import error_middleware
 from tether.api.openapi import spec_bytes
+from tether.api.operator_guard import operator_call
 from tether.api.routes import ROUTES, Route
 from tether.hub import Hub
 from tether.observability.metrics import metrics_handler
 from tether.protocols.mqtt.websocket import mqtt_websocket_handler
-from tether.security.principal import Permission
+from tether.security.principal import Permission, PrincipalKind
 
 
 def _guarded(handler: Handler, permission: Permission) -> Handler:
     """Authenticate before the handler runs; the principal is stored on the request."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        request[PRINCIPAL_KEY] = await authenticate(request, permission)
+        request[PRINCIPAL_KEY] = principal = await authenticate(request, permission)
+        if principal.kind is PrincipalKind.user:  # a person: their roles' areas and device scopes too
+            return await operator_call(request, principal, handler)
         return await handler(request)
 
     guarded.__name__ = getattr(handler, "__name__", "handler")
@@ -59,6 +62,7 @@ def build_app(hub: Hub) -> web.Application:
     from tether.api.file_upload_routes import add_file_upload_routes
     from tether.api.job_routes import add_job_routes
     from tether.api.method_routes import add_method_routes
+    from tether.api.module_routes import add_module_routes
     from tether.api.security_routes import add_security_routes
 
     # aiohttp's own cap is the largest body any route accepts (bulk import); each handler then
@@ -72,11 +76,16 @@ def build_app(hub: Hub) -> web.Application:
     add_c2d_routes(app, hub)
     add_device_routes(app, hub)
     add_method_routes(app, hub)
+    add_module_routes(app, hub)
     add_event_routes(app, hub)
     add_security_routes(app, hub)
     add_file_upload_routes(app, hub)
     add_job_routes(app, hub)
     add_configuration_routes(app, hub)
+    if hub.settings.operators.console:
+        from tether.console import add_console_routes
+
+        add_console_routes(app)
     mount(app, (
         Route("GET", "/metrics", metrics_handler, "Prometheus metrics", None, "operations"),
         Route("GET", "/$iothub/websocket", mqtt_websocket_handler(hub), "MQTT 3.1.1 over WebSockets "

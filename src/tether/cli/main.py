@@ -14,7 +14,19 @@ from typing import Annotated
 
 import typer
 
-from tether.cli import audit, cluster, devices, fleet, pki, policies, tokens, transfer, trust
+from tether.cli import (
+    audit,
+    cluster,
+    devices,
+    fleet,
+    modules,
+    operators,
+    pki,
+    policies,
+    tokens,
+    transfer,
+    trust,
+)
 from tether.cli.context import CONFIG_FILE_NAME, CliState, cli_errors, run, state_of
 from tether.cli.local import LocalServices
 from tether.cli.monitor import monitor_command
@@ -167,6 +179,7 @@ def run_hub(ctx: typer.Context) -> None:
 
 
 app.add_typer(devices.app, name="device")
+app.add_typer(modules.app, name="module")
 app.add_typer(policies.app, name="policy")
 app.add_typer(tokens.app, name="token")
 app.command("import")(transfer.import_command)
@@ -181,6 +194,8 @@ app.add_typer(trust.trust_app, name="trust")
 app.add_typer(fleet.upload_app, name="upload")
 app.add_typer(fleet.job_app, name="job")
 app.add_typer(fleet.config_app, name="config")
+app.add_typer(operators.user_app, name="user")
+app.add_typer(operators.role_app, name="role")
 
 
 def main() -> None:

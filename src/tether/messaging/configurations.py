@@ -403,8 +403,8 @@ class ConfigurationReconciler:
         twins.add_change_listener(self._on_twin_change)
         service.changed = self.request_sweep
 
-    def _on_twin_change(self, device_id: str) -> None:
-        if device_id in self._suppress:
+    def _on_twin_change(self, device_id: str, module_id: str | None) -> None:
+        if module_id is not None or device_id in self._suppress:  # configurations target device twins
             return
         self._dirty.add(device_id)
         self._wake.set()

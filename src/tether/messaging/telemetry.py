@@ -68,12 +68,22 @@ _AUTH_METHODS: Mapping[CredentialKind, str] = {
     CredentialKind.x509_ca: _auth_json("device", "x509CA", "external"),
     CredentialKind.token_service: _auth_json("device", "sas", "external"),
     CredentialKind.policy: _auth_json("hub", "sas", "iothub"),
+    # People never connect as devices; mapped only so every credential kind has an answer.
+    CredentialKind.oidc: _auth_json("hub", "token", "external"),
+    CredentialKind.session: _auth_json("hub", "token", "iothub"),
+    CredentialKind.password: _auth_json("hub", "token", "iothub"),
 }
 
 
-def auth_method(credential: CredentialKind) -> str:
-    """Azure's `iothub-connection-auth-method` JSON for a credential kind."""
-    return _AUTH_METHODS[credential]
+_MODULE_AUTH_METHODS: Mapping[CredentialKind, str] = {
+    kind: text.replace('"scope":"device"', '"scope":"module"') for kind, text in _AUTH_METHODS.items()
+}
+
+
+def auth_method(credential: CredentialKind, *, module: bool = False) -> str:
+    """Azure's `iothub-connection-auth-method` JSON for a credential kind; a module's own key or
+    certificate has scope "module" (a policy token stays "hub")."""
+    return (_MODULE_AUTH_METHODS if module else _AUTH_METHODS)[credential]
 
 
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
@@ -124,7 +134,8 @@ def _connection(principal: Principal) -> _Connection:
     if found is None:
         if len(_connections) >= CONNECTION_CACHE:
             _connections.clear()
-        device, module, auth = principal.device_id or "", principal.module_id or None, auth_method(key[2])
+        device, module = principal.device_id or "", principal.module_id or None
+        auth = auth_method(key[2], module=module is not None)
         items = [(CONNECTION_DEVICE_ID, device), *([(CONNECTION_MODULE_ID, module)] if module else []),
                  (CONNECTION_AUTH_METHOD, auth), (ENQUEUED_TIME, "")]
         encoded = ",".join(f"{_json_str(k)}:{_json_str(v)}" for k, v in items)

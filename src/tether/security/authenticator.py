@@ -11,7 +11,8 @@ Rules (Azure's):
 
 * Device SAS without `skn` is signed with the device's (or module's) own primary or secondary key,
   the identity must use `sas` authentication, and the token may not be broader than
-  `{host}/devices/{id}`.
+  `{host}/devices/{id}` — for a module not broader than `{host}/devices/{id}/modules/{mid}`: a device's
+  token never authenticates one of its modules, nor one module's token another (`wrong-scope`).
 * Device SAS with `skn` is signed with a shared access policy's key; the policy needs
   `DeviceConnect`; a device-scoped or a hub-level (`sr={host}`) resource is accepted.
 * Service tokens always come from a policy (`skn`), are hub-level, and the policy must hold the
@@ -19,8 +20,9 @@ Rules (Azure's):
   (`not_authorized=True`), every other refusal a 401.
 * The token's host must name this hub: compared case-insensitively, and a `:port` on either side
   is ignored (the service SDK signs `localhost:8443` while devices sign `localhost`).
-* Modules authenticate only when a `ModuleLookup` is supplied (the registry has no module
-  identities yet); otherwise a module claim is refused with `unknown-module`.
+* Modules authenticate only when a `ModuleLookup` is supplied (the hub passes its `ModuleService`);
+  otherwise a module claim is refused with `unknown-module`. A module principal has
+  `kind=PrincipalKind.module` and both `device_id` and `module_id`; its device must be enabled.
 
 With `failure_rate` set (the hub passes `limits.auth_failures_per_second`), every refusal (401 and 403
 alike; not internal errors) is charged to the peer's address (`tether.security.throttle`): a peer over
@@ -33,7 +35,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -41,7 +42,14 @@ from cryptography import x509
 from tether.observability.metrics import AUTH_FAILURES
 from tether.registry.models import DEVICE_ID_RE, AuthType, Device
 from tether.security.audit import AuditSink
-from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
+from tether.security.principal import (
+    AuthAttempt,
+    AuthRefused,
+    CredentialKind,
+    Permission,
+    Principal,
+    PrincipalKind,
+)
 from tether.security.sas import (
     DEFAULT_CLOCK_SKEW_S,
     DEFAULT_MAX_LIFETIME_S,
@@ -76,7 +84,8 @@ class DeviceLookup(Protocol):
 
 
 class ModuleLookup(Protocol):
-    """Module identities (own keys/certificates); optional until the registry stores modules."""
+    """Module identities (own keys/certificates) as identity views (`Module.identity()`, with
+    `module_id` set), from `tether.registry.modules.ModuleService`."""
 
     async def find_module(self, device_id: str, module_id: str) -> Device | None: ...
 
@@ -89,20 +98,19 @@ class PolicyLookup(Protocol):
 
 
 
+class OperatorVerifier(Protocol):
+    """People: OIDC bearer tokens, console sessions, local passwords (`security.identity`)."""
+
+    async def verify(self, credential: Any, attempt: AuthAttempt) -> Principal: ...
+
+
 class CertificateVerifier(Protocol):
     """Checks a client chain against a device (thumbprint or CA); raises `AuthRefused`."""
 
     async def verify(self, device: Device, chain: Sequence[x509.Certificate]) -> CredentialKind: ...
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """What is known about a claim so far, for the audit record if it is refused."""
-
-    principal: str | None
-    target: str | None
-    credential: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+_Attempt = AuthAttempt
 
 
 def _label(text: str) -> str:
@@ -132,6 +140,7 @@ class Authenticator:
         now: Callable[[], float] = time.time,
         max_token_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
         modules: ModuleLookup | None = None,
+        operators: OperatorVerifier | None = None,
         failure_rate: float | None = None,
         throttle_clock: Callable[[], float] = time.monotonic,
         throttle_max_peers: int = DEFAULT_MAX_PEERS,
@@ -142,6 +151,7 @@ class Authenticator:
         self._audit = audit
         self._cert_verifier = cert_verifier
         self._modules = modules
+        self.operators = operators
         self.tokens = TokenVerifier(clock_skew_s=clock_skew_s, max_lifetime_s=max_token_lifetime_s, now=now)
         self.throttle: AuthThrottle | None = (
             AuthThrottle(failure_rate, clock=throttle_clock, max_peers=throttle_max_peers)
@@ -194,6 +204,31 @@ class Authenticator:
         return await self._audited(
             surface, peer, attempt, lambda: self._service(authorization, required, attempt)
         )
+
+    async def operator(
+        self,
+        credential: Any,
+        *,
+        required: Permission | None,
+        surface: str,
+        peer: str | None = None,
+    ) -> Principal:
+        """Authenticate a person (`tether.security.identity.OperatorCredential`); 403
+        (`not_authorized`) when their roles lack `required` (None: any role will do)."""
+        attempt = _Attempt(principal=None, target=None)
+        return await self._audited(
+            surface, peer, attempt, lambda: self._operator(credential, required, attempt)
+        )
+
+    async def _operator(self, credential: Any, required: Permission | None, attempt: _Attempt) -> Principal:
+        if self.operators is None:
+            raise AuthRefused("operators-disabled", "operator sign-in is not configured")
+        principal = await self.operators.verify(credential, attempt)
+        attempt.principal = principal.name
+        attempt.credential = principal.credential.value
+        if required is not None and required not in principal.permissions:
+            raise AuthRefused("missing-permission", f"no role grants {required.value}", not_authorized=True)
+        return principal
 
     # Audit wrapper ------------------------------------------------------------------------------
     async def _audited(
@@ -303,12 +338,16 @@ class Authenticator:
         device_root = f"{host}/devices/{device_id}"
         target = f"{device_root}/modules/{module_id}" if module_id else device_root
         if not scope_covers(sas.resource, target):
+            attempt.details["tokenScope"] = _scope_kind(sas.resource)
             raise AuthRefused("wrong-scope", "token resource does not cover the identity")
         self._check_time(sas)
 
         if sas.policy_name is None:
             if not scope_covers(device_root, sas.resource):
                 raise AuthRefused("wrong-scope", "a device key cannot sign a hub-level token")
+            if module_id and not scope_covers(target, sas.resource):
+                attempt.details["tokenScope"] = _scope_kind(sas.resource)
+                raise AuthRefused("wrong-scope", "a device token cannot authenticate a module")
             device, identity = await self._identity(device_id, module_id)
             if identity.authentication.type is not AuthType.sas:
                 raise AuthRefused("wrong-auth-type", "identity does not use SAS keys")
@@ -441,6 +480,15 @@ def _count_failure(surface: str, reason: str) -> None:
     """One refusal in `tether_auth_failures{surface,reason}` (both are slugs chosen by Tether code,
     never by the peer, so the label sets stay small)."""
     AUTH_FAILURES.labels(surface, reason).inc()
+
+
+def _scope_kind(resource: str) -> str:
+    """What a refused token was scoped to, for the audit record: "hub", "device" or "module" (never
+    the ids in it, which the peer chose)."""
+    parts = resource.rstrip("/").split("/")[1:]
+    if len(parts) >= 4 and parts[0] == "devices" and parts[2] == "modules":
+        return "module"
+    return "device" if parts[:1] == ["devices"] else "hub"
 
 
 def _device_name(device_id: str, module_id: str | None) -> str:

@@ -20,14 +20,13 @@ from tether.messaging.jobs.model import (
     render_registry_job,
     validate_job_id,
 )
-from tether.messaging.query.service import Source
+from tether.messaging.query.service import After, Source
 from tether.security.audit import AuditLog
 from tether.storage.sql.jobs import JobRecord, SqlJobRepository
 
 __all__ = ["JobService"]
 
 _ACTIVE = ("queued", "scheduled", "running", "enqueued")
-_KEY_SEP = "\x1f"
 
 
 class JobService:
@@ -127,19 +126,12 @@ class JobService:
         return render_registry_job(await self._get(job_id, "registry"))
 
     # --- FROM devices.jobs --------------------------------------------------------------------------
-    async def _scan_device_jobs(self, after: str | None, limit: int) -> list[dict[str, Any]]:
-        cursor = tuple(after.split(_KEY_SEP, 1)) if after else None
-        rows = await self._repo.device_rows(
-            after=cursor if cursor and len(cursor) == 2 else None,
-            limit=limit,
-        )
+    async def _scan_device_jobs(self, after: After | None, limit: int) -> list[dict[str, Any]]:
+        rows = await self._repo.device_rows(after=after if isinstance(after, tuple) else None, limit=limit)
         types = await self._repo.types_of(sorted({r.job_id for r in rows}))
         return [device_job_row(r, types.get(r.job_id, "unknown")) for r in rows]
 
     def query_source(self) -> Source:
-        return Source(
-            self._scan_device_jobs,
-            lambda doc: f"{doc['jobId']}{_KEY_SEP}{doc['deviceId']}",
-            "deviceJob",
-            ("devices", "jobs"),
-        )
+        """`FROM devices.jobs`: one row per (job, device), keyed in that order."""
+        return Source(self._scan_device_jobs, lambda doc: (doc["jobId"], doc["deviceId"]), compound=True,
+                      item_type="deviceJob", prefix=("devices", "jobs"))

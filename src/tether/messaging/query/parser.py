@@ -2,7 +2,7 @@
 
 Supported (keywords case-insensitive, property names case-sensitive):
 
-    SELECT [TOP n] * | item [, item]* FROM devices [WHERE condition] [GROUP BY path [, path]*]
+    SELECT [TOP n] * | item [, item]* FROM devices[.modules|.jobs] [WHERE condition] [GROUP BY path [, path]*]
     item      := path [AS name] | COUNT() [AS name]
     condition := condition OR condition | condition AND condition | NOT condition | ( condition )
                | operand (= | != | <> | < | <= | > | >=) operand
@@ -47,7 +47,10 @@ from tether.messaging.query.nodes import (
     Truth,
 )
 
-SOURCES = frozenset({"devices", "devices.jobs"})
+SOURCES: dict[tuple[str, ...], str] = {
+    ("devices",): "devices", ("devices", "modules"): "devices.modules", ("devices", "jobs"): "devices.jobs",
+}
+"""The collections a query may read: device twins, module twins, devices' job rows."""
 MAX_QUERY_CHARS = 32_768
 MAX_NESTING = 64
 MAX_TOP = 1_000_000
@@ -164,16 +167,17 @@ class _Build(Transformer[Token, Any]):
 
     def start(self, children: list[Any]) -> Query:
         top, projection, source, where, group = children
-        if source.text not in SOURCES:
-            raise _bad(f"FROM {source.text} is not supported: FROM {' or '.join(sorted(SOURCES))}")
+        collection = SOURCES.get(source.segments)
+        if collection is None:
+            raise _bad(f"FROM {source.text} is not supported: FROM devices, devices.modules or devices.jobs")
         group_by: tuple[Path, ...] = group or ()
         if projection is None:  # SELECT *
             if group_by:
                 raise _bad("GROUP BY needs a projection list, not SELECT *")
-            return Query(True, (), top, where, (), source.text)
+            return Query(True, (), top, where, (), collection)
         items: tuple[SelectItem, ...] = tuple(projection)
         _check_items(items, group_by)
-        return Query(False, items, top, where, group_by, source.text)
+        return Query(False, items, top, where, group_by, collection)
 
     def group_by(self, children: list[Path]) -> tuple[Path, ...]:
         return tuple(children)

@@ -281,7 +281,7 @@ class MqttSession:
 
     async def _authenticate(self, password: bytes | None, device_id: str, module_id: str | None) -> None:
         ctx = self._ctx
-        epoch = ctx.connections.epoch(device_id)
+        epoch = ctx.connections.epoch(device_id, module_id)
         surface = self._surface
         try:
             chain = () if password else self._peer_chain()
@@ -313,7 +313,7 @@ class MqttSession:
         await ctx.connections.register(device_id, module_id, self)
         if self._state is not _State.AUTHENTICATING:
             return
-        if ctx.connections.epoch(device_id) != epoch:  # disabled or deleted while authenticating
+        if ctx.connections.epoch(device_id, module_id) != epoch:  # disabled or deleted meanwhile
             self.shutdown("device-disabled")
             return
         self._link.write(self._codec.send(ConnAck(False, ConnAckCode.ACCEPTED)))
@@ -322,7 +322,7 @@ class MqttSession:
             self._link.write(b"".join(self._early))
             self._early.clear()
         self._start_timers(principal)
-        self._spawn(ctx.activity.touch(device_id, connected=True))
+        self._spawn(ctx.activity.touch(device_id, module_id, connected=True))
         self._spawn(ctx.hooks.connected(principal, self, persistent=not self._clean_session))
         self._next_touch = self._loop.time() + ctx.activity_interval_s
         self._link.resume_reading()
@@ -366,7 +366,7 @@ class MqttSession:
         now = self._loop.time()
         if now >= self._next_touch:
             self._next_touch = now + self._ctx.activity_interval_s
-            self._spawn(self._ctx.activity.touch(principal.device_id))
+            self._spawn(self._ctx.activity.touch(principal.device_id, principal.module_id))
         if isinstance(target, Telemetry):
             if telemetry.too_large(packet.payload):
                 self._refuse("mqtt.publish", "message-too-large", topic=packet.topic,
@@ -463,9 +463,7 @@ class MqttSession:
         for topic_filter, qos in packet.topics:
             kind = classify_subscribe(topic_filter, principal.device_id, principal.module_id)
             if kind is None:
-                named = topic_filter.split("/")[1] if topic_filter.startswith("devices/") else None
-                other = named not in (None, "+", principal.device_id)
-                reason = "other-device" if other else "forbidden-topic"
+                reason = _subscribe_refusal(topic_filter, principal.device_id, principal.module_id)
                 self._refuse("mqtt.subscribe", reason, topic=topic_filter)
                 return
             kinds.append(kind)
@@ -556,9 +554,22 @@ class MqttSession:
             CONNECTED_DEVICES.labels(self._protocol).dec()
             still_ours = self._ctx.connections.unregister(principal.device_id, principal.module_id, self)
             if still_ours and reason != "connection-replaced":  # a replacement is connected elsewhere
-                self._spawn(self._ctx.activity.touch(principal.device_id, connected=False))
+                self._spawn(self._ctx.activity.touch(principal.device_id, principal.module_id,
+                                                     connected=False))
         log.debug("MQTT connection from %s closed: %s", self.peer, reason)
         self._closed.set()
+
+
+def _subscribe_refusal(topic_filter: str, device_id: str, module_id: str | None) -> str:
+    """Why a filter was refused: it names another device, another module of this device (or a module
+    when the identity is the device itself), or it is not an Azure filter at all."""
+    parts = topic_filter.split("/")
+    if parts[0] != "devices" or len(parts) < 2 or parts[1] == "+":
+        return "forbidden-topic"
+    if parts[1] != device_id:
+        return "other-device"
+    named_module = parts[3] if len(parts) > 3 and parts[2] == "modules" else None
+    return "other-module" if named_module not in (None, module_id) else "forbidden-topic"
 
 
 def _retrieve(done: asyncio.Future[None]) -> None:

@@ -1,9 +1,10 @@
 """Fleet features (see tether.storage.sql.fleet_tables): file uploads and file upload notifications,
 jobs and their devices, configurations, leases; and the twin's `configurations` section (which
-configuration is Applied / Targeted on the device, see tether.messaging.configurations).
+configuration is Applied / Targeted on the device, see tether.messaging.configurations), on device and
+module twins alike.
 
 Revision ID: 0008_fleet
-Revises: 0004_c2d
+Revises: 0007_modules
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008_fleet"
-down_revision: str | None = "0004_c2d"
+down_revision: str | None = "0007_modules"
 branch_labels: str | None = None
 depends_on: str | None = None
 
@@ -110,13 +111,15 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("name", name="pk_leases"),
     )
 
-    with op.batch_alter_table("twins") as batch:
-        batch.add_column(sa.Column("configurations", sa.JSON(), nullable=False, server_default="{}"))
+    for table in ("twins", "module_twins"):
+        with op.batch_alter_table(table) as batch:
+            batch.add_column(sa.Column("configurations", sa.JSON(), nullable=False, server_default="{}"))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("twins") as batch:
-        batch.drop_column("configurations")
+    for table in ("module_twins", "twins"):
+        with op.batch_alter_table(table) as batch:
+            batch.drop_column("configurations")
     op.drop_table("leases")
     op.drop_table("configurations")
     op.drop_table("job_devices")
