@@ -1,6 +1,6 @@
 """Azure Blob Storage, as the hub uses it: SAS tokens for one blob or one container, and an async client
 for the few blob operations the hub performs itself (the Azure Blob REST API through Microsoft's
-`azure-storage-blob`, aio flavour; see docs/decisions/0010-blob-storage.md).
+`azure-storage-blob`, aio flavour; see docs/decisions/0012-blob-storage.md).
 
 Any Azure Storage-compatible account works: Azure itself (`https://{account}.blob.core.windows.net`)
 or Azurite (path-style `https://{ip}[:port]/{account}`), which the tests and `tether dev azurite`
