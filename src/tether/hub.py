@@ -112,9 +112,10 @@ class Hub:
         self.jobs = JobService(jobs_repo, self.audit)
         self.job_runner = JobRunner(
             jobs_repo, Leadership(self.leases, "jobs", self.node_id, ttl_s=settings.jobs.lease_ttl_s),
-            twins=self.twins, methods=self.methods, registry=self.registry, audit=self.audit,
-            concurrency=settings.jobs.concurrency, poll_interval_s=settings.jobs.poll_interval_s,
-            retention_s=settings.jobs.retention_days * 86400, blob_ca_file=settings.blob.ca_file)
+            twins=self.twins, methods=self.methods, registry=self.registry, modules=self.modules,
+            audit=self.audit, concurrency=settings.jobs.concurrency,
+            poll_interval_s=settings.jobs.poll_interval_s, retention_s=settings.jobs.retention_days * 86400,
+            blob_ca_file=settings.blob.ca_file)
         self.jobs.on_created(self.job_runner.wake)
         self.configurations = ConfigurationService(SqlConfigurationRepository(self.storage.db), self.twins,
                                                    self.audit)

@@ -164,6 +164,36 @@ def test_test_queries_and_apply_content(hub: RunningHub) -> None:
     assert twin(hub, "cfg-apply")["properties"]["desired"]["direct"] == {"on": True}
 
 
+def test_apply_content_writes_module_twins_and_checks_every_module_first(hub: RunningHub) -> None:
+    """`applyConfigurationContent` with `modulesContent` (an IoT Edge deployment on one device): each
+    module's twin gets its desired properties; a missing module is 404 before anything is written, and
+    automatic configurations still refuse module content with a clear 400."""
+    manager = IoTHubConfigurationManager.from_connection_string(hub.connection_string())
+    hub.create_device("cfg-edge")
+    for module_id in ("agent", "camera"):
+        hub.call(hub.hub.modules.create("cfg-edge", module_id, {}, actor="test"))
+    manager.apply_configuration_on_edge_device("cfg-edge", ConfigurationContent(
+        device_content={"properties.desired.site": "north"},
+        modules_content={"agent": {"properties.desired": {"schemaVersion": "1.1", "modules": {"camera": {}}}},
+                         "camera": {"properties.desired.fps": 30}},
+    ))
+    assert twin(hub, "cfg-edge")["properties"]["desired"]["site"] == "north"
+    agent = hub.call(hub.hub.twins.get("cfg-edge", "agent"))["properties"]["desired"]
+    assert agent["schemaVersion"] == "1.1" and agent["modules"] == {"camera": {}}
+    assert hub.call(hub.hub.twins.get("cfg-edge", "camera"))["properties"]["desired"]["fps"] == 30
+    with hub.rest("iothubowner") as rest:
+        modules = {"camera": {"properties.desired.fps": 5}, "ghost": {"properties.desired.x": 1}}
+        content = {"deviceContent": {"properties.desired.site": "south"}, "modulesContent": modules}
+        r = rest.post(f"/devices/cfg-edge/applyConfigurationContent{API}", json=content)
+        assert r.status_code == 404 and r.json()["errorCode"] == "ModuleNotFound", r.text
+        module_config = {"id": "edge-deploy", "priority": 1, "targetCondition": "*",
+                         "content": {"modulesContent": {"camera": {"properties.desired.fps": 1}}}}
+        r = rest.put(f"/configurations/edge-deploy{API}", json=module_config)
+        assert r.status_code == 400 and "applyConfigurationContent" in r.json()["message"], r.text
+    assert twin(hub, "cfg-edge")["properties"]["desired"]["site"] == "north"  # nothing written
+    assert hub.call(hub.hub.twins.get("cfg-edge", "camera"))["properties"]["desired"]["fps"] == 30
+
+
 def test_configuration_calls_need_the_right_permissions(hub: RunningHub) -> None:
     body = {"id": "denied", "priority": 1, "targetCondition": "*", "content": {"deviceContent": {}}}
     with hub.rest("registryRead") as reader:

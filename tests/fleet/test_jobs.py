@@ -221,6 +221,9 @@ def test_export_then_import_round_trips_the_registry(hub: RunningHub, azurite_se
     )
     originals = {d: hub.call(hub.hub.registry.get(d)) for d in ("job-0001", "job-0002", "job-0003")}
     hub.call(hub.hub.twins.patch("job-0002", {"tags": {"site": "north"}}, if_match=None, actor="test"))
+    module = hub.call(hub.hub.modules.create("job-0001", "edge", {}, actor="test"))
+    module_twin = {"tags": {"role": "gateway"}, "properties": {"desired": {"rate": 5}}}
+    hub.call(hub.hub.twins.patch("job-0001", module_twin, if_match=None, actor="test", module_id="edge"))
     manager = IoTHubJobManager.from_connection_string(hub.connection_string())
     export = manager.create_import_export_job(
         JobProperties(type="export", output_blob_container_uri=sas_uri, exclude_keys_in_export=False)
@@ -234,15 +237,22 @@ def test_export_then_import_round_trips_the_registry(hub: RunningHub, azurite_se
     assert finished.status == "completed", finished.failure_reason
     assert "?" not in (finished.output_blob_container_uri or "")  # the SAS is never echoed
     blob = hub.call(_download(account, container, "devices.txt")).decode().splitlines()
-    assert len(blob) == FLEET
+    assert len(blob) == FLEET + 1  # every device, then the module
     import json
 
-    lines = {(e := json.loads(line))["id"]: e for line in blob}
+    entries = [json.loads(line) for line in blob]
+    lines = {e["id"]: e for e in entries if "moduleId" not in e}
     assert lines["job-0002"]["tags"] == {"site": "north"}
     assert (
         lines["job-0001"]["authentication"]["symmetricKey"]["primaryKey"]
         == originals["job-0001"].authentication.symmetric_key.primary_key
     )
+    module_line = entries[-1]
+    assert (module_line["id"], module_line["moduleId"]) == ("job-0001", "edge")
+    assert module_line["authentication"]["symmetricKey"] == module.authentication.symmetric_key.model_dump(
+        by_alias=True)
+    assert module_line["tags"] == {"role": "gateway"}
+    assert module_line["properties"]["desired"] == {"rate": 5}
 
     for device_id in originals:
         hub.call(hub.hub.registry.delete(device_id, if_match=None, actor="test"))
@@ -259,7 +269,77 @@ def test_export_then_import_round_trips_the_registry(hub: RunningHub, azurite_se
         after = hub.call(hub.hub.registry.get(device_id))
         assert after.authentication.symmetric_key == before.authentication.symmetric_key
     assert hub.call(hub.hub.twins.get("job-0002"))["tags"] == {"site": "north"}
+    restored = hub.call(hub.hub.modules.get("job-0001", "edge"))  # deleted with its device, imported
+    assert restored.authentication.symmetric_key == module.authentication.symmetric_key
+    twin = hub.call(hub.hub.twins.get("job-0001", "edge"))
+    assert twin["tags"] == {"role": "gateway"} and twin["properties"]["desired"]["rate"] == 5
     assert {j.job_id for j in manager.get_import_export_jobs()} >= {export.job_id, imported.job_id}
+
+
+def test_import_applies_module_lines_and_logs_those_it_cannot(
+    hub: RunningHub, azurite_server: AzuriteServer
+) -> None:
+    """Lines with `moduleId` are module identities of the line's device: created, replaced (keys kept,
+    module twin patched), deleted; a module of a missing device, a duplicate create and a stale etag
+    land in importErrors.log with the module's id, and the other lines still apply."""
+    import json
+
+    account = azurite_server.account
+    container = "module-import"
+    hub.call(_ensure(account, container))
+    sas_uri = account.container_url(
+        container,
+        account.container_sas(container, ttl_s=3600, read=True, write=True, create=True, list_=True),
+    )
+    hub.call(hub.hub.modules.create("job-0010", "old", {}, actor="test"))
+    hub.call(hub.hub.modules.create("job-0010", "kept", {}, actor="test"))
+    key = new_key()
+    sas = {"type": "sas", "symmetricKey": {"primaryKey": key, "secondaryKey": new_key()}}
+    lines = [
+        {"id": "mod-new", "importMode": "create", "authentication": {"type": "sas"}},
+        {"id": "mod-new", "moduleId": "camera", "importMode": "create", "authentication": sas,
+         "tags": {"kind": "camera"}},
+        {"id": "job-0010", "moduleId": "old", "importMode": "delete"},
+        {"id": "job-0010", "moduleId": "kept", "importMode": "updateTwin",
+         "properties": {"desired": {"x": 1}}},
+        {"id": "no-such-device", "moduleId": "m", "importMode": "createOrUpdate"},
+        {"id": "job-0010", "moduleId": "kept", "importMode": "create"},
+        {"id": "job-0010", "moduleId": "kept", "importMode": "updateIfMatchETag", "eTag": "stale"},
+        {"id": "job-0010", "moduleId": 7},
+    ]
+    blob = "\n".join(json.dumps(line) for line in lines).encode()
+    hub.call(_upload(account, container, "modules.txt", blob))
+    manager = IoTHubJobManager.from_connection_string(hub.connection_string())
+    job = manager.create_import_export_job(
+        JobProperties(type="import", input_blob_container_uri=sas_uri, output_blob_container_uri=sas_uri,
+                      input_blob_name="modules.txt")
+    )
+    done = wait_for(
+        lambda: (j := manager.get_import_export_job(job.job_id)).status in ("completed", "failed") and j,
+        timeout=120,
+        what="import",
+    )
+    assert done.status == "completed", done.failure_reason
+    camera = hub.call(hub.hub.modules.get("mod-new", "camera"))
+    assert camera.authentication.symmetric_key.primary_key == key
+    assert hub.call(hub.hub.twins.get("mod-new", "camera"))["tags"] == {"kind": "camera"}
+    assert [m.module_id for m in hub.call(hub.hub.modules.list("job-0010"))] == ["kept"]
+    assert hub.call(hub.hub.twins.get("job-0010", "kept"))["properties"]["desired"]["x"] == 1
+    log = hub.call(_download(account, container, "importErrors.log"))
+    errors = [json.loads(line) for line in log.splitlines()]
+    assert [(e["line"], e["deviceId"], e.get("moduleId"), e["errorCode"]) for e in errors] == [
+        (5, "no-such-device", "m", "DeviceNotFound"),
+        (6, "job-0010", "kept", "ModuleAlreadyExistsOnDevice"),
+        (7, "job-0010", "kept", "PreconditionFailed"),
+        (8, "job-0010", None, "ArgumentInvalid"),
+    ]
+
+
+async def _upload(account: Any, container: str, blob: str, data: bytes) -> None:
+    from tether.storage.blob import BlobStore
+
+    async with BlobStore(account) as store:
+        await store.upload(container, blob, data)
 
 
 async def _ensure(account: Any, container: str) -> None:

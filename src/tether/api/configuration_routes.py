@@ -133,7 +133,9 @@ CONFIGURATION_ROUTES: tuple[Route, ...] = (
         "configurations",
         request="object",
         status=204,
-        description="`content.deviceContent` desired properties are written to the device twin.",
+        description="`deviceContent` desired properties are written to the device twin and each "
+        "`modulesContent` entry to that module's twin (404 before any write when the device or a module "
+        "does not exist); `moduleContent` is refused.",
     ),
 )
 

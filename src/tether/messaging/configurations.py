@@ -12,6 +12,8 @@ Promises (Azure's rules, docs `iot-hub-automatic-device-management`):
   applied;
 - metrics: `systemMetrics` `targetedCount` / `appliedCount`, and up to 5 user `metrics.queries`, each
   the number of twins its query selects; counted after every reconciliation and every sweep.
+- module content: automatic configurations refuse `modulesContent` / `moduleContent` (400 NotSupported);
+  `applyConfigurationContent` writes `modulesContent` to one device's module twins.
 
 `ConfigurationReconciler` keeps twins current: twin change listeners mark devices, a background task
 decides them again at once; a full sweep (every `jobs.configuration_sweep_s`, and after each
@@ -46,6 +48,7 @@ log = logging.getLogger("tether.configurations")
 
 MAX_CONFIGURATIONS: Final = 100
 MAX_METRICS: Final = 5
+MAX_MODULES_CONTENT: Final = 50  # modules a device may have
 DESIRED_PREFIX: Final = "properties.desired"
 _ID = re.compile(r"[A-Za-z0-9\-:+%_#*?!(),=@;'.]{1,128}")
 
@@ -56,18 +59,19 @@ def _iso(ms: int) -> str:
     return iso_ms(ms) or ""
 
 
-def _desired_path(path: str) -> tuple[str, ...]:
+def _desired_path(path: str, what: str = "deviceContent") -> tuple[str, ...]:
     if path != DESIRED_PREFIX and not path.startswith(DESIRED_PREFIX + "."):
-        raise BadRequest(f"deviceContent path {path!r} must start with {DESIRED_PREFIX}", field="content")
+        raise BadRequest(f"{what} path {path!r} must start with {DESIRED_PREFIX}", field="content")
     parts = tuple(p for p in path[len(DESIRED_PREFIX) :].split(".") if p)
     return parts
 
 
-def _content_patch(content: dict[str, Any]) -> dict[str, Any]:
-    """deviceContent (`{"properties.desired.a.b": value}`) as one desired merge-patch."""
+def _content_patch(content: dict[str, Any], what: str = "deviceContent") -> dict[str, Any]:
+    """deviceContent, or one module's modulesContent entry (`{"properties.desired.a.b": value}`), as one
+    desired merge-patch."""
     patch: dict[str, Any] = {}
     for path, value in content.items():
-        parts = _desired_path(path)
+        parts = _desired_path(path, what)
         if not parts:
             if not isinstance(value, dict):
                 raise BadRequest("properties.desired content must be an object", field="content")
@@ -100,6 +104,12 @@ def _removal(paths: list[list[str]]) -> dict[str, Any]:
         else:
             if parts:
                 node[parts[-1]] = None
+    return patch
+
+
+def _checked(patch: dict[str, Any], what: str) -> dict[str, Any]:
+    """A content patch within the twin's desired-section rules (names, depth, size)."""
+    check_size(what, check_section(what, patch), DESIRED_LIMIT)
     return patch
 
 
@@ -210,7 +220,9 @@ class ConfigurationService:
             raise BadRequest("content must be an object", field="content")
         if content.get("modulesContent") or content.get("moduleContent"):
             raise BadRequest(
-                "module content needs module identities, which this hub does not have yet",
+                "modulesContent and moduleContent (IoT Edge deployments, module configurations) are not "
+                "supported in automatic configurations yet; applyConfigurationContent applies "
+                "modulesContent to one device",
                 code="NotSupported",
                 field="content",
             )
@@ -218,7 +230,7 @@ class ConfigurationService:
         if not isinstance(device_content, dict):
             raise BadRequest("content.deviceContent must be an object", field="content.deviceContent")
         patch = _content_patch(device_content)
-        check_size("content.deviceContent", check_section("content.deviceContent", patch), DESIRED_LIMIT)
+        _checked(patch, "content.deviceContent")
         queries = (body.get("metrics") or {}).get("queries") or {}
         if not isinstance(queries, dict) or len(queries) > MAX_METRICS:
             raise BadRequest(f"metrics.queries: at most {MAX_METRICS} named queries", field="metrics.queries")
@@ -329,18 +341,36 @@ class ConfigurationService:
         return result
 
     async def apply_content(self, device_id: str, content: dict[str, Any], *, actor: str) -> None:
-        """`applyConfigurationContent`: the content's desired properties written to the device twin."""
+        """`applyConfigurationContent` (Azure's "set modules" on one device): `deviceContent` goes to the
+        device twin and each `modulesContent` entry (`{moduleId: {"properties.desired…": value}}`) to
+        that module's twin, as desired merge-patches (null removes a key). Everything is validated, and
+        the device and every named module must exist, before anything is written."""
         if not isinstance(content, dict):
             raise BadRequest("body must be a ConfigurationContent object", field="body")
-        if content.get("modulesContent") or content.get("moduleContent"):
-            raise BadRequest(
-                "module content needs module identities, which this hub does not have yet",
-                code="NotSupported",
-                field="modulesContent",
-            )
-        patch = _content_patch(content.get("deviceContent") or {})
-        if patch:
-            await self._twins.patch(device_id, {"properties": {"desired": patch}}, if_match=None, actor=actor)
+        if content.get("moduleContent"):
+            raise BadRequest("moduleContent is for module configurations (FROM devices.modules targets); "
+                             "applyConfigurationContent takes deviceContent and modulesContent",
+                             field="moduleContent")
+        device_content = content.get("deviceContent") or {}
+        modules_content = content.get("modulesContent") or {}
+        if not isinstance(device_content, dict):
+            raise BadRequest("deviceContent must be an object", field="deviceContent")
+        if not isinstance(modules_content, dict) or len(modules_content) > MAX_MODULES_CONTENT:
+            raise BadRequest(f"modulesContent must map at most {MAX_MODULES_CONTENT} module ids to content",
+                             field="modulesContent")
+        patches: dict[str | None, dict[str, Any]] = {None: _checked(_content_patch(device_content),
+                                                                    "deviceContent")}
+        for module_id, module_content in modules_content.items():
+            what = f"modulesContent.{module_id}"
+            if not isinstance(module_content, dict):
+                raise BadRequest(f"{what} must be an object", field="modulesContent")
+            patches[module_id] = _checked(_content_patch(module_content, what), what)
+        for module_id in patches:  # 404 DeviceNotFound / ModuleNotFound before any write
+            await self._twins.get(device_id, module_id)
+        for module_id, patch in patches.items():
+            if patch:
+                await self._twins.patch(device_id, {"properties": {"desired": patch}}, if_match=None,
+                                        actor=actor, module_id=module_id)
 
     async def rules(self) -> list[Rule]:
         rules = []

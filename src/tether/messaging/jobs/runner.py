@@ -32,6 +32,7 @@ from tether.messaging.jobs.targets import matching_twins, parse_condition
 from tether.messaging.lease import Leadership
 from tether.messaging.methods import MethodService
 from tether.messaging.twins import TwinService
+from tether.registry.modules import ModuleService
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.storage.blob import ContainerUri
@@ -53,6 +54,7 @@ class JobRunner:
         twins: TwinService,
         methods: MethodService,
         registry: RegistryService,
+        modules: ModuleService,
         audit: AuditLog,
         concurrency: int,
         poll_interval_s: float,
@@ -63,6 +65,7 @@ class JobRunner:
         self._repo = repo
         self.leadership = leadership
         self._twins, self._methods, self._registry, self._audit = twins, methods, registry, audit
+        self._modules = modules
         self._concurrency = concurrency
         self._poll_s = poll_interval_s
         self._retention_s = retention_s
@@ -247,21 +250,23 @@ class JobRunner:
                 doc["outputBlobContainerUri"], ca_file=self._ca_file, field="outputBlobContainerUri"
             )
             if job.type == "export":
-                count = await export_registry(
+                devices, modules = await export_registry(
                     self._registry,
+                    self._modules,
                     self._twins,
                     output,
                     blob_name=doc.get("outputBlobName"),
                     exclude_keys=bool(doc.get("excludeKeysInExport")),
                     progress=progress,
                 )
-                doc["statusMessage"] = f"exported {count} devices"
+                doc["statusMessage"] = f"exported {devices} devices and {modules} modules"
             else:
                 source = ContainerUri(
                     doc["inputBlobContainerUri"], ca_file=self._ca_file, field="inputBlobContainerUri"
                 )
                 applied, failed = await import_registry(
                     self._registry,
+                    self._modules,
                     self._twins,
                     source,
                     output,
@@ -269,7 +274,7 @@ class JobRunner:
                     actor=f"job:{job.job_id}",
                     progress=progress,
                 )
-                doc["statusMessage"] = f"imported {applied} devices, {failed} failed (importErrors.log)"
+                doc["statusMessage"] = f"imported {applied} lines, {failed} failed (importErrors.log)"
             doc["progress"] = 100
             status, reason = "completed", None
         except TetherError as exc:
