@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from cryptography import x509
@@ -32,12 +32,14 @@ from tether.api.auth import refusal_error
 from tether.api.bodies import read_body
 from tether.api.c2d_routes import APP_PREFIX, app_properties, iso_utc
 from tether.api.context import hub_of, peer_of
-from tether.api.routes import Param, Route
+from tether.api.routes import Feature, Param, Route
 from tether.errors import BadRequest, PayloadTooLarge, Throttled, Unauthorized
-from tether.hub import Hub
 from tether.security.principal import AuthRefused, Permission, Principal
 
-__all__ = ["DEVICE_ROUTES", "RefusalDigest", "add_device_routes", "authenticate_device"]
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+__all__ = ["DEVICE_ROUTES", "FEATURE", "RefusalDigest", "authenticate_device"]
 
 SURFACE: Final = "https"
 EVENTS_ACTION: Final = "https.events"
@@ -265,11 +267,10 @@ DEVICE_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_device_routes(app: web.Application, hub: Hub) -> None:
-    """Mount the device HTTPS routes (their handlers authenticate the device themselves, so they
-    are not wrapped in the service guard) and list them in the OpenAPI document."""
-    from tether.api.app import mount  # not at import time: app.py imports this module
+def _setup(app: web.Application, hub: Hub) -> None:
+    """The device routes authenticate the device themselves (not wrapped in the service guard);
+    their refusal digest lives on the app."""
+    app[DIGEST_KEY] = RefusalDigest()
 
-    if DIGEST_KEY not in app:
-        app[DIGEST_KEY] = RefusalDigest()
-    mount(app, DEVICE_ROUTES)
+
+FEATURE = Feature("device-https", DEVICE_ROUTES, setup=_setup)

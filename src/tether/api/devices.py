@@ -26,6 +26,7 @@ from tether.api.bodies import (
     read_optional_json_object,
 )
 from tether.api.context import hub_of, principal_of
+from tether.api.routes import IF_MATCH, READ, WRITE, Feature, Param, Route
 from tether.errors import BadRequest, TetherError
 from tether.registry.models import Authentication, Capabilities, Device, DeviceStatus, validate_device_id
 from tether.registry.service import BULK_MODES, MAX_BULK, BulkError, BulkOperation
@@ -200,11 +201,6 @@ async def list_devices(request: web.Request) -> web.Response:
     return web.json_response([d.to_wire() for d in devices], headers=headers)
 
 
-async def device_statistics(request: web.Request) -> web.Response:
-    stats = await hub_of(request).registry.statistics()
-    return web.json_response(stats.model_dump(mode="json", by_alias=True))
-
-
 async def enable_device(request: web.Request) -> web.Response:
     return await _set_status(request, enabled=True)
 
@@ -294,7 +290,54 @@ async def export_devices(request: web.Request) -> web.StreamResponse:
     return response
 
 
+KEY = Param("key", "query", "Which key to regenerate.",
+            {"type": "string", "enum": list(KEY_CHOICES), "default": "primary"})
+
+FEATURE = Feature("devices", (
+    # --- Azure IoT Hub service API --------------------------------------------------------------
+    Route("PUT", "/devices/{id}", put_device, "Create or replace a device identity", WRITE,
+          "devices", request=Device, response=Device, params=(IF_MATCH,), response_headers=("ETag",),
+          description="Without If-Match: create (409 DeviceAlreadyExists if it exists). With If-Match "
+                      "etag or `*`: replace (404 if missing, 412 on a stale etag)."),
+    Route("GET", "/devices/{id}", get_device, "Get a device identity", READ, "devices",
+          response=Device, response_headers=("ETag",),
+          description="`cloudToDeviceMessageCount` is the live C2D queue depth."),
+    Route("DELETE", "/devices/{id}", delete_device, "Delete a device identity", WRITE, "devices",
+          status=204, params=(IF_MATCH,),
+          description="If-Match etag or `*`; a missing If-Match is unconditional (Tether leniency)."),
+    Route("GET", "/devices", list_devices, "List device identities in id order", READ, "devices",
+          response=Device, array=True,
+          params=(Param("top", "query", "Page size 1-1000 (out of range means 1000).",
+                        {"type": "integer", "minimum": 1, "maximum": 1000}),
+                  Param("x-ms-continuation", "header", "Last device id of the previous page.")),
+          response_headers=("x-ms-continuation", "x-ms-item-type")),
+    Route("POST", "/devices", bulk_devices, "Bulk create, update or delete device identities",
+          WRITE, "devices", request=BulkRequest, response=BulkRegistryOperationResult,
+          description="Azure's bulk registry operation "
+                      "(`IoTHubRegistryManager.bulk_create_or_update_devices`): an array of at most "
+                      "100 ExportImportDevice entries, each id once. All or nothing: "
+                      "200 with `isSuccessful: true` when every entry was applied, else 400 with "
+                      "`isSuccessful: false` and an error per failed entry, and nothing written."),
+    # --- Tether extensions ----------------------------------------------------------------------
+    Route("POST", "/tether/devices/import", import_devices, "Bulk-create devices (all or nothing)",
+          WRITE, "tether-devices", request="ndjson", response=ImportResult,
+          description="One device JSON object per line; body limit is 16x the normal limit. "
+                      "Errors name `line N: field`; on any error nothing is imported."),
+    Route("GET", "/tether/devices/export", export_devices, "Export every device (keys included)",
+          READ, "tether-devices", response="ndjson"),
+    Route("POST", "/tether/devices/{id}/enable", enable_device, "Enable a device", WRITE,
+          "tether-devices", request=StatusChange, request_required=False, response=Device),
+    Route("POST", "/tether/devices/{id}/disable", disable_device,
+          "Disable a device (its connections are dropped)", WRITE, "tether-devices",
+          request=StatusChange, request_required=False, response=Device),
+    Route("POST", "/tether/devices/{id}/regenerate-key", regenerate_device_key,
+          "Regenerate a device's symmetric key(s)", WRITE, "tether-devices", response=Device,
+          params=(KEY,)),
+))
+
 __all__ = [
+    "FEATURE",
+    "KEY",
     "BulkRegistryOperationResult",
     "BulkRequest",
     "ExportImportDevice",
@@ -302,7 +345,6 @@ __all__ = [
     "StatusChange",
     "bulk_devices",
     "delete_device",
-    "device_statistics",
     "disable_device",
     "enable_device",
     "export_devices",

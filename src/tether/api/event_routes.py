@@ -6,8 +6,8 @@ groups and checkpoints, a long-poll read per partition, and a Server-Sent Events
 partitions (what `tether monitor` uses against a running hub). Every route needs ServiceConnect, the
 right Azure requires to read the built-in endpoint.
 
-Mount with `add_event_routes(app, hub)` after `build_app(hub)`: it registers `EVENT_ROUTES` through the
-same guard as the core table and refreshes the app's route list and OpenAPI document.
+`FEATURE` is this module's part of the route table (`api.app` lists it); its setup keeps the open
+feeds on the app.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from tether.api.event_feed import (
     raw_event_json,
     render,
 )
-from tether.api.routes import Param, Route
+from tether.api.routes import Feature, Param, Route
 from tether.errors import BadRequest, NotFound, TetherError, Throttled
 from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventStream
 from tether.messaging.events import validate_consumer_group as _validate_group
@@ -46,7 +46,7 @@ from tether.security.principal import Permission
 if TYPE_CHECKING:
     from tether.hub import Hub
 
-__all__ = ["CONSUMERS_KEY", "EVENT_ROUTES", "NEXT_SEQUENCE_HEADER", "add_event_routes", "event_doc"]
+__all__ = ["CONSUMERS_KEY", "EVENT_ROUTES", "FEATURE", "NEXT_SEQUENCE_HEADER", "event_doc"]
 
 NEXT_SEQUENCE_HEADER = "x-tether-next-sequence"
 MAX_POLL_S = 60.0
@@ -468,13 +468,13 @@ EVENT_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_event_routes(app: web.Application, hub: Hub) -> None:
-    """Mount the consumer API on an app from `build_app` (before it starts)."""
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
+def _setup(app: web.Application, hub: Hub) -> None:
+    """The consumers' state (open feeds, the optional feed renderer) lives on the app."""
     processes = hub.settings.storage.stream_reader_processes
     renderer = FeedRenderer(processes) if processes and isinstance(hub.stream, PlansRaw) else None
     app[CONSUMERS_KEY] = consumers = _Consumers(renderer)
     app.on_shutdown.append(consumers.on_shutdown)
     app.on_cleanup.append(consumers.on_cleanup)
-    mount(app, EVENT_ROUTES)
+
+
+FEATURE = Feature("events", EVENT_ROUTES, setup=_setup)

@@ -1,8 +1,9 @@
 """Remote mode: the same operations over a running hub's REST API, authenticated with a service
 connection string (a SAS token is minted per session; the key itself never leaves this process).
 
-HTTP errors come back as `{"errorCode", "message"}` and are raised as the matching `TetherError`,
-so commands report them exactly like local errors.
+HTTP errors come back in Azure's shape (`{"Message": "ErrorCode:{code};{text}"}` plus the
+`iothub-errorcode` header) and are raised as the matching `TetherError`, so commands report them
+exactly like local errors.
 """
 
 from __future__ import annotations
@@ -66,8 +67,9 @@ def _seg(value: str) -> str:
 
 
 def error_from_response(response: httpx.Response) -> TetherError:
-    """The hub's JSON error as a `TetherError` with the same code and message."""
-    code: str | None = None
+    """The hub's error (Azure's `{"Message": "ErrorCode:{code};{text}", …}` and the `iothub-errorcode`
+    header) as a `TetherError` with the same code and text."""
+    code: str | None = response.headers.get("iothub-errorcode") or None
     message = f"HTTP {response.status_code} {response.reason_phrase}"
     field: str | None = None
     try:
@@ -75,9 +77,13 @@ def error_from_response(response: httpx.Response) -> TetherError:
     except (json.JSONDecodeError, UnicodeDecodeError):
         body = None
     if isinstance(body, dict):
-        code = body.get("errorCode") or None
-        message = str(body.get("message") or message)
-        field = body.get("field")
+        text = body.get("Message")
+        if isinstance(text, str) and text.startswith("ErrorCode:") and ";" in text:
+            head, _, text = text.partition(";")
+            code = code or head.removeprefix("ErrorCode:") or None
+        if isinstance(text, str) and text:
+            message = text
+        field = body.get("field") if isinstance(body.get("field"), str) else None
     cls = _ERRORS.get(response.status_code, TetherError)
     return cls(message, code=code, field=field)
 
