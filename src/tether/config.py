@@ -64,7 +64,12 @@ class ListenerSettings(Section):
     mqtt_plain_port: int | None = Field(
         None, ge=0, le=65535, description="Plain-TCP MQTT; only for loopback testing, off by default."
     )
-    https_port: int = Field(8443, ge=0, le=65535, description="Service REST API, device HTTPS, MQTT/WS.")
+    https_port: int = Field(
+        443, ge=0, le=65535,
+        description="Service REST API, device HTTPS, MQTT/WS: 443, the port every Microsoft SDK dials.")
+    https_fallback_port: int = Field(
+        8443, ge=0, le=65535,
+        description="Bound instead when this process lacks the privilege for https_port; 0: no fallback.")
     amqp_port: int | None = Field(None, ge=0, le=65535, description="AMQP over TLS (when available).")
 
 

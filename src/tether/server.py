@@ -1,25 +1,38 @@
 """`tether run`: open the hub, start every listener, serve until SIGINT/SIGTERM.
 
 Listeners: MQTT over TLS (`listeners.mqtt_port`), the HTTPS server carrying the service REST API,
-the device HTTPS surface, MQTT over WebSockets and `/metrics` (`listeners.https_port`), and — only
-when configured — plain-TCP MQTT for loopback testing. All TLS goes through one TlsContextFactory.
+the device HTTPS surface, MQTT over WebSockets and `/metrics` (`listeners.https_port`, 443 by
+default: the port Microsoft's SDKs dial), and — only when configured — plain-TCP MQTT for loopback
+testing. All TLS goes through one TlsContextFactory.
+
+Port 443 needs a privilege on Linux (root, `CAP_NET_BIND_SERVICE`, or a lowered
+`net.ipv4.ip_unprivileged_port_start`). Without it the HTTPS listener binds
+`listeners.https_fallback_port` (8443) instead and one warning line says what to do; the hub works,
+only SDKs that cannot take a port in `HostName` need 443 (docs/deployment.md, "Port 443").
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ipaddress
 import logging
+import os
 import signal
 import sys
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from tether.config import Settings
+from tether.config import ConfigError, Settings
 from tether.hub import Hub
+from tether.runfile import Listening, remove_run_file, write_run_file
 
 log = logging.getLogger("tether.server")
+
+PORT_443_HINT = (f"run `sudo setcap cap_net_bind_service=+ep {os.path.realpath(sys.executable)}` or "
+                 "`sudo sysctl -w net.ipv4.ip_unprivileged_port_start=443`")
 
 
 def _is_loopback(host: str) -> bool:
@@ -46,17 +59,49 @@ async def start_listeners(hub: Hub) -> None:
     app = build_app(hub)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    assert runner.server is not None
-    https = await start_tls_server(runner.server, host, settings.listeners.https_port, tls)
+    server = runner.server
+    assert server is not None
+    listeners = settings.listeners
+    try:
+        https = await _bind("https_port", host, listeners.https_port,
+                            lambda port: start_tls_server(server, host, port, tls),
+                            fallback=listeners.https_fallback_port)
+    except BaseException:
+        await runner.cleanup()
+        raise
     hub.add_server("https", https, closer=runner.cleanup)
 
-    mqtts = await start_mqtt(hub, host=host, port=settings.listeners.mqtt_port, tls=True)
+    mqtts = await _bind("mqtt_port", host, listeners.mqtt_port,
+                        lambda port: start_mqtt(hub, host=host, port=port, tls=True))
     hub.add_server("mqtts", mqtts)
     if settings.listeners.mqtt_plain_port is not None:
         # Unencrypted MQTT is for loopback testing only: it never binds a non-loopback address.
         plain_host = host if _is_loopback(host) else "127.0.0.1"
         plain = await start_mqtt(hub, host=plain_host, port=settings.listeners.mqtt_plain_port, tls=False)
         hub.add_server("mqtt", plain)
+
+
+async def _bind(setting: str, host: str, port: int,
+                start: Callable[[int], Awaitable[asyncio.AbstractServer]],
+                *, fallback: int = 0) -> asyncio.AbstractServer:
+    """Start a listener; name the setting when the port cannot be bound. A privileged port refused
+    for lack of privilege uses `fallback` (when set), with one warning line saying how to get it."""
+    try:
+        return await start(port)
+    except PermissionError:
+        if not fallback or fallback == port:
+            raise ConfigError(f"invalid setting listeners.{setting}: binding port {port} needs privileges "
+                              f"({PORT_443_HINT})") from None
+        server = await _bind(f"{setting.removesuffix('_port')}_fallback_port", host, fallback, start)
+        log.warning("HTTPS is on port %d, not %d (binding it needs privileges): SDKs other than Python's "
+                    "need %d, so %s and restart (docs/deployment.md, \"Port 443\")",
+                    fallback, port, port, PORT_443_HINT)
+        return server
+    except OSError as exc:
+        if exc.errno in (errno.EADDRINUSE, errno.EADDRNOTAVAIL):
+            raise ConfigError(f"invalid setting listeners.{setting}: cannot listen on {host}:{port}: "
+                              f"{exc.strerror}") from None
+        raise
 
 
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
@@ -76,11 +121,23 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             print(f"  {name:6s} listening on {settings.listeners.host}:{port}", flush=True)
         if hub.cluster is not None:
             print(f"Cluster node {hub.node_id} (NATS subjects {hub.cluster.names.prefix}.*)", flush=True)
-        print(f"Service connection string: {await hub.service_connection_string()}", flush=True)
-        if ready is not None:
-            ready.set()
-        await stop.wait()
-        print("Tether hub stopping", file=sys.stderr, flush=True)
+        owner = await hub.service_connection_string()
+        https_port = hub.ports.get("https", 443)
+        if https_port != 443 and ":" not in settings.hub.hostname:
+            # Python's service SDK takes a port in HostName; the others need 443 (see above).
+            owner = owner.replace(f"HostName={settings.hub.hostname};",
+                                  f"HostName={settings.hub.hostname}:{https_port};", 1)
+        print(f"Service connection string: {owner}", flush=True)
+        pid = os.getpid()
+        write_run_file(settings.data_dir, Listening(pid, settings.listeners.host, settings.hub.hostname,
+                                                    dict(hub.ports)))
+        try:
+            if ready is not None:
+                ready.set()
+            await stop.wait()
+            print("Tether hub stopping", file=sys.stderr, flush=True)
+        finally:
+            remove_run_file(settings.data_dir, pid)
 
 
 def run(settings: Settings) -> None:

@@ -21,6 +21,7 @@ it (POST `…/abandon`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
@@ -32,6 +33,7 @@ from tether.api.auth import refusal_error
 from tether.api.bodies import read_body
 from tether.api.c2d_routes import APP_PREFIX, app_properties, iso_utc
 from tether.api.context import hub_of, peer_of
+from tether.api.event_batch import BatchMessage, is_batch, parse_batch
 from tether.api.routes import Feature, Param, Route
 from tether.errors import BadRequest, PayloadTooLarge, Throttled, Unauthorized
 from tether.security.principal import AuthRefused, Permission, Principal
@@ -140,13 +142,34 @@ async def send_event(request: web.Request) -> web.Response:
         await _audit_refusal(request, principal, "message-too-large", size=request.content_length,
                              limit=telemetry.max_message_bytes)
         raise
-    if not telemetry.allow(principal):
-        await _audit_refusal(request, principal, "rate-limited")
-        raise Throttled("device message rate exceeded", code="ThrottlingException")
-    system = _system_properties(request.headers)
-    await telemetry.append(principal, body, system, app_properties(request.headers), protocol=SURFACE)
+    if is_batch(request.content_type):
+        messages = parse_batch(body)
+        await _append_batch(request, principal, messages)
+    else:
+        if not telemetry.allow(principal):
+            await _audit_refusal(request, principal, "rate-limited")
+            raise Throttled("device message rate exceeded", code="ThrottlingException")
+        system = _system_properties(request.headers)
+        await telemetry.append(principal, body, system, app_properties(request.headers), protocol=SURFACE)
     await hub.registry.touch(device_id)
     return web.Response(status=204)
+
+
+async def _append_batch(request: web.Request, principal: Principal, messages: Sequence[BatchMessage]) -> None:
+    """One event per element, in order, answered once all are durable (they share group commits).
+    Each element counts against the device's rate limit; a refusal appends nothing more."""
+    telemetry = hub_of(request).telemetry
+    for _ in messages:
+        if not telemetry.allow(principal):
+            await _audit_refusal(request, principal, "rate-limited", batch=len(messages))
+            raise Throttled("device message rate exceeded", code="ThrottlingException")
+    futures: list[asyncio.Future[Any]] = []
+    join: asyncio.Future[Any] | None = None
+    for message in messages:
+        join = telemetry.append_nowait(principal, message.body, _system_properties(message.headers),
+                                       app_properties(message.headers), protocol=SURFACE, join=join)
+        futures.append(join)
+    await asyncio.gather(*dict.fromkeys(futures))
 
 
 async def _audit_refusal(request: web.Request, principal: Principal, reason: str, **details: Any) -> None:
