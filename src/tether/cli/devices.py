@@ -287,19 +287,33 @@ def device_connection_string(
     return ";".join(parts)
 
 
+async def check_module_credential(backend: Backend, device_id: str, module_id: str) -> None:
+    """The CLI never hands out a credential the hub will refuse. Module identities do not exist yet
+    (the hub's authenticator refuses every module claim with `unknown-module`), so module connection
+    strings and tokens are refused here; once the registry has modules, look the module up instead."""
+    del backend
+    validate_device_id(module_id, "moduleId")
+    raise BadRequest(
+        f"module identities are not supported yet: the hub would refuse a credential for module "
+        f"{module_id!r} of device {device_id!r} (unknown-module); use the device's own credential",
+        code="ModuleNotFound", field="module",
+    )
+
+
 @app.command("connection-string")
 def connection_string(
     ctx: typer.Context,
     device_id: DeviceId,
-    module: Annotated[str | None, typer.Option("--module", help="Add ModuleId=M.")] = None,
+    module: Annotated[str | None, typer.Option(
+        "--module", help="Add ModuleId=M (refused until module identities exist).")] = None,
     x509: Annotated[bool, typer.Option("--x509", help="X.509 form (x509=true, no key).")] = False,
 ) -> None:
     """Print the device connection string (contains the primary key unless --x509)."""
 
     async def body(backend: Backend) -> str:
-        if module is not None:
-            validate_device_id(module, "moduleId")
         device = await backend.get_device(device_id)
+        if module is not None:
+            await check_module_credential(backend, device_id, module)
         return device_connection_string(backend.hostname, device, module_id=module, x509=x509)
 
     typer.echo(with_backend(state_of(ctx), body))

@@ -9,6 +9,7 @@ import typer
 
 from tether.cli.backend import Backend
 from tether.cli.context import state_of, with_backend
+from tether.cli.devices import check_module_credential
 from tether.errors import BadRequest
 from tether.registry.models import validate_device_id
 from tether.security.principal import Permission
@@ -31,7 +32,8 @@ def device_token(
         str | None,
         typer.Option("--policy", help="Sign with this DeviceConnect policy's key (adds skn) instead."),
     ] = None,
-    module: Annotated[str | None, typer.Option("--module", help="Scope the token to this module.")] = None,
+    module: Annotated[str | None, typer.Option(
+        "--module", help="Scope the token to this module (refused until module identities exist).")] = None,
 ) -> None:
     """Print a device SAS token signed with the device's primary key (or a policy key with --policy)."""
 
@@ -39,6 +41,8 @@ def device_token(
         validate_device_id(device_id)
         resource = f"{backend.hostname}/devices/{device_id}"
         if module is not None:
+            await backend.get_device(device_id)  # an unknown device is the first thing to say
+            await check_module_credential(backend, device_id, module)
             resource += f"/modules/{validate_device_id(module, 'moduleId')}"
         expiry = int(time.time()) + ttl
         if policy is not None:
