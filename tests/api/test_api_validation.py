@@ -33,7 +33,8 @@ async def test_malformed_json(client: httpx.AsyncClient, hub: Hub) -> None:
     r = await client.put(f"/devices/v{API}", content=b'{"deviceId": "v",',
                          headers={"Content-Type": "application/json"})
     body = assert_error(r, 400, "body")
-    assert body["errorCode"] == "ArgumentInvalid" and body["Message"].split(";", 1)[1].startswith("malformed JSON:")
+    assert body["errorCode"] == "ArgumentInvalid"
+    assert body["Message"].split(";", 1)[1].startswith("malformed JSON:")
     assert body["field"] == "body"
     await assert_empty(hub)
 
