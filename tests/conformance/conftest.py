@@ -23,12 +23,12 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "backends"))
 
-from e2e_kit import NodeThread  # noqa: E402
+from e2e_kit import NodeThread
 
-from tether.config import Settings, load_settings  # noqa: E402
-from tether.security import pki  # noqa: E402
-from tether.security.connstr import ServiceConnectionString  # noqa: E402
-from tether.security.sas import build_token  # noqa: E402
+from tether.config import Settings, load_settings
+from tether.security import pki
+from tether.security.connstr import ServiceConnectionString
+from tether.security.sas import build_token
 
 HUB_IP = "127.0.0.80"
 API = "api-version=2021-04-12"
@@ -57,13 +57,21 @@ class AzureHub:
         self._key = cs.shared_access_key
 
     def token(self, policy: str = "iothubowner") -> str:
-        key = self._key if policy == "iothubowner" else self.node.call(self.hub.policies.get(policy)).primary_key
+        key = (
+            self._key
+            if policy == "iothubowner"
+            else self.node.call(self.hub.policies.get(policy)).primary_key
+        )
         return build_token(self.ip, key, int(time.time()) + 3600, policy)
 
     def rest(self, policy: str = "iothubowner") -> httpx.Client:
         """Raw HTTPS to `https://{ip}` (port 443 implied), verified with the dev root."""
-        return httpx.Client(base_url=f"https://{self.ip}", verify=ssl.create_default_context(
-            cafile=str(self.root_ca)), timeout=60, headers={"Authorization": self.token(policy)})
+        return httpx.Client(
+            base_url=f"https://{self.ip}",
+            verify=ssl.create_default_context(cafile=str(self.root_ca)),
+            timeout=60,
+            headers={"Authorization": self.token(policy)},
+        )
 
     def device_token(self, device_id: str, key: str) -> str:
         return build_token(f"{self.ip}/devices/{device_id}", key, int(time.time()) + 3600)

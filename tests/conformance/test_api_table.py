@@ -8,7 +8,8 @@ from table import DOC, render, section
 
 def test_api_table_in_docs_is_current() -> None:
     assert section(DOC.read_text(encoding="utf-8")) == render(), (
-        "docs/api.md is stale: run `python tests/conformance/table.py --write`")
+        "docs/api.md is stale: run `python tests/conformance/table.py --write`"
+    )
 
 
 def test_table_lists_both_statuses() -> None:

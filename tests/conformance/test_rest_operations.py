@@ -33,8 +33,13 @@ def new_key() -> str:
 def create(rest: httpx.Client, device_id: str | None = None) -> tuple[str, str, dict[str, Any]]:
     device_id = device_id or f"conf-{uuid.uuid4().hex[:10]}"
     key = new_key()
-    r = rest.put(f"/devices/{device_id}?{API}", json={"deviceId": device_id, "authentication": {
-        "type": "sas", "symmetricKey": {"primaryKey": key, "secondaryKey": new_key()}}})
+    r = rest.put(
+        f"/devices/{device_id}?{API}",
+        json={
+            "deviceId": device_id,
+            "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key, "secondaryKey": new_key()}},
+        },
+    )
     assert r.status_code == 200, r.text
     return device_id, key, r.json()
 
@@ -74,8 +79,12 @@ def test_catalogue_covers_every_operation_of_azures_rest_specification() -> None
 
 def test_every_azure_route_of_the_hub_is_in_the_catalogue() -> None:
     listed = {shape(op.method, op.path) for op in REST_OPS}
-    azure_routes = {shape(r.method, r.path) for f in FEATURES for r in f.routes
-                    if not r.extension and r.path != "/$iothub/websocket"}
+    azure_routes = {
+        shape(r.method, r.path)
+        for f in FEATURES
+        for r in f.routes
+        if not r.extension and r.path != "/$iothub/websocket"
+    }
     # Tether's own REST forms of AMQP operations (C2D send) are extensions in all but path.
     azure_routes.discard(shape("POST", "/devices/{id}/messages/deviceBound"))
     assert azure_routes - listed == set()
@@ -121,8 +130,9 @@ def probe_put_identity(hub: AzureHub, rest: httpx.Client) -> None:
 def probe_delete_identity(hub: AzureHub, rest: httpx.Client) -> None:
     device_id, _, doc = create(rest)
     assert rest.delete(f"/devices/{device_id}?{API}", headers={"If-Match": doc["etag"]}).status_code == 204
-    assert_azure_error(rest.delete(f"/devices/{device_id}?{API}", headers={"If-Match": "*"}), 404,
-                       "DeviceNotFound")
+    assert_azure_error(
+        rest.delete(f"/devices/{device_id}?{API}", headers={"If-Match": "*"}), 404, "DeviceNotFound"
+    )
 
 
 def probe_bulk(hub: AzureHub, rest: httpx.Client) -> None:
@@ -138,8 +148,11 @@ def probe_bulk(hub: AzureHub, rest: httpx.Client) -> None:
 
 def probe_device_statistics(hub: AzureHub, rest: httpx.Client) -> None:
     r = rest.get(f"/statistics/devices?{API}")
-    assert r.status_code == 200 and set(r.json()) == {"totalDeviceCount", "enabledDeviceCount",
-                                                      "disabledDeviceCount"}
+    assert r.status_code == 200 and set(r.json()) == {
+        "totalDeviceCount",
+        "enabledDeviceCount",
+        "disabledDeviceCount",
+    }
 
 
 def probe_service_statistics(hub: AzureHub, rest: httpx.Client) -> None:
@@ -180,24 +193,33 @@ def probe_query(hub: AzureHub, rest: httpx.Client) -> None:
     first = rest.post(f"/devices/query?{API}", json=query, headers={"x-ms-max-item-count": "1"})
     assert first.status_code == 200 and len(first.json()) == 1 and first.headers["x-ms-item-type"]
     token = first.headers["x-ms-continuation"]
-    last = rest.post(f"/devices/query?{API}", json=query, headers={"x-ms-max-item-count": "1",
-                                                                  "x-ms-continuation": token})
+    last = rest.post(
+        f"/devices/query?{API}", json=query, headers={"x-ms-max-item-count": "1", "x-ms-continuation": token}
+    )
     assert len(last.json()) == 1 and "x-ms-continuation" not in last.headers
     assert_azure_error(rest.post(f"/devices/query?{API}", json={"query": "SELEC"}), 400, "ArgumentInvalid")
 
 
 def probe_invoke_method(hub: AzureHub, rest: httpx.Client) -> None:
     device_id, _, _ = create(rest)
-    r = rest.post(f"/twins/{device_id}/methods?{API}", json={"methodName": "reboot", "payload": {},
-                                                            "responseTimeoutInSeconds": 5,
-                                                            "connectTimeoutInSeconds": 0})
+    r = rest.post(
+        f"/twins/{device_id}/methods?{API}",
+        json={
+            "methodName": "reboot",
+            "payload": {},
+            "responseTimeoutInSeconds": 5,
+            "connectTimeoutInSeconds": 0,
+        },
+    )
     assert_azure_error(r, 404, "DeviceNotOnline")  # online calls: test_sdk_methods.py
 
 
 def probe_invoke_module_method(hub: AzureHub, rest: httpx.Client) -> None:
     device_id, _, _ = create(rest)
-    r = rest.post(f"/twins/{device_id}/modules/m1/methods?{API}", json={"methodName": "x", "payload": {},
-                                                                       "connectTimeoutInSeconds": 0})
+    r = rest.post(
+        f"/twins/{device_id}/modules/m1/methods?{API}",
+        json={"methodName": "x", "payload": {}, "connectTimeoutInSeconds": 0},
+    )
     assert_azure_error(r, 404, "DeviceNotOnline")
 
 
@@ -224,7 +246,9 @@ def probe_abandon_feedback(hub: AzureHub, rest: httpx.Client) -> None:
 def _events(rest: httpx.Client, device_id: str) -> list[dict[str, Any]]:
     found: list[dict[str, Any]] = []
     for p in range(len(rest.get("/tether/events/partitions").json()["partitions"])):
-        batch = rest.get(f"/tether/events/partitions/{p}/messages", params={"timeout": "0", "maxCount": "1000"})
+        batch = rest.get(
+            f"/tether/events/partitions/{p}/messages", params={"timeout": "0", "maxCount": "1000"}
+        )
         found += [e for e in batch.json() if e["deviceId"] == device_id]
     return found
 
@@ -232,17 +256,30 @@ def _events(rest: httpx.Client, device_id: str) -> list[dict[str, Any]]:
 def probe_send_event(hub: AzureHub, rest: httpx.Client) -> None:
     device_id, key, _ = create(rest)
     with device_client(hub, device_id, key) as device:
-        one = device.post(f"/devices/{device_id}/messages/events?{API}", content=b'{"t":1}',
-                          headers={"iothub-app-zone": "a", "iothub-messageid": "single"})
+        one = device.post(
+            f"/devices/{device_id}/messages/events?{API}",
+            content=b'{"t":1}',
+            headers={"iothub-app-zone": "a", "iothub-messageid": "single"},
+        )
         assert one.status_code == 204, one.text
-        batch = [{"body": base64.b64encode(b'{"t":2}').decode(), "properties": {"iothub-app-zone": "b",
-                                                                                "iothub-messageid": "b1"}},
-                 {"body": base64.b64encode(b'{"t":3}').decode(), "properties": {"legacy": "c"}}]
-        r = device.post(f"/devices/{device_id}/messages/events?{API}", content=json.dumps(batch),
-                        headers={"Content-Type": "application/vnd.microsoft.iothub.json"})
+        batch = [
+            {
+                "body": base64.b64encode(b'{"t":2}').decode(),
+                "properties": {"iothub-app-zone": "b", "iothub-messageid": "b1"},
+            },
+            {"body": base64.b64encode(b'{"t":3}').decode(), "properties": {"legacy": "c"}},
+        ]
+        r = device.post(
+            f"/devices/{device_id}/messages/events?{API}",
+            content=json.dumps(batch),
+            headers={"Content-Type": "application/vnd.microsoft.iothub.json"},
+        )
         assert r.status_code == 204, r.text
-        bad = device.post(f"/devices/{device_id}/messages/events?{API}", content=b'[{"body": "%%%"}]',
-                          headers={"Content-Type": "application/vnd.microsoft.iothub.json"})
+        bad = device.post(
+            f"/devices/{device_id}/messages/events?{API}",
+            content=b'[{"body": "%%%"}]',
+            headers={"Content-Type": "application/vnd.microsoft.iothub.json"},
+        )
         assert_azure_error(bad, 400, "ArgumentInvalid")
     events = _events(rest, device_id)
     assert [e["body"] for e in events] == ['{"t":1}', '{"t":2}', '{"t":3}']  # one event per element
@@ -252,8 +289,14 @@ def probe_send_event(hub: AzureHub, rest: httpx.Client) -> None:
 
 def _c2d(hub: AzureHub, rest: httpx.Client) -> tuple[str, httpx.Client]:
     device_id, key, _ = create(rest)
-    assert rest.post(f"/devices/{device_id}/messages/deviceBound?{API}", content=b"hello",
-                     headers={"iothub-app-k": "v"}).status_code == 201
+    assert (
+        rest.post(
+            f"/devices/{device_id}/messages/deviceBound?{API}",
+            content=b"hello",
+            headers={"iothub-app-k": "v"},
+        ).status_code
+        == 201
+    )
     return device_id, device_client(hub, device_id, key)
 
 
@@ -271,8 +314,11 @@ def probe_complete_c2d(hub: AzureHub, rest: httpx.Client) -> None:
     with device:
         lock = device.get(f"/devices/{device_id}/messages/devicebound?{API}").headers["ETag"].strip('"')
         assert device.delete(f"/devices/{device_id}/messages/devicebound/{lock}?{API}").status_code == 204
-        assert_azure_error(device.delete(f"/devices/{device_id}/messages/devicebound/{lock}?{API}"), 412,
-                           "DeviceMessageLockLost")
+        assert_azure_error(
+            device.delete(f"/devices/{device_id}/messages/devicebound/{lock}?{API}"),
+            412,
+            "DeviceMessageLockLost",
+        )
     device_id, device = _c2d(hub, rest)
     with device:
         lock = device.get(f"/devices/{device_id}/messages/devicebound?{API}").headers["ETag"].strip('"')
@@ -286,7 +332,9 @@ def probe_abandon_c2d(hub: AzureHub, rest: httpx.Client) -> None:
     with device:
         first = device.get(f"/devices/{device_id}/messages/devicebound?{API}")
         lock = first.headers["ETag"].strip('"')
-        assert device.post(f"/devices/{device_id}/messages/devicebound/{lock}/abandon?{API}").status_code == 204
+        assert (
+            device.post(f"/devices/{device_id}/messages/devicebound/{lock}/abandon?{API}").status_code == 204
+        )
         again = device.get(f"/devices/{device_id}/messages/devicebound?{API}")
         assert again.status_code == 200 and again.headers["iothub-deliverycount"] == "2"
 
@@ -318,6 +366,7 @@ PROBES: dict[str, Callable[[AzureHub, httpx.Client], None]] = {
 
 def _concrete(path: str, device_id: str) -> str:
     """A request path for a template: `{id}`-like parameters become the device id, others a word."""
+
     def value(match: re.Match[str]) -> str:
         return device_id if match[1] in ("id", "deviceId") else f"{match[1].lower()}1"
 

@@ -93,8 +93,13 @@ def _twin_patch() -> Twin:
 def _bulk(s: Service) -> None:
     device_id = s.device()
     current = s.registry.get_device(device_id)
-    entry = ExportImportDevice(id=device_id, import_mode="updateIfMatchETag", e_tag=current.etag,
-                               status="disabled", authentication=current.authentication)
+    entry = ExportImportDevice(
+        id=device_id,
+        import_mode="updateIfMatchETag",
+        e_tag=current.etag,
+        status="disabled",
+        authentication=current.authentication,
+    )
     result = s.registry.bulk_create_or_update_devices([entry])
     assert result.is_successful, result.errors
     assert s.registry.get_device(device_id).status == "disabled"
@@ -133,16 +138,22 @@ def _update_x509(s: Service) -> None:
 def _update_ca(s: Service) -> None:
     device_id = f"ca-{uuid.uuid4().hex[:8]}"
     created = s.registry.create_device_with_certificate_authority(device_id, "enabled")
-    assert s.registry.update_device_with_certificate_authority(device_id, created.etag, "disabled").status \
+    assert (
+        s.registry.update_device_with_certificate_authority(device_id, created.etag, "disabled").status
         == "disabled"
+    )
 
 
 def _update_sas(s: Service) -> None:
     device_id = s.device()
     etag = s.registry.get_device(device_id).etag
     key = new_key()
-    assert s.registry.update_device_with_sas(device_id, etag, key, new_key(), "enabled") \
-        .authentication.symmetric_key.primary_key == key
+    assert (
+        s.registry.update_device_with_sas(
+            device_id, etag, key, new_key(), "enabled"
+        ).authentication.symmetric_key.primary_key
+        == key
+    )
 
 
 def _delete(s: Service) -> None:
@@ -172,9 +183,11 @@ def _by_connection_string(cls: type) -> Callable[[Service], Any]:
             client.receive_feedback_notification()
         else:  # the other clients' operations are all "not yet": a 501 proves the SAS was accepted
             with pytest.raises(HttpOperationError) as refused:
-                {IoTHubJobManager: lambda c: c.get_import_export_jobs(),
-                 IoTHubConfigurationManager: lambda c: c.get_configurations(),
-                 DigitalTwinClient: lambda c: c.get_digital_twin("d1")}[cls](client)
+                {
+                    IoTHubJobManager: lambda c: c.get_import_export_jobs(),
+                    IoTHubConfigurationManager: lambda c: c.get_configurations(),
+                    DigitalTwinClient: lambda c: c.get_digital_twin("d1"),
+                }[cls](client)
             assert refused.value.response.status_code == 501
 
     return call
@@ -196,15 +209,22 @@ def _by_token_credential(cls: type) -> Callable[[Service], Any]:
             return client.receive_feedback_notification()
         if isinstance(client, IoTHubRegistryManager):
             return client.get_device_registry_statistics()
-        return {IoTHubJobManager: lambda c: c.get_import_export_jobs(),
-                IoTHubConfigurationManager: lambda c: c.get_configurations(),
-                DigitalTwinClient: lambda c: c.get_digital_twin("d1")}[cls](client)
+        return {
+            IoTHubJobManager: lambda c: c.get_import_export_jobs(),
+            IoTHubConfigurationManager: lambda c: c.get_configurations(),
+            DigitalTwinClient: lambda c: c.get_digital_twin("d1"),
+        }[cls](client)
 
     return call
 
 
-SERVICE_CLASSES = (IoTHubRegistryManager, IoTHubJobManager, IoTHubConfigurationManager, IoTHubHttpRuntimeManager,
-                   DigitalTwinClient)
+SERVICE_CLASSES = (
+    IoTHubRegistryManager,
+    IoTHubJobManager,
+    IoTHubConfigurationManager,
+    IoTHubHttpRuntimeManager,
+    DigitalTwinClient,
+)
 
 SUPPORTED: dict[str, Callable[[Service], Any]] = {
     **{f"{cls.__name__}.from_connection_string": _by_connection_string(cls) for cls in SERVICE_CLASSES},
@@ -216,19 +236,26 @@ SUPPORTED: dict[str, Callable[[Service], Any]] = {
     "IoTHubRegistryManager.update_device_with_certificate_authority": _update_ca,
     "IoTHubRegistryManager.get_device": _get_or_create,
     "IoTHubRegistryManager.delete_device": _delete,
-    "IoTHubRegistryManager.get_devices": lambda s: [s.device(), s.device()] and len(
-        s.registry.get_devices()) >= 2 or pytest.fail("get_devices"),
-    "IoTHubRegistryManager.get_device_registry_statistics":
-        lambda s: s.registry.get_device_registry_statistics().total_device_count >= 0 or pytest.fail(),
-    "IoTHubRegistryManager.get_service_statistics":
-        lambda s: s.registry.get_service_statistics().connected_device_count >= 0 or pytest.fail(),
+    "IoTHubRegistryManager.get_devices": lambda s: (
+        ([s.device(), s.device()] and len(s.registry.get_devices()) >= 2) or pytest.fail("get_devices")
+    ),
+    "IoTHubRegistryManager.get_device_registry_statistics": lambda s: (
+        s.registry.get_device_registry_statistics().total_device_count >= 0 or pytest.fail()
+    ),
+    "IoTHubRegistryManager.get_service_statistics": lambda s: (
+        s.registry.get_service_statistics().connected_device_count >= 0 or pytest.fail()
+    ),
     "IoTHubRegistryManager.bulk_create_or_update_devices": _bulk,
     "IoTHubRegistryManager.query_iot_hub": _query,
     "IoTHubRegistryManager.get_twin": lambda s: s.registry.get_twin(s.device()).etag or pytest.fail(),
-    "IoTHubRegistryManager.replace_twin": lambda s: s.registry.replace_twin(
-        s.device(), _twin_patch()).tags == {"site": "north"} or pytest.fail("replace_twin"),
-    "IoTHubRegistryManager.update_twin": lambda s: s.registry.update_twin(
-        s.device(), _twin_patch(), "*").properties.desired["rate"] == 2 or pytest.fail("update_twin"),
+    "IoTHubRegistryManager.replace_twin": lambda s: (
+        s.registry.replace_twin(s.device(), _twin_patch()).tags == {"site": "north"}
+        or pytest.fail("replace_twin")
+    ),
+    "IoTHubRegistryManager.update_twin": lambda s: (
+        s.registry.update_twin(s.device(), _twin_patch(), "*").properties.desired["rate"] == 2
+        or pytest.fail("update_twin")
+    ),
     "IoTHubHttpRuntimeManager.receive_feedback_notification": _feedback,
     "IoTHubHttpRuntimeManager.complete_feedback_notification": _feedback,
     "IoTHubHttpRuntimeManager.abandon_feedback_notification": _feedback,
@@ -237,63 +264,92 @@ SUPPORTED: dict[str, Callable[[Service], Any]] = {
 _CONFIG = Configuration(id="cfg1", content={"deviceContent": {}}, target_condition="*", priority=1)
 # Not-yet operations answer 501 NotImplemented, except Azure AD tokens: Tether refuses them as it refuses
 # any credential it cannot verify (401).
-EXPECTED_STATUS = {f"{cls.__name__}.from_token_credential": (401, "IotHubUnauthorizedAccess")
-                   for cls in SERVICE_CLASSES}
+EXPECTED_STATUS = {
+    f"{cls.__name__}.from_token_credential": (401, "IotHubUnauthorizedAccess") for cls in SERVICE_CLASSES
+}
 NOT_YET: dict[str, Callable[[Service], Any]] = {
     **{f"{cls.__name__}.from_token_credential": _by_token_credential(cls) for cls in SERVICE_CLASSES},
     "IoTHubRegistryManager.create_module_with_sas": lambda s: s.registry.create_module_with_sas(
-        s.device(), "m1", None, new_key(), new_key()),
+        s.device(), "m1", None, new_key(), new_key()
+    ),
     "IoTHubRegistryManager.create_module_with_x509": lambda s: s.registry.create_module_with_x509(
-        s.device(), "m1", None, "A" * 40, "B" * 40),
-    "IoTHubRegistryManager.create_module_with_certificate_authority":
-        lambda s: s.registry.create_module_with_certificate_authority(s.device(), "m1", None),
+        s.device(), "m1", None, "A" * 40, "B" * 40
+    ),
+    "IoTHubRegistryManager.create_module_with_certificate_authority": lambda s: (
+        s.registry.create_module_with_certificate_authority(s.device(), "m1", None)
+    ),
     "IoTHubRegistryManager.update_module_with_sas": lambda s: s.registry.update_module_with_sas(
-        s.device(), "m1", None, new_key(), new_key(), "*"),
+        s.device(), "m1", None, new_key(), new_key(), "*"
+    ),
     "IoTHubRegistryManager.update_module_with_x509": lambda s: s.registry.update_module_with_x509(
-        s.device(), "m1", None, "A" * 40, "B" * 40, "*"),
-    "IoTHubRegistryManager.update_module_with_certificate_authority":
-        lambda s: s.registry.update_module_with_certificate_authority(s.device(), "m1", None, "*"),
+        s.device(), "m1", None, "A" * 40, "B" * 40, "*"
+    ),
+    "IoTHubRegistryManager.update_module_with_certificate_authority": lambda s: (
+        s.registry.update_module_with_certificate_authority(s.device(), "m1", None, "*")
+    ),
     "IoTHubRegistryManager.get_module": lambda s: s.registry.get_module(s.device(), "m1"),
     "IoTHubRegistryManager.get_modules": lambda s: s.registry.get_modules(s.device()),
     "IoTHubRegistryManager.delete_module": lambda s: s.registry.delete_module(s.device(), "m1"),
     "IoTHubRegistryManager.get_module_twin": lambda s: s.registry.get_module_twin(s.device(), "m1"),
     "IoTHubRegistryManager.replace_module_twin": lambda s: s.registry.replace_module_twin(
-        s.device(), "m1", _twin_patch()),
+        s.device(), "m1", _twin_patch()
+    ),
     "IoTHubRegistryManager.update_module_twin": lambda s: s.registry.update_module_twin(
-        s.device(), "m1", _twin_patch(), "*"),
+        s.device(), "m1", _twin_patch(), "*"
+    ),
     "IoTHubJobManager.create_import_export_job": lambda s: s.jobs.create_import_export_job(
-        JobProperties(type="export", output_blob_container_uri="https://blob.example/c")),
+        JobProperties(type="export", output_blob_container_uri="https://blob.example/c")
+    ),
     "IoTHubJobManager.get_import_export_jobs": lambda s: s.jobs.get_import_export_jobs(),
     "IoTHubJobManager.get_import_export_job": lambda s: s.jobs.get_import_export_job("j1"),
     "IoTHubJobManager.cancel_import_export_job": lambda s: s.jobs.cancel_import_export_job("j1"),
     "IoTHubJobManager.create_scheduled_job": lambda s: s.jobs.create_scheduled_job(
-        "j1", JobRequest(job_id="j1", type="scheduleUpdateTwin", query_condition="*")),
+        "j1", JobRequest(job_id="j1", type="scheduleUpdateTwin", query_condition="*")
+    ),
     "IoTHubJobManager.get_scheduled_job": lambda s: s.jobs.get_scheduled_job("j1"),
     "IoTHubJobManager.cancel_scheduled_job": lambda s: s.jobs.cancel_scheduled_job("j1"),
-    "IoTHubJobManager.query_scheduled_jobs": lambda s: s.jobs.query_scheduled_jobs("scheduleUpdateTwin",
-                                                                                   "running"),
+    "IoTHubJobManager.query_scheduled_jobs": lambda s: s.jobs.query_scheduled_jobs(
+        "scheduleUpdateTwin", "running"
+    ),
     "IoTHubConfigurationManager.get_configuration": lambda s: s.configs.get_configuration("cfg1"),
     "IoTHubConfigurationManager.create_configuration": lambda s: s.configs.create_configuration(_CONFIG),
     "IoTHubConfigurationManager.update_configuration": lambda s: s.configs.update_configuration(_CONFIG, "*"),
     "IoTHubConfigurationManager.delete_configuration": lambda s: s.configs.delete_configuration("cfg1"),
     "IoTHubConfigurationManager.get_configurations": lambda s: s.configs.get_configurations(),
     "IoTHubConfigurationManager.test_configuration_queries": lambda s: s.configs.test_configuration_queries(
-        ConfigurationQueriesTestInput(target_condition="*")),
-    "IoTHubConfigurationManager.apply_configuration_on_edge_device":
-        lambda s: s.configs.apply_configuration_on_edge_device(s.device(), _CONFIG),
+        ConfigurationQueriesTestInput(target_condition="*")
+    ),
+    "IoTHubConfigurationManager.apply_configuration_on_edge_device": lambda s: (
+        s.configs.apply_configuration_on_edge_device(s.device(), _CONFIG)
+    ),
     "DigitalTwinClient.get_digital_twin": lambda s: s.digital.get_digital_twin(s.device()),
     "DigitalTwinClient.update_digital_twin": lambda s: s.digital.update_digital_twin(
-        s.device(), [{"op": "add", "path": "/x", "value": 1}]),
+        s.device(), [{"op": "add", "path": "/x", "value": 1}]
+    ),
     "DigitalTwinClient.invoke_command": lambda s: s.digital.invoke_command(s.device(), "reboot", {}),
     "DigitalTwinClient.invoke_component_command": lambda s: s.digital.invoke_component_command(
-        s.device(), "thermostat1", "reboot", {}),
+        s.device(), "thermostat1", "reboot", {}
+    ),
 }
 # Covered by the device-client tests below (they need a connected device or AMQP).
-ELSEWHERE = {"IoTHubRegistryManager.invoke_device_method", "IoTHubRegistryManager.invoke_device_module_method",
-             "IoTHubRegistryManager.send_c2d_message"}
-SERVICE_METHODS = sorted(m for m in STATUS if m not in ELSEWHERE and m.split(".")[0] in (
-    "IoTHubRegistryManager", "IoTHubJobManager", "IoTHubConfigurationManager", "IoTHubHttpRuntimeManager",
-    "DigitalTwinClient"))
+ELSEWHERE = {
+    "IoTHubRegistryManager.invoke_device_method",
+    "IoTHubRegistryManager.invoke_device_module_method",
+    "IoTHubRegistryManager.send_c2d_message",
+}
+SERVICE_METHODS = sorted(
+    m
+    for m in STATUS
+    if m not in ELSEWHERE
+    and m.split(".")[0]
+    in (
+        "IoTHubRegistryManager",
+        "IoTHubJobManager",
+        "IoTHubConfigurationManager",
+        "IoTHubHttpRuntimeManager",
+        "DigitalTwinClient",
+    )
+)
 
 
 @pytest.fixture(scope="module")
@@ -325,7 +381,8 @@ def test_every_service_method_has_a_call() -> None:
 def _device_client(hub: AzureHub, device_id: str, key: str, *, websockets: bool) -> IoTHubDeviceClient:
     cs = f"HostName={hub.ip};DeviceId={device_id};SharedAccessKey={key}"
     return IoTHubDeviceClient.create_from_connection_string(
-        cs, server_verification_cert=hub.root_ca.read_text(), websockets=websockets, connection_retry=False)
+        cs, server_verification_cert=hub.root_ca.read_text(), websockets=websockets, connection_retry=False
+    )
 
 
 def _wait(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
@@ -359,14 +416,19 @@ def test_device_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
     try:
         client.connect()
         assert client.connected
-        client.send_message(Message('{"t": 1}', message_id="walk-1", content_type="application/json",
-                                    content_encoding="utf-8"))
+        client.send_message(
+            Message(
+                '{"t": 1}', message_id="walk-1", content_type="application/json", content_encoding="utf-8"
+            )
+        )
         _send_c2d(azure_hub, device_id, b"c2d-1")
         assert client.receive_message(timeout=30).data == b"c2d-1"
         twin = client.get_twin()
         assert "desired" in twin and "reported" in twin
         client.patch_twin_reported_properties({"fw": "1.0"})
-        _wait(lambda: registry.get_twin(device_id).properties.reported.get("fw") == "1.0", "the reported patch")
+        _wait(
+            lambda: registry.get_twin(device_id).properties.reported.get("fw") == "1.0", "the reported patch"
+        )
         # the first receive call subscribes (desired patches are not queued for absent subscribers)
         assert client.receive_twin_desired_properties_patch(timeout=0.5) is None
         _desired(registry, device_id, 3)
@@ -375,8 +437,10 @@ def test_device_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
         answer: dict[str, Any] = {}
 
         def invoke() -> None:
-            answer["result"] = registry.invoke_device_method(device_id, CloudToDeviceMethod(
-                method_name="ping", payload=None, response_timeout_in_seconds=30))
+            answer["result"] = registry.invoke_device_method(
+                device_id,
+                CloudToDeviceMethod(method_name="ping", payload=None, response_timeout_in_seconds=30),
+            )
 
         caller = threading.Thread(target=invoke)
         caller.start()
@@ -386,13 +450,18 @@ def test_device_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
         assert (answer["result"].status, answer["result"].payload) == (201, "pong")
         # module methods need module identities (not yet): a clean 404, no hang
         with pytest.raises(HttpOperationError) as offline:
-            registry.invoke_device_module_method(device_id, "m1", CloudToDeviceMethod(
-                method_name="x", payload=None, connect_timeout_in_seconds=0))
+            registry.invoke_device_module_method(
+                device_id,
+                "m1",
+                CloudToDeviceMethod(method_name="x", payload=None, connect_timeout_in_seconds=0),
+            )
         assert offline.value.response.headers["iothub-errorcode"] == "DeviceNotOnline"
         # file upload (not yet): the SDK's HTTPS call to 443 gets 501 and raises (the SDK wraps the
         # ServiceError it maps the status to in a ClientError)
-        for call in (lambda: client.get_storage_info_for_blob("blob.txt"),
-                     lambda: client.notify_blob_upload_status("corr", True, 200, "ok")):
+        for call in (
+            lambda: client.get_storage_info_for_blob("blob.txt"),
+            lambda: client.notify_blob_upload_status("corr", True, 200, "ok"),
+        ):
             with pytest.raises(device_errors.ClientError) as refused:
                 call()
             assert "501" in str(refused.value.__cause__), refused.value.__cause__
@@ -411,15 +480,18 @@ def test_device_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
     handlers.on_message_received = lambda m: got.append(m.data)
     handlers.on_twin_desired_properties_patch_received = patches.append
     handlers.on_method_request_received = lambda req: handlers.send_method_response(
-        MethodResponse.create_from_method_request(req, 200, {"echo": req.payload}))
+        MethodResponse.create_from_method_request(req, 200, {"echo": req.payload})
+    )
     try:
         handlers.connect()
         _send_c2d(azure_hub, device_id, b"c2d-2")
         _wait(lambda: got == [b"c2d-2"], "the C2D handler")
         _desired(registry, device_id, 4)
         _wait(lambda: patches and patches[-1]["rate"] == 4, "the desired handler")
-        result = registry.invoke_device_method(device_id, CloudToDeviceMethod(
-            method_name="echo", payload={"n": 1}, response_timeout_in_seconds=30))
+        result = registry.invoke_device_method(
+            device_id,
+            CloudToDeviceMethod(method_name="echo", payload={"n": 1}, response_timeout_in_seconds=30),
+        )
         assert (result.status, result.payload) == (200, {"echo": {"n": 1}})
     finally:
         handlers.shutdown()
@@ -431,10 +503,12 @@ def test_other_device_client_constructors(azure_hub: AzureHub, service: Service)
     key = new_key()
     service.registry.create_device_with_sas(device_id, key, new_key(), "enabled")
     root = azure_hub.root_ca.read_text()
-    by_key = IoTHubDeviceClient.create_from_symmetric_key(key, azure_hub.ip, device_id,
-                                                          server_verification_cert=root, connection_retry=False)
-    by_token = IoTHubDeviceClient.create_from_sastoken(azure_hub.device_token(device_id, key),
-                                                       server_verification_cert=root, connection_retry=False)
+    by_key = IoTHubDeviceClient.create_from_symmetric_key(
+        key, azure_hub.ip, device_id, server_verification_cert=root, connection_retry=False
+    )
+    by_token = IoTHubDeviceClient.create_from_sastoken(
+        azure_hub.device_token(device_id, key), server_verification_cert=root, connection_retry=False
+    )
     for client in (by_key, by_token):
         try:
             client.connect()
@@ -457,7 +531,7 @@ def test_service_c2d_over_amqp_is_not_yet(azure_hub: AzureHub, service: Service)
         try:
             service.registry.send_c2d_message(device_id, "hi")
             outcome["error"] = None
-        except BaseException as exc:  # noqa: BLE001 - whatever uamqp raises
+        except BaseException as exc:
             outcome["error"] = exc
 
     sender = threading.Thread(target=send, daemon=True)
@@ -473,10 +547,13 @@ def test_module_client_is_refused_cleanly(azure_hub: AzureHub, service: Service)
     key = service.registry.get_device(device_id).authentication.symmetric_key.primary_key
     client = IoTHubModuleClient.create_from_connection_string(
         f"HostName={azure_hub.ip};DeviceId={device_id};ModuleId=m1;SharedAccessKey={key}",
-        server_verification_cert=azure_hub.root_ca.read_text(), connection_retry=False)
+        server_verification_cert=azure_hub.root_ca.read_text(),
+        connection_retry=False,
+    )
     try:
-        with pytest.raises((device_errors.CredentialError, device_errors.ConnectionFailedError,
-                            device_errors.ClientError)):
+        with pytest.raises(
+            (device_errors.CredentialError, device_errors.ConnectionFailedError, device_errors.ClientError)
+        ):
             client.connect()
     finally:
         client.shutdown()
