@@ -116,28 +116,34 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         await start_listeners(hub)
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, hub.reload_tls)
-        print(f"Tether hub '{settings.hub.hostname}' is running", flush=True)
-        for name, port in hub.ports.items():
-            print(f"  {name:6s} listening on {settings.listeners.host}:{port}", flush=True)
-        if hub.cluster is not None:
-            print(f"Cluster node {hub.node_id} (NATS subjects {hub.cluster.names.prefix}.*)", flush=True)
-        owner = await hub.service_connection_string()
-        https_port = hub.ports.get("https", 443)
-        if https_port != 443 and ":" not in settings.hub.hostname:
-            # Python's service SDK takes a port in HostName; the others need 443 (see above).
-            owner = owner.replace(f"HostName={settings.hub.hostname};",
-                                  f"HostName={settings.hub.hostname}:{https_port};", 1)
-        print(f"Service connection string: {owner}", flush=True)
         pid = os.getpid()
         write_run_file(settings.data_dir, Listening(pid, settings.listeners.host, settings.hub.hostname,
                                                     dict(hub.ports)))
         try:
+            await _announce(hub)
             if ready is not None:
                 ready.set()
             await stop.wait()
             print("Tether hub stopping", file=sys.stderr, flush=True)
         finally:
             remove_run_file(settings.data_dir, pid)
+
+
+async def _announce(hub: Hub) -> None:
+    """The listeners and the owner connection string, on stdout (the last line says the hub is up)."""
+    settings = hub.settings
+    print(f"Tether hub '{settings.hub.hostname}' is running", flush=True)
+    for name, port in hub.ports.items():
+        print(f"  {name:6s} listening on {settings.listeners.host}:{port}", flush=True)
+    if hub.cluster is not None:
+        print(f"Cluster node {hub.node_id} (NATS subjects {hub.cluster.names.prefix}.*)", flush=True)
+    owner = await hub.service_connection_string()
+    https_port = hub.ports.get("https", 443)
+    if https_port != 443 and ":" not in settings.hub.hostname:
+        # Python's service SDK takes a port in HostName; the others need 443 (see the module docstring).
+        owner = owner.replace(f"HostName={settings.hub.hostname};",
+                              f"HostName={settings.hub.hostname}:{https_port};", 1)
+    print(f"Service connection string: {owner}", flush=True)
 
 
 def run(settings: Settings) -> None:

@@ -416,6 +416,7 @@ def test_device_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
     try:
         client.connect()
         assert client.connected
+        _wait(lambda: registry.get_service_statistics().connected_device_count >= 1, "a connected device")
         client.send_message(
             Message(
                 '{"t": 1}', message_id="walk-1", content_type="application/json", content_encoding="utf-8"

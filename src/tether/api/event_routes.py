@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -38,13 +39,15 @@ from tether.api.event_feed import (
 )
 from tether.api.routes import Feature, Param, Route
 from tether.errors import BadRequest, NotFound, TetherError, Throttled
-from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventStream
+from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventStream, StreamError
 from tether.messaging.events import validate_consumer_group as _validate_group
 from tether.registry.models import validate_device_id
 from tether.security.principal import Permission
 
 if TYPE_CHECKING:
     from tether.hub import Hub
+
+log = logging.getLogger("tether.api.events")
 
 __all__ = ["CONSUMERS_KEY", "EVENT_ROUTES", "FEATURE", "NEXT_SEQUENCE_HEADER", "event_doc"]
 
@@ -375,7 +378,12 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
     consumers = request.app[CONSUMERS_KEY]
     if consumers.renderer is not None:
-        await consumers.renderer.ready()
+        try:
+            await consumers.renderer.ready()
+        except (OSError, StreamError) as exc:  # e.g. no semaphores for this user: not a reason to fail
+            log.warning("event feed renderer processes unavailable (%s): rendering in the hub", exc)
+            consumers.renderer.close()
+            consumers.renderer = None
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.content_type, response.charset = "text/event-stream", "utf-8"
     await response.prepare(request)
