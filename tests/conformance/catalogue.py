@@ -9,7 +9,7 @@ written here: it is read from Tether's route table (`tether.api.app.FEATURES`): 
 
 To mark an operation supported once it is built: implement its route (and delete its `not_yet` line),
 add a probe for it in `test_rest_operations.py` and a call in `test_sdk_methods.py`, then run
-`python tests/conformance/table.py --write` to regenerate the table in docs/api.md.
+`python tests/conformance/sdk_table.py --write` to regenerate the table in docs/api.md.
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """docs/api.md's "what works with which SDK" table is generated from the catalogue and the route table;
-this fails when it is stale. Regenerate it with `python tests/conformance/table.py --write`."""
+this fails when it is stale. Regenerate it with `python tests/conformance/sdk_table.py --write`."""
 
 from __future__ import annotations
 
-from table import DOC, render, section
+from sdk_table import DOC, render, section
 
 
 def test_api_table_in_docs_is_current() -> None:
     assert section(DOC.read_text(encoding="utf-8")) == render(), (
-        "docs/api.md is stale: run `python tests/conformance/table.py --write`"
+        "docs/api.md is stale: run `python tests/conformance/sdk_table.py --write`"
     )
 
 

@@ -18,8 +18,8 @@ import httpx
 import pytest
 from azure_errors import assert_azure_error
 from catalogue import OPERATIONS, Operation, shape
-from conftest import API, AzureHub
-from table import status_of
+from conformance_kit import API, AzureHub
+from sdk_table import status_of
 
 from tether.api.app import FEATURES
 

@@ -34,9 +34,9 @@ from azure.iot.hub.models import (
     TwinProperties,
 )
 from catalogue import MODULE, OPERATIONS, SDK_CLASSES
-from conftest import API, AzureHub
+from conformance_kit import API, AzureHub
 from msrest.exceptions import HttpOperationError
-from table import status_of
+from sdk_table import status_of
 
 CLASSES: dict[str, type] = {
     "IoTHubRegistryManager": IoTHubRegistryManager,
