@@ -209,3 +209,19 @@ def test_without_a_fallback_a_refused_443_names_the_setting(work: Path) -> None:
     run = shell.run("run", env=env, ok=False)
     assert run.returncode == 2, run.stderr
     assert "listeners.https_port" in run.stderr and "ip_unprivileged_port_start" in run.stderr
+
+
+def test_make_run_installs_runtime_dependencies_only(tmp_path: Path) -> None:
+    """`make run` installs `.` (what runtime_only.py shows is enough); `make test` adds `.[test]`."""
+    make = shutil.which("make")
+    assert make, "make is needed (the project's two commands are make targets)"
+    venv = f"VENV={tmp_path / 'venv'}"
+
+    def plan(target: str) -> str:
+        return subprocess.run(
+            [make, "-n", target, venv], cwd=ROOT, capture_output=True, text=True, check=True
+        ).stdout
+
+    run = plan("run")
+    assert "pip install -q -e .\n" in run and "[test]" not in run and "tether run" in run
+    assert "pip install -q -e '.[test]'" in plan("pytest")
