@@ -56,12 +56,19 @@ class TemplateResource(web.DynamicResource):
                 rank.append(0)
         self._azure_pattern = re.compile("".join(pattern) + "/?" if pattern else "/")
         self.rank = tuple(rank)  # literal segments sort before parameters, position by position
+        self.by_method: dict[str, web.ResourceRoute] = {}
 
-    def _match(self, path: str) -> dict[str, str] | None:
+    def add_azure_route(self, method: str, handler: Handler) -> None:
+        self.by_method[method] = self.add_route(method, handler)
+
+    def match_path(self, path: str) -> dict[str, str] | None:
         match = self._azure_pattern.fullmatch(path)
         if match is None:
             return None
         return {key: _unquote_safe(value) for key, value in match.groupdict().items()}
+
+    def _match(self, path: str) -> dict[str, str] | None:
+        return self.match_path(path)
 
 
 def _literal(char: str) -> str:
@@ -81,9 +88,17 @@ class RouteTable(web.AbstractResource):
             resource = by_template.get(template)
             if resource is None:
                 resource = by_template[template] = TemplateResource(template)
-            resource.add_route(method, handler)
+            resource.add_azure_route(method, handler)
         # sorted() is stable: templates of equal rank keep the table's order
         self._resources = sorted(by_template.values(), key=lambda r: r.rank)
+        # Candidates by (first segment in lower case, number of segments), so a request tries one or
+        # two templates, not all; templates starting with a parameter (none today) are tried for
+        # every path of their length.
+        self._candidates: dict[tuple[str, int], list[TemplateResource]] = {}
+        for resource in self._resources:
+            segments = resource.template.strip("/").split("/")
+            first = "" if _PARAM.match(segments[0]) else segments[0].lower()
+            self._candidates.setdefault((first, len(segments)), []).append(resource)
 
     @property
     def canonical(self) -> str:
@@ -103,11 +118,17 @@ class RouteTable(web.AbstractResource):
 
     async def resolve(self, request: web.Request) -> tuple[web.UrlMappingMatchInfo | None, set[str]]:
         allowed: set[str] = set()
-        for resource in self._resources:
-            match, methods = await resource.resolve(request)
-            if match is not None:
-                return match, methods
-            allowed |= methods
+        path = request.rel_url.path_safe
+        segments = path.strip("/").split("/")
+        key = (segments[0].lower(), len(segments))
+        for resource in (*self._candidates.get(key, ()), *self._candidates.get(("", len(segments)), ())):
+            params = resource.match_path(path)
+            if params is None:
+                continue
+            route = resource.by_method.get(request.method)
+            if route is not None:
+                return web.UrlMappingMatchInfo(params, route), set(resource.by_method)
+            allowed.update(resource.by_method)
         return None, allowed
 
     def __len__(self) -> int:
@@ -121,6 +142,6 @@ class RouteTable(web.AbstractResource):
 def canonical_path(table: RouteTable, path: str) -> str | None:
     """The template a path resolves to (any method), or None: for tests and diagnostics."""
     for resource in table._resources:
-        if resource._match(path) is not None:
+        if resource.match_path(path) is not None:
             return resource.template
     return None
