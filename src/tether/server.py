@@ -117,8 +117,12 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(signal.SIGHUP, hub.reload_tls)
         pid = os.getpid()
-        write_run_file(settings.data_dir, Listening(pid, settings.listeners.host, settings.hub.hostname,
-                                                    dict(hub.ports)))
+        try:
+            write_run_file(settings.data_dir, Listening(pid, settings.listeners.host, settings.hub.hostname,
+                                                        dict(hub.ports)))
+        except OSError as exc:  # the CLI then falls back to the settings' address; the hub still runs
+            log.warning("cannot write the run file in %s (%s): local CLI commands will use the configured "
+                        "listener address", settings.data_dir, exc.strerror)
         try:
             await _announce(hub)
             if ready is not None:
