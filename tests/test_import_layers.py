@@ -19,7 +19,8 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: tuple[str, ...] = (
     "tether.cli",  # commands; backends chosen by cli.factory, which cli.context calls
-    "tether.server",
+    "tether.server",  # composes the HTTP app: the API's FEATURES, plus the console's when enabled
+    "tether.console",  # the web console's routes use the API's modules, never the other way
     "tether.api",  # api.app lists the route modules' FEATUREs; route modules never import it
     "tether.protocols",  # listeners take the Hub (`start_mqtt(hub)`); the hub never imports them
     "tether.hub",  # the composition root builds cluster and messaging services

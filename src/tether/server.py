@@ -42,9 +42,22 @@ def _is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
+def http_app(hub: Hub) -> web.Application:
+    """The HTTPS listener's application: the API's features (`api.app.FEATURES`) plus the web
+    console's when `operators.console` is on. Composed here, above both packages, so that the API
+    never imports the console (the console uses the API's modules)."""
+    from tether.api.app import FEATURES, build_app
+
+    features = FEATURES
+    if hub.settings.operators.console:
+        from tether.console import FEATURE as CONSOLE
+
+        features = (*FEATURES, CONSOLE)
+    return build_app(hub, features)
+
+
 async def start_listeners(hub: Hub) -> None:
     """Start every configured listener on `hub`; fills `hub.ports` with the bound ports."""
-    from tether.api.app import build_app
     from tether.protocols.mqtt.server import start_mqtt
     from tether.security.tls import TlsContextFactory, start_tls_server
 
@@ -56,7 +69,7 @@ async def start_listeners(hub: Hub) -> None:
         log.warning("TLS %s enabled by tls.min_version: legacy protocol versions are insecure",
                     settings.tls.min_version)
 
-    app = build_app(hub)
+    app = http_app(hub)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
     server = runner.server

@@ -4,7 +4,8 @@ the consumer API and MQTT over WebSockets.
 The one module of `tether.api` that knows its parts: `FEATURES` lists every route module's `FEATURE`,
 `build_app` registers their routes in one `RouteTable` (Azure's matching rules, `api.router`) behind
 the service guard, runs their setups, and builds the served OpenAPI document from the same table.
-Route modules import nothing from here.
+Route modules import nothing from here. The web console (`tether.console`) is another package with its
+own `FEATURE`; `tether.server.http_app(hub)` adds it to these for the HTTPS listener.
 
 aiohttp rather than an ASGI server because the device HTTPS surface needs the TLS peer
 certificate (see docs/decisions/0001-http-stack-aiohttp.md). Serve it with
@@ -36,10 +37,11 @@ from tether.api.bodies import BULK_FACTOR
 from tether.api.context import HUB_KEY, PRINCIPAL_KEY, ROUTES_KEY, SPEC_KEY
 from tether.api.errors import error_middleware
 from tether.api.openapi import spec_bytes
+from tether.api.operator_guard import operator_call
 from tether.api.router import RouteTable
 from tether.api.routes import Feature, Route
 from tether.hub import Hub
-from tether.security.principal import Permission
+from tether.security.principal import Permission, PrincipalKind
 
 __all__ = ["FEATURES", "build_app", "route_table"]
 
@@ -68,7 +70,9 @@ def _guarded(handler: Handler, permission: Permission) -> Handler:
     """Authenticate before the handler runs; the principal is stored on the request."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        request[PRINCIPAL_KEY] = await authenticate(request, permission)
+        request[PRINCIPAL_KEY] = principal = await authenticate(request, permission)
+        if principal.kind is PrincipalKind.user:  # a person: their roles' areas and device scopes too
+            return await operator_call(request, principal, handler)
         return await handler(request)
 
     guarded.__name__ = getattr(handler, "__name__", "handler")
