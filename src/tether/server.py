@@ -3,12 +3,18 @@
 Listeners: MQTT over TLS (`listeners.mqtt_port`), the HTTPS server carrying the service REST API,
 the device HTTPS surface, MQTT over WebSockets and `/metrics` (`listeners.https_port`, 443 by
 default: the port Microsoft's SDKs dial), and — only when configured — plain-TCP MQTT for loopback
-testing. All TLS goes through one TlsContextFactory.
+testing. All TLS goes through one TlsContextFactory; every socket is admitted by the hub's
+`ConnectionSlots`, whose budget is the descriptor limit (raised to the hard limit at start) minus what
+is open minus `limits.fd_reserve`.
 
 Port 443 needs a privilege on Linux (root, `CAP_NET_BIND_SERVICE`, or a lowered
 `net.ipv4.ip_unprivileged_port_start`). Without it the HTTPS listener binds
 `listeners.https_fallback_port` (8443) instead and one warning line says what to do; the hub works,
-only SDKs that cannot take a port in `HostName` need 443 (docs/deployment.md, "Port 443").
+only SDKs that cannot take a port in `HostName` need 443 (docs/deployment.md, "Port 443"). Once the
+listeners are bound, `{data_dir}/run/hub.json` says where they are (for the CLI, `tether.runfile`).
+
+The start-up output names the listeners, never a key: the owner connection string is printed by
+`tether init` and on request (`tether policy connection-string iothubowner`).
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from tether.hub import Hub
 from tether.runfile import Listening, remove_run_file, write_run_file
 
 log = logging.getLogger("tether.server")
+READY_LINE = "Tether hub ready"
 
 PORT_443_HINT = (f"run `sudo setcap cap_net_bind_service=+ep {os.path.realpath(sys.executable)}` or "
                  "`sudo sysctl -w net.ipv4.ip_unprivileged_port_start=443`")
@@ -58,8 +65,10 @@ def http_app(hub: Hub) -> web.Application:
 
 async def start_listeners(hub: Hub) -> None:
     """Start every configured listener on `hub`; fills `hub.ports` with the bound ports."""
+    from tether.api.server import start_https
     from tether.protocols.mqtt.server import start_mqtt
-    from tether.security.tls import TlsContextFactory, start_tls_server
+    from tether.security.admission import socket_capacity
+    from tether.security.tls import TlsContextFactory
 
     settings = hub.settings
     host = settings.listeners.host
@@ -69,15 +78,13 @@ async def start_listeners(hub: Hub) -> None:
         log.warning("TLS %s enabled by tls.min_version: legacy protocol versions are insecure",
                     settings.tls.min_version)
 
-    app = http_app(hub)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    hub.slots.capacity = socket_capacity(settings.limits.fd_reserve)  # what storage left us
+    runner = web.AppRunner(http_app(hub), access_log=None, handle_signals=False)
     await runner.setup()
-    server = runner.server
-    assert server is not None
     listeners = settings.listeners
     try:
         https = await _bind("https_port", host, listeners.https_port,
-                            lambda port: start_tls_server(server, host, port, tls),
+                            lambda port: start_https(hub, runner, host, port, tls),
                             fallback=listeners.https_fallback_port)
     except BaseException:
         await runner.cleanup()
@@ -120,6 +127,11 @@ async def _bind(setting: str, host: str, port: int,
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     """Run the hub until a termination signal; SIGHUP reloads the TLS certificate."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tether.security.admission import raise_descriptor_limit
+
+    before, limit = raise_descriptor_limit()
+    if limit > before:
+        log.info("file descriptor limit raised from %d to %d (the hard limit)", before, limit)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -137,7 +149,7 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             log.warning("cannot write the run file in %s (%s): local CLI commands will use the configured "
                         "listener address", settings.data_dir, exc.strerror)
         try:
-            await _announce(hub)
+            _announce(hub, limit)
             if ready is not None:
                 ready.set()
             await stop.wait()
@@ -146,21 +158,18 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             remove_run_file(settings.data_dir, pid)
 
 
-async def _announce(hub: Hub) -> None:
-    """The listeners and the owner connection string, on stdout (the last line says the hub is up)."""
+def _announce(hub: Hub, descriptor_limit: int) -> None:
+    """The listeners on stdout, never a key; the last line says the hub is up."""
     settings = hub.settings
     print(f"Tether hub '{settings.hub.hostname}' is running", flush=True)
     for name, port in hub.ports.items():
         print(f"  {name:6s} listening on {settings.listeners.host}:{port}", flush=True)
     if hub.cluster is not None:
         print(f"Cluster node {hub.node_id} (NATS subjects {hub.cluster.names.prefix}.*)", flush=True)
-    owner = await hub.service_connection_string()
-    https_port = hub.ports.get("https", 443)
-    if https_port != 443 and ":" not in settings.hub.hostname:
-        # Python's service SDK takes a port in HostName; the others need 443 (see the module docstring).
-        owner = owner.replace(f"HostName={settings.hub.hostname};",
-                              f"HostName={settings.hub.hostname}:{https_port};", 1)
-    print(f"Service connection string: {owner}", flush=True)
+    print(f"  sockets: up to {hub.slots.capacity} (file descriptor limit {descriptor_limit}, "
+          f"{settings.limits.fd_reserve} reserved), {settings.limits.max_connections_per_peer} per peer",
+          flush=True)
+    print(f"{READY_LINE} (owner connection string: tether policy connection-string iothubowner)", flush=True)
 
 
 def run(settings: Settings) -> None:

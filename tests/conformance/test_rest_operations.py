@@ -216,11 +216,81 @@ def probe_invoke_method(hub: AzureHub, rest: httpx.Client) -> None:
 
 def probe_invoke_module_method(hub: AzureHub, rest: httpx.Client) -> None:
     device_id, _, _ = create(rest)
-    r = rest.post(
-        f"/twins/{device_id}/modules/m1/methods?{API}",
-        json={"methodName": "x", "payload": {}, "connectTimeoutInSeconds": 0},
+    call = {"methodName": "x", "payload": {}, "connectTimeoutInSeconds": 0}
+    r = rest.post(f"/twins/{device_id}/modules/m1/methods?{API}", json=call)
+    assert_azure_error(r, 404, "ModuleNotFound")
+    _module(rest, device_id, "m1")
+    r = rest.post(f"/twins/{device_id}/modules/m1/methods?{API}", json=call)
+    assert_azure_error(r, 404, "DeviceNotOnline")  # online calls: test_sdk_methods.py
+
+
+def _module(rest: httpx.Client, device_id: str, module_id: str) -> dict[str, Any]:
+    r = rest.put(f"/devices/{device_id}/modules/{module_id}?{API}", json={"moduleId": module_id})
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def probe_put_module(hub: AzureHub, rest: httpx.Client) -> None:
+    device_id, _, _ = create(rest)
+    doc = _module(rest, device_id, "m1")
+    assert doc["deviceId"] == device_id and doc["authentication"]["symmetricKey"]["primaryKey"]
+    again = rest.put(f"/devices/{device_id}/modules/m1?{API}", json={"moduleId": "m1"})
+    assert_azure_error(again, 409, "ModuleAlreadyExistsOnDevice")
+    replaced = rest.put(
+        f"/devices/{device_id}/Modules/m1/?{API}",
+        json={**doc, "managedBy": "me"},
+        headers={"If-Match": doc["etag"]},
+    )  # unquoted etag, any case, trailing slash
+    assert replaced.status_code == 200 and replaced.json()["managedBy"] == "me", replaced.text
+    assert_azure_error(
+        rest.put(f"/devices/nobody-{device_id}/modules/m1?{API}", json={}), 404, "DeviceNotFound"
     )
-    assert_azure_error(r, 404, "DeviceNotOnline")
+
+
+def probe_get_module(hub: AzureHub, rest: httpx.Client) -> None:
+    device_id, _, _ = create(rest)
+    _module(rest, device_id, "m1")
+    r = rest.get(f"/devices/{device_id}/modules/m1?{API}")
+    assert r.status_code == 200 and r.json()["moduleId"] == "m1" and r.headers["ETag"]
+    assert_azure_error(rest.get(f"/devices/{device_id}/modules/m2?{API}"), 404, "ModuleNotFound")
+
+
+def probe_list_modules(hub: AzureHub, rest: httpx.Client) -> None:
+    device_id, _, _ = create(rest)
+    for module_id in ("m1", "m2"):
+        _module(rest, device_id, module_id)
+    r = rest.get(f"/devices/{device_id}/modules/?{API}")
+    assert r.status_code == 200 and [m["moduleId"] for m in r.json()] == ["m1", "m2"]
+
+
+def probe_delete_module(hub: AzureHub, rest: httpx.Client) -> None:
+    device_id, _, _ = create(rest)
+    doc = _module(rest, device_id, "m1")
+    r = rest.delete(f"/devices/{device_id}/modules/m1?{API}", headers={"If-Match": f'"{doc["etag"]}"'})
+    assert r.status_code == 204
+    assert_azure_error(
+        rest.delete(f"/devices/{device_id}/modules/m1?{API}", headers={"If-Match": "*"}),
+        404,
+        "ModuleNotFound",
+    )
+
+
+def probe_module_twin(hub: AzureHub, rest: httpx.Client) -> None:
+    device_id, _, _ = create(rest)
+    _module(rest, device_id, "m1")
+    twin = rest.get(f"/twins/{device_id}/modules/m1?{API}")
+    assert twin.status_code == 200 and twin.json()["moduleId"] == "m1"
+    etag = twin.json()["etag"]
+    patched = rest.patch(
+        f"/twins/{device_id}/modules/m1?{API}",
+        json={"properties": {"desired": {"r": 1}}},
+        headers={"If-Match": etag},
+    )
+    assert patched.status_code == 200 and patched.json()["properties"]["desired"]["r"] == 1
+    replaced = rest.put(f"/twins/{device_id}/modules/m1?{API}", json={"tags": {"t": 1}})
+    assert replaced.status_code == 200 and replaced.json()["tags"] == {"t": 1}
+    assert_azure_error(rest.get(f"/twins/{device_id}/modules/m2?{API}"), 404, "ModuleNotFound")
 
 
 def probe_purge(hub: AzureHub, rest: httpx.Client) -> None:
@@ -353,6 +423,13 @@ PROBES: dict[str, Callable[[AzureHub, httpx.Client], None]] = {
     "Query_GetTwins": probe_query,
     "Devices_InvokeMethod": probe_invoke_method,
     "Modules_InvokeMethod": probe_invoke_module_method,
+    "Modules_CreateOrUpdateIdentity": probe_put_module,
+    "Modules_GetIdentity": probe_get_module,
+    "Modules_GetModulesOnDevice": probe_list_modules,
+    "Modules_DeleteIdentity": probe_delete_module,
+    "Modules_GetTwin": probe_module_twin,
+    "Modules_UpdateTwin": probe_module_twin,
+    "Modules_ReplaceTwin": probe_module_twin,
     "CloudToDeviceMessages_PurgeCloudToDeviceMessageQueue": probe_purge,
     "CloudToDeviceMessages_ReceiveFeedbackNotification": probe_receive_feedback,
     "CloudToDeviceMessages_CompleteFeedbackNotification": probe_complete_feedback,

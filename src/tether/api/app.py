@@ -9,8 +9,8 @@ own `FEATURE`; `tether.server.http_app(hub)` adds it to these for the HTTPS list
 
 aiohttp rather than an ASGI server because the device HTTPS surface needs the TLS peer
 certificate (see docs/decisions/0001-http-stack-aiohttp.md). Serve it with
-`web.AppRunner(build_app(hub))` on a `TCPSite` (plain, tests) or through
-`tether.security.tls.start_tls_server(runner.server, …)`.
+`web.AppRunner(build_app(hub))` on a `TCPSite` (plain, tests) or, as `tether run` does, through
+`tether.api.server.start_https(hub, runner, …)` (deadlines, admission, total parsing).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from tether.api import (
     devices,
     event_routes,
     method_routes,
+    module_routes,
     not_yet,
     operations,
     query_routes,
@@ -40,6 +41,7 @@ from tether.api.openapi import spec_bytes
 from tether.api.operator_guard import operator_call
 from tether.api.router import RouteTable
 from tether.api.routes import Feature, Route
+from tether.api.server import hide_server_banner, request_guard
 from tether.hub import Hub
 from tether.security.principal import Permission, PrincipalKind
 
@@ -51,6 +53,7 @@ FEATURES: tuple[Feature, ...] = (
     twin_routes.FEATURE,
     query_routes.FEATURE,
     method_routes.FEATURE,
+    module_routes.FEATURE,
     c2d_routes.FEATURE,
     device_routes.FEATURE,
     not_yet.FEATURE,
@@ -90,9 +93,10 @@ def build_app(hub: Hub, features: tuple[Feature, ...] = FEATURES) -> web.Applica
     # aiohttp's own cap is the largest body any route accepts (bulk import); each handler then
     # reads with its own limit, so ordinary routes still answer 413 above the normal limit.
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, request_guard],
         client_max_size=hub.settings.limits.max_request_body_bytes * BULK_FACTOR,
     )
+    app.on_response_prepare.append(hide_server_banner)
     app[HUB_KEY] = hub
     for feature in features:
         if feature.setup is not None:

@@ -1,7 +1,6 @@
 """Azure IoT Hub operations Tether does not implement yet, each answering a clean Azure error.
 
-Modules, jobs, configurations, digital twins and file upload are planned (another engineer builds
-modules, jobs, configurations and file upload next). Until then their routes exist so that an SDK
+Jobs, configurations, digital twins and file upload are planned. Until then their routes exist so that an SDK
 calling them gets Azure's error shape instead of a bare 404: **501** with code `NotImplemented`, which
 no SDK retries (msrest treats 501 as final; Node's and .NET's retry policies retry throttling and
 500/503-class errors only), after the normal authentication. Marked `x-tether-not-yet` in the OpenAPI
@@ -54,7 +53,6 @@ def _device_answer(area: str) -> Callable[[web.Request], Awaitable[web.Response]
     return not_yet
 
 
-_MODULES = _answer("module identities")
 _CONFIGS = _answer("configurations")
 _JOBS = _answer("jobs")
 _DIGITAL = _answer("digital twins")
@@ -68,15 +66,6 @@ def _r(method: str, path: str, handler: Callable[[web.Request], Awaitable[web.Re
 
 
 FEATURE = Feature("not-yet", (
-    # modules (IoTHubRegistryManager *_module*, module twins)
-    _r("GET", "/devices/{id}/modules", _MODULES, "List the modules of a device", READ, "modules"),
-    _r("GET", "/devices/{id}/modules/{mid}", _MODULES, "Get a module identity", READ, "modules"),
-    _r("PUT", "/devices/{id}/modules/{mid}", _MODULES, "Create or replace a module identity", WRITE,
-       "modules"),
-    _r("DELETE", "/devices/{id}/modules/{mid}", _MODULES, "Delete a module identity", WRITE, "modules"),
-    _r("GET", "/twins/{id}/modules/{mid}", _MODULES, "Get a module twin", READ, "modules"),
-    _r("PATCH", "/twins/{id}/modules/{mid}", _MODULES, "Update a module twin", WRITE, "modules"),
-    _r("PUT", "/twins/{id}/modules/{mid}", _MODULES, "Replace a module twin", WRITE, "modules"),
     # configurations (IoTHubConfigurationManager)
     _r("GET", "/configurations", _CONFIGS, "List configurations", READ, "configurations"),
     _r("GET", "/configurations/{id}", _CONFIGS, "Get a configuration", READ, "configurations"),

@@ -21,7 +21,7 @@ from tether.security.principal import Permission
 if TYPE_CHECKING:
     from tether.hub import Hub
 
-__all__ = ["IF_MATCH", "READ", "WRITE", "Body", "Feature", "Param", "Route", "Setup"]
+__all__ = ["IF_MATCH", "KEY", "KEY_CHOICES", "READ", "WRITE", "Body", "Feature", "Param", "Route", "Setup"]
 
 READ = Permission.registry_read
 WRITE = Permission.registry_write
@@ -77,3 +77,6 @@ class Feature:
 
 
 IF_MATCH = Param("If-Match", "header", 'Etag, quoted (`"…"`) or not, or `*`.')
+KEY_CHOICES = ("primary", "secondary", "both")
+KEY = Param("key", "query", "Which key to regenerate.",
+            {"type": "string", "enum": list(KEY_CHOICES), "default": "primary"})

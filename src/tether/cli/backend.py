@@ -13,13 +13,14 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Any, Protocol
 
-from tether.registry.models import Device
+from tether.registry.models import Device, Module
 from tether.storage.base import AuditRecord, PolicyRecord
 
-__all__ = ["LOCAL_ACTOR", "Backend"]
+__all__ = ["KEYS_WITHHELD", "LOCAL_ACTOR", "Backend"]
 
 LOCAL_ACTOR = "cli:local"  # the audit actor of changes made on the data dir directly
-
+# Why a remote device can come back without keys (tether.security.disclosure).
+KEYS_WITHHELD = "a hub shows device keys only to RegistryReadWrite or DeviceConnect policies"
 
 class Backend(Protocol):
     mode: str  # "local" | "remote"
@@ -42,6 +43,15 @@ class Backend(Protocol):
     async def regenerate_device_key(self, device_id: str, which: str) -> Device: ...
     async def import_devices(self, records: Sequence[dict[str, Any]]) -> int: ...
     def export_devices(self) -> AsyncIterator[Device]: ...
+
+    # modules
+    async def create_module(self, device_id: str, module_id: str, body: dict[str, Any]) -> Module: ...
+    async def get_module(self, device_id: str, module_id: str) -> Module: ...
+    async def list_modules(self, device_id: str) -> list[Module]: ...
+    async def replace_module(self, device_id: str, module_id: str, body: dict[str, Any],
+                             etag: str | None) -> Module: ...
+    async def delete_module(self, device_id: str, module_id: str, etag: str | None) -> None: ...
+    async def regenerate_module_key(self, device_id: str, module_id: str, which: str) -> Module: ...
 
     # shared access policies
     async def list_policies(self, *, keys: bool = False) -> list[PolicyRecord]:
