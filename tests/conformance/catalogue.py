@@ -68,7 +68,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "service auth",
         tuple(f"{c}.from_token_credential" for c in (REGISTRY, JOBS, CONFIGS, RUNTIME, DIGITAL)),
         status="not yet",
-        note="Tether has no Azure AD: use a shared access policy",
+        note="not verified with the SDK: Tether accepts bearer tokens only from an OIDC provider configured "
+        "in `operators.oidc` (e.g. Entra ID, docs/security.md); any other token is a 401",
     ),
     # --- device identities ---------------------------------------------------------------------------
     Operation("Devices_GetDevices", "GET", "/devices", "devices", (f"{REGISTRY}.get_devices",)),
@@ -302,6 +303,13 @@ OPERATIONS: tuple[Operation, ...] = (
         "/devices/{id}/messages/events",
         "device https",
         note="single message, or a batch (`application/vnd.microsoft.iothub.json`)",
+    ),
+    Operation(
+        "Module_SendModuleEvent",
+        "POST",
+        "/devices/{id}/modules/{mid}/messages/events",
+        "device https",
+        note="authenticated as the module",
     ),
     Operation(
         "Device_ReceiveDeviceBoundNotification", "GET", "/devices/{id}/messages/devicebound", "device https"

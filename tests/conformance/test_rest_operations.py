@@ -10,6 +10,7 @@ import base64
 import inspect
 import json
 import re
+import time
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -22,6 +23,7 @@ from conformance_kit import API, AzureHub
 from sdk_table import status_of
 
 from tether.api.app import FEATURES
+from tether.security.sas import build_token
 
 REST_OPS = [op for op in OPERATIONS if op.rest]
 
@@ -357,6 +359,19 @@ def probe_send_event(hub: AzureHub, rest: httpx.Client) -> None:
     assert events[1]["systemProperties"]["message-id"] == "b1"
 
 
+def probe_send_module_event(hub: AzureHub, rest: httpx.Client) -> None:
+    device_id, _, _ = create(rest)
+    key = _module(rest, device_id, "m1")["authentication"]["symmetricKey"]["primaryKey"]
+    with hub.rest() as module:
+        module.headers["Authorization"] = build_token(
+            f"{hub.ip}/devices/{device_id}/modules/m1", key, int(time.time()) + 3600
+        )
+        r = module.post(f"/devices/{device_id}/modules/m1/messages/events?{API}", content=b"from-module")
+        assert r.status_code == 204, r.text
+    (event,) = _events(rest, device_id)
+    assert event["moduleId"] == "m1" and event["body"] == "from-module"
+
+
 def _c2d(hub: AzureHub, rest: httpx.Client) -> tuple[str, httpx.Client]:
     device_id, key, _ = create(rest)
     assert (
@@ -423,6 +438,7 @@ PROBES: dict[str, Callable[[AzureHub, httpx.Client], None]] = {
     "Query_GetTwins": probe_query,
     "Devices_InvokeMethod": probe_invoke_method,
     "Modules_InvokeMethod": probe_invoke_module_method,
+    "Module_SendModuleEvent": probe_send_module_event,
     "Modules_CreateOrUpdateIdentity": probe_put_module,
     "Modules_GetIdentity": probe_get_module,
     "Modules_GetModulesOnDevice": probe_list_modules,

@@ -6,7 +6,7 @@ no SDK retries (msrest treats 501 as final; Node's and .NET's retry policies ret
 500/503-class errors only), after the normal authentication. Marked `x-tether-not-yet` in the OpenAPI
 document and "not yet" in docs/api.md.
 
-To implement one: add its route to its own module's `FEATURE` (e.g. a `module_routes.py`) and delete
+To implement one: add its route to its own module's `FEATURE` (as `module_routes.py` did) and delete
 its line here; the conformance catalogue (`tests/conformance/catalogue.py`) then says what to test.
 """
 
