@@ -2,19 +2,28 @@
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
+# Two install stamps: `make run` needs only the runtime dependencies; everything that tests or checks
+# (`make test`, lint, typecheck, bench, fuzz) adds the `test` extra (SDKs, sslyze, mypy, atheris…).
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
 
 .PHONY: run test lint typecheck pytest bench fuzz clean venv azurite
 
-$(STAMP): pyproject.toml
+$(RUN_STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	touch $(RUN_STAMP)
+
+$(STAMP): $(RUN_STAMP)
 	$(BIN)/python -m pip install -q -e '.[test]'
 	touch $(STAMP)
 
 venv: $(STAMP)
 
-run: $(STAMP)
+# The hub's settings come from tether-data/tether.toml, which `tether init` writes from the
+# TETHER_* variables given here (so a second shell needs none of them).
+run: $(RUN_STAMP)
 	$(BIN)/tether init --if-needed
 	$(BIN)/tether run
 

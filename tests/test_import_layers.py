@@ -18,17 +18,16 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: tuple[str, ...] = (
-    # "tether.cli" belongs on top, "tether.api" between tether.server and tether.protocols
-    "tether.server",
+    "tether.cli",  # commands; backends chosen by cli.factory, which cli.context calls
+    "tether.server",  # composes the HTTP app: the API's FEATURES, plus the console's when enabled
+    "tether.console",  # the web console's routes use the API's modules, never the other way
+    "tether.api",  # api.app lists the route modules' FEATUREs; route modules never import it
     "tether.protocols",  # listeners take the Hub (`start_mqtt(hub)`); the hub never imports them
     "tether.hub",  # the composition root builds cluster and messaging services
     "tether.cluster",
     "tether.messaging",
 )
 NOT_YET_CHECKED: tuple[str, ...] = (
-    "tether.cli",  # cli.context ↔ local / remote
-    "tether.api",  # route tables ↔ route modules ↔ context, app ↔ *_routes via mount
-    "tether.console",  # beside api: console.routes ↔ api.app via mount
     "tether.registry",  # registry ↔ security ↔ storage
     "tether.security",
     "tether.storage",
@@ -173,6 +172,20 @@ def test_cluster_and_messaging_never_name_a_protocol() -> None:
     below = restricted(graph, ("tether.hub", "tether.cluster", "tether.messaging"))
     named = sorted(f"{m} -> {t}" for m in below for t in graph[m] if t.startswith("tether.protocols"))
     assert named == []
+
+
+def test_api_route_modules_do_not_know_the_app() -> None:
+    """`api.app` is the one module that knows the API's parts (its FEATURES list)."""
+    graph = import_graph()
+    knowing = sorted(m for m in graph if m.startswith("tether.api.") and "tether.api.app" in graph[m])
+    assert knowing == []
+
+
+def test_cli_backends_do_not_know_the_command_layer() -> None:
+    """`cli.factory` chooses a backend; backends never import `cli.context` (the command layer)."""
+    graph = import_graph()
+    for backend in ("backend", "local", "remote", "running", "factory"):
+        assert "tether.cli.context" not in graph[f"tether.cli.{backend}"], backend
 
 
 # --- the checker itself ---------------------------------------------------------------------------

@@ -7,14 +7,17 @@ start-up with pydantic's message, which names the setting.
 
 from __future__ import annotations
 
+import json
 import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -64,7 +67,12 @@ class ListenerSettings(Section):
     mqtt_plain_port: int | None = Field(
         None, ge=0, le=65535, description="Plain-TCP MQTT; only for loopback testing, off by default."
     )
-    https_port: int = Field(8443, ge=0, le=65535, description="Service REST API, device HTTPS, MQTT/WS.")
+    https_port: int = Field(
+        443, ge=0, le=65535,
+        description="Service REST API, device HTTPS, MQTT/WS: 443, the port every Microsoft SDK dials.")
+    https_fallback_port: int = Field(
+        8443, ge=0, le=65535,
+        description="Bound instead when this process lacks the privilege for https_port; 0: no fallback.")
     amqp_port: int | None = Field(None, ge=0, le=65535, description="AMQP over TLS (when available).")
 
 
@@ -392,3 +400,32 @@ def load_settings(**overrides: Any) -> Settings:
             name = ".".join(str(p) for p in err["loc"])
             lines.append(f"invalid setting {name}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from exc
+
+
+def environment_settings() -> dict[str, list[str]]:
+    """Which settings the `TETHER_*` environment sets: `{section: [key, …]}` (values are read from
+    validated `Settings`, so they carry their types)."""
+    found = EnvSettingsSource(Settings, env_prefix="TETHER_", env_nested_delimiter="__")()
+    return {section: sorted(keys) for section, keys in found.items()
+            if isinstance(keys, dict) and section in Settings.model_fields}
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    return json.dumps(str(value))  # a TOML basic string (JSON escapes are valid TOML escapes)
+
+
+def render_toml(sections: Mapping[str, Mapping[str, Any]], *, header: str = "") -> str:
+    """A settings file: one table per section, scalar values only (every setting is a scalar); keys
+    whose value is None are left out (None means "default")."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for section, values in sections.items():
+        present = {k: v for k, v in values.items() if v is not None}
+        if not present:
+            continue
+        lines += ["", f"[{section}]"] if lines else [f"[{section}]"]
+        lines += [f"{key} = {_toml_value(value)}" for key, value in present.items()]
+    return "\n".join(lines) + "\n"

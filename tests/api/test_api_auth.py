@@ -24,7 +24,7 @@ def assert_unauthorized(r: httpx.Response, status: int = 401, secret: str | None
     assert r.status_code == status, r.text
     body = r.json()
     assert body["errorCode"] == "IotHubUnauthorizedAccess"
-    assert body["message"]
+    assert body["Message"]
     if secret:
         assert secret not in r.text
 
@@ -49,7 +49,7 @@ async def test_expired_token_is_401_and_not_echoed(anon: httpx.AsyncClient, hub:
     sig = token.split("sig=")[1].split("&")[0]
     r = await anon.get(f"/devices{API}", headers={"Authorization": token})
     assert_unauthorized(r, secret=sig)
-    assert "expired" in r.json()["message"]
+    assert "expired" in r.json()["Message"]
     assert [x.reason for x in await refused(hub)] == ["expired"]
 
 

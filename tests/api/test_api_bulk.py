@@ -89,5 +89,5 @@ async def test_error_line_numbers_count_blank_lines(client: httpx.AsyncClient, h
     r = await client.post(f"/tether/devices/import{API}", content=raw, headers=NDJSON)
     assert r.status_code == 400, r.text
     assert r.json()["field"] == "line 5: colour"
-    assert r.json()["message"].startswith("nothing imported: line 5: ")
+    assert r.json()["Message"].split(";", 1)[1].startswith("nothing imported: line 5: ")
     assert (await hub.registry.statistics()).total_device_count == 0

@@ -113,7 +113,7 @@ async def test_request_level_refusals(client: httpx.AsyncClient, hub: Hub, base_
     r = await client.post(f"/devices{API}", content=b"[{not json")
     assert r.status_code == 400 and r.json()["field"] == "body"
     r = await bulk(client, [{"id": f"m{i}", "importMode": "create"} for i in range(101)])
-    assert r.status_code == 400 and "100" in r.json()["message"]
+    assert r.status_code == 400 and "100" in r.json()["Message"]
     headers = {"Authorization": await policy_token(hub, "registryRead")}
     async with httpx.AsyncClient(base_url=base_url, headers=headers) as reader:
         r = await reader.post(f"/devices{API}", json=[{"id": "x", "importMode": "create"}])

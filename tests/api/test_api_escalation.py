@@ -63,7 +63,7 @@ async def test_a_non_owner_policy_cannot_read_any_key_of_a_policy_with_more_righ
         else:  # iothubowner and device: DeviceConnect is the right the caller lacks
             assert r.status_code == 403, (policy.name, r.text)
             assert "primaryKey" not in r.text and policy.primary_key not in r.text
-            assert policy.secondary_key not in r.text and "DeviceConnect" in r.json()["message"]
+            assert policy.secondary_key not in r.text and "DeviceConnect" in r.json()["Message"]
     refused = [r for r in await key_reads(hub) if r.outcome == "refused"]
     assert sorted(r.target for r in refused) == ["device", "iothubowner"]
     assert all(r.principal == "policy:almostOwner" and r.reason == "more-rights" for r in refused)

@@ -22,7 +22,8 @@ def assert_error(r: httpx.Response, status: int, field: str | None = None) -> di
     assert r.status_code == status, r.text
     assert r.headers["content-type"].startswith("application/json")
     body: dict[str, str] = r.json()
-    assert body["errorCode"] and body["message"]
+    assert body["errorCode"] and body["Message"].startswith(f"ErrorCode:{body['errorCode']};")
+    assert r.headers["iothub-errorcode"] == body["errorCode"]  # Azure's header on every error
     if field is not None:
         assert field in body.get("field", ""), body
     return body
@@ -32,7 +33,8 @@ async def test_malformed_json(client: httpx.AsyncClient, hub: Hub) -> None:
     r = await client.put(f"/devices/v{API}", content=b'{"deviceId": "v",',
                          headers={"Content-Type": "application/json"})
     body = assert_error(r, 400, "body")
-    assert body["errorCode"] == "ArgumentInvalid" and body["message"].startswith("malformed JSON:")
+    assert body["errorCode"] == "ArgumentInvalid"
+    assert body["Message"].split(";", 1)[1].startswith("malformed JSON:")
     assert body["field"] == "body"
     await assert_empty(hub)
 
@@ -46,7 +48,7 @@ async def test_non_object_or_empty_body(client: httpx.AsyncClient, hub: Hub, raw
 @pytest.mark.parametrize("raw", [b'{"deviceId": NaN}', b'{"deviceId": "\xff"}'])
 async def test_nan_and_bad_utf8_are_malformed(client: httpx.AsyncClient, hub: Hub, raw: bytes) -> None:
     body = assert_error(await client.put(f"/devices/v{API}", content=raw), 400, "body")
-    assert body["message"].startswith("malformed JSON")
+    assert body["Message"].split(";", 1)[1].startswith("malformed JSON")
     await assert_empty(hub)
 
 

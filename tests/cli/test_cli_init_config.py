@@ -94,3 +94,30 @@ def test_help_works_for_every_command(cli: Cli) -> None:
 def test_run_before_init_exits_2(cli: Cli) -> None:
     result = cli("run", ok=False)
     assert result.exit_code == 2 and "tether init" in result.stderr
+
+
+def test_init_saves_the_settings_it_was_given(cli: Cli) -> None:
+    """`make run` passes listener settings through the environment; `init` saves them, so a second shell
+    (here: commands without the variables) uses the same hub address and ports."""
+    env = {"TETHER_HUB__HOSTNAME": "127.0.0.85", "TETHER_LISTENERS__HOST": "127.0.0.85",
+           "TETHER_LISTENERS__HTTPS_PORT": "9443", "TETHER_LIMITS__MAX_CONNECTIONS": "500"}
+    first = cli("init", "--if-needed", env=env)
+    assert first.stdout.startswith("HostName=127.0.0.85;")
+    path = cli.data_dir / "tether.toml"
+    assert path.stat().st_mode & 0o077 == 0  # may name a database URL with its password
+    saved = tomllib.loads(path.read_text())
+    assert saved["hub"] == {"hostname": "127.0.0.85"}
+    assert saved["listeners"] == {"host": "127.0.0.85", "https_port": 9443}  # typed, not strings
+    assert saved["limits"] == {"max_connections": 500}
+    # a second shell: no variables, same settings
+    assert cli("init", "--if-needed").stdout == first.stdout
+    assert tomllib.loads(path.read_text()) == saved
+    cli("device", "create", "d1")
+    assert cli("device", "connection-string", "d1").stdout.startswith("HostName=127.0.0.85;")
+    # a new value given later is saved too, and said so
+    moved = cli("init", "--if-needed", env={"TETHER_LISTENERS__HTTPS_PORT": "443"})
+    assert "saved listeners.https_port" in moved.stderr
+    assert tomllib.loads(path.read_text())["listeners"] == {"host": "127.0.0.85", "https_port": 443}
+    # the host name is baked into the certificate and every token: not changed behind the user's back
+    renamed = cli("init", "--if-needed", env={"TETHER_HUB__HOSTNAME": "other.example"}, ok=False)
+    assert renamed.exit_code == 1 and "tether.toml" in renamed.stderr

@@ -5,6 +5,7 @@ has stopped, local mode works on the data dir directly again."""
 
 from __future__ import annotations
 
+import json
 import os
 import queue
 import re
@@ -23,7 +24,7 @@ import pytest
 
 from .conftest import Cli, json_lines
 
-HUB_LINE = "hub running at https://localhost:{port}: using its API"
+HUB_LINE = "hub running at https://127.0.0.1:{port}: using its API"
 
 
 def free_port() -> int:
@@ -152,13 +153,16 @@ def test_disable_and_delete_drop_live_connections(cli: Cli, hub: HubProcess, htt
 
 
 def test_unreachable_hub_refuses_changes_but_allows_reads(cli: Cli, hub: HubProcess) -> None:
-    elsewhere = {"TETHER_LISTENERS__HTTPS_PORT": str(free_port())}  # nobody listens there
-    refused = cli("device", "disable", "dev1", env=elsewhere, ok=False)
+    run_file = cli.data_dir / "run" / "hub.json"
+    doc = json.loads(run_file.read_text())
+    doc["ports"]["https"] = free_port()  # nobody listens there
+    run_file.write_text(json.dumps(doc))
+    refused = cli("device", "disable", "dev1", ok=False)
     assert refused.exit_code == 1 and refused.stdout == ""
     assert "another process" in refused.stderr and "Nothing was changed" in refused.stderr
-    assert "cannot reach https://localhost:" in refused.stderr
+    assert "cannot reach https://127.0.0.1:" in refused.stderr
 
-    shown = cli("device", "show", "dev1", env=elsewhere)
+    shown = cli("device", "show", "dev1")
     assert "reading the data dir directly" in shown.stderr
     assert '"status": "enabled"' in shown.stdout  # the refused disable wrote nothing
     assert not [r for r in json_lines(cli("audit", "--action", "device.disable", "--json").stdout)]

@@ -230,7 +230,7 @@ def test_local_monitor_falls_back_to_the_running_hub(cli: Cli, owner_cs: str) ->
         while hub.feeds:
             assert time.monotonic() < deadline
             time.sleep(0.05)
-    assert f"hub running at https://localhost:{port}: following its feed" in result.stderr
+    assert f"hub running at https://127.0.0.1:{port}: following its feed" in result.stderr
     assert sorted(e["event"]["properties"]["system"]["message-id"] for e in lines(result.stdout)) == [
         "m1", "m2", "m3"]
 
@@ -240,4 +240,4 @@ def test_local_monitor_without_a_reachable_hub_keeps_the_clear_error(cli: Cli, r
     result = cli("monitor", "--timeout", "1", env=env, ok=False)
     assert result.exit_code == 1
     assert "another process" in result.stderr and "stop the hub" in result.stderr
-    assert "cannot reach https://localhost:" in result.stderr
+    assert "cannot reach https://127.0.0.1:" in result.stderr

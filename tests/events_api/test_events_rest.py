@@ -136,7 +136,7 @@ async def test_from_checkpoint(client: httpx.AsyncClient, hub: Hub) -> None:
 
 async def test_only_one_start_position(client: httpx.AsyncClient) -> None:
     r = await client.get(messages(0), params={"fromSequence": 1, "fromOffset": "-1"})
-    assert r.status_code == 400 and "at most one" in r.json()["message"]
+    assert r.status_code == 400 and "at most one" in r.json()["Message"]
 
 
 async def test_binary_and_declared_binary_bodies_are_base64(client: httpx.AsyncClient, hub: Hub) -> None:
@@ -157,13 +157,13 @@ async def test_invalid_partition_is_named(client: httpx.AsyncClient, partition: 
     r = await client.get(f"/tether/events/partitions/{partition}/messages", params={"timeout": 0})
     assert r.status_code == status, r.text
     body = r.json()
-    assert body["field"] == "partition" and partition.lstrip("-") in body["message"]
+    assert body["field"] == "partition" and partition.lstrip("-") in body["Message"]
 
 
 async def test_read_needs_an_existing_consumer_group(client: httpx.AsyncClient) -> None:
     r = await client.get(messages(0), params={"consumerGroup": "ghosts", "timeout": 0})
     assert r.status_code == 404 and r.json()["errorCode"] == "ConsumerGroupNotFound"
-    assert "ghosts" in r.json()["message"]
+    assert "ghosts" in r.json()["Message"]
 
 
 async def test_query_limits_are_checked(client: httpx.AsyncClient) -> None:

@@ -189,7 +189,7 @@ def test_apply_content_writes_module_twins_and_checks_every_module_first(hub: Ru
         module_config = {"id": "edge-deploy", "priority": 1, "targetCondition": "*",
                          "content": {"modulesContent": {"camera": {"properties.desired.fps": 1}}}}
         r = rest.put(f"/configurations/edge-deploy{API}", json=module_config)
-        assert r.status_code == 400 and "applyConfigurationContent" in r.json()["message"], r.text
+        assert r.status_code == 400 and "applyConfigurationContent" in r.json()["Message"], r.text
     assert twin(hub, "cfg-edge")["properties"]["desired"]["site"] == "north"  # nothing written
     assert hub.call(hub.hub.twins.get("cfg-edge", "camera"))["properties"]["desired"]["fps"] == 30
 

@@ -51,7 +51,7 @@ def assert_4xx(raw: bytes, status: int = 400) -> dict[str, object]:
     assert code == status, raw[:400]
     assert headers["server"] == "Tether" and "aiohttp" not in raw.decode("latin-1").lower()
     document = json.loads(body)
-    assert document["errorCode"] and document["message"]
+    assert document["errorCode"] and document["Message"]
     return dict(document)
 
 

@@ -158,7 +158,7 @@ def test_disconnect_while_waiting_is_404_at_once(harness: HubHarness, device: De
         dev.close()
         r = call.result(10)
     assert r.status_code == 404 and r.json()["errorCode"] == "DeviceNotOnline"
-    assert "disconnected" in r.json()["message"]
+    assert "disconnected" in r.json()["Message"]
     assert time.monotonic() - started < 5
     assert harness.methods.pending_count == 0
 

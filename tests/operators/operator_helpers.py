@@ -12,9 +12,9 @@ import httpx
 from aiohttp import web
 from oidc_issuer import IssuerServer, running_issuer
 
-from tether.api.app import build_app
 from tether.config import load_settings
 from tether.hub import Hub
+from tether.server import http_app
 from tether.storage.base import AuditRecord
 
 HUB_IP = "127.0.0.100"
@@ -64,7 +64,7 @@ async def operator_env(tmp_path: Path, **operators: Any) -> AsyncIterator[Operat
                                  operators={"oidc": [provider], "cookie_secure": False, **operators})
         hub = Hub(settings)
         await hub.open()
-        runner = web.AppRunner(build_app(hub), access_log=None)
+        runner = web.AppRunner(http_app(hub), access_log=None)
         await runner.setup()
         site = web.TCPSite(runner, HUB_IP, 0)
         await site.start()

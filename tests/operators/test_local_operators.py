@@ -66,7 +66,7 @@ async def test_unknown_operator_and_wrong_password_look_the_same(env: OperatorEn
     a = await env.login("erin", "not the password")
     b = await env.login("nosuchuser", "not the password")
     assert a.status_code == b.status_code == 401
-    assert a.json()["message"] == b.json()["message"]
+    assert a.json()["Message"] == b.json()["Message"]
 
 
 async def test_totp_is_required_checked_and_single_use(env: OperatorEnv) -> None:

@@ -96,6 +96,10 @@ async def test_scoped_role_cannot_read_or_touch_another_sites_device(env: Operat
         assert (await env.last_refusal()).reason == "out-of-scope"
         listed = {d["deviceId"] for d in (await c.get(f"/devices{API}")).json()}
         assert listed == {"dev-a", "dev-a2"}
+        for spelling in ("/Devices/", "/devices/", "/DEVICES"):  # Azure's paths match in any case
+            narrowed = {d["deviceId"] for d in (await c.get(f"{spelling}{API}")).json()}
+            assert narrowed == {"dev-a", "dev-a2"}, spelling
+        assert (await c.get(f"/statistics/service{API}")).status_code == 403
         queried = (await c.post(f"/devices/query{API}", json={"query": "SELECT * FROM devices"})).json()
         assert {d["deviceId"] for d in queried} == {"dev-a", "dev-a2"}
         counted = (await c.post(f"/devices/query{API}",

@@ -57,7 +57,7 @@ async def test_filters_projections_and_aggregates(hub: Hub, client: httpx.AsyncC
 async def test_errors_name_the_field(client: httpx.AsyncClient) -> None:
     r = await client.post(QUERY, json={"query": "SELECT * FROM devices WHERE tags.x = = 1"})
     assert r.status_code == 400 and r.json()["field"] == "query"
-    assert "line 1, column 38" in r.json()["message"]
+    assert "line 1, column 38" in r.json()["Message"]
     for body, field in (
         ({"query": 5}, "query"),
         ({"query": "SELECT * FROM devices", "x": 1}, "x"),

@@ -488,7 +488,7 @@ async def test_rest_answers_429_throttling_exception(hub: Hub) -> None:
             refused = await client.get(url, headers={"Authorization": token})
             assert refused.status_code == 429
             assert refused.json()["errorCode"] == "ThrottlingException"
-            assert "retry in 1 s" in refused.json()["message"]
+            assert "retry in 1 s" in refused.json()["Message"]
             clock.advance(1.0)
             assert (await client.get(url, headers={"Authorization": token})).status_code == 200
     finally:

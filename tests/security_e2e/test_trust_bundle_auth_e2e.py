@@ -92,7 +92,7 @@ async def test_bundle_fetch_refusals_are_401_or_403_and_audited(hub: Hub, tmp_pa
 
     expired = build_token("localhost/devices/dev-other", key, int(time.time()) - 3600)
     reply = await fetch(port, roots, BUNDLE, expired)
-    assert reply.status == 401 and "expired" in reply.json()["message"]
+    assert reply.status == 401 and "expired" in reply.json()["Message"]
     assert await refusals(hub, "expired", action_prefix="auth.https", target="dev-other")
 
     reply = await fetch(port, roots, BUNDLE, await policy_token(hub, "device"))  # hub-level, DeviceConnect

@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from tether.api.auth import OWNER_RIGHTS, require_all
 from tether.api.bodies import query_bool, query_choice, query_datetime, query_int, read_json_object
 from tether.api.context import hub_of, peer_of, principal_of
-from tether.api.devices import KEY_CHOICES, validation_error
+from tether.api.devices import validation_error
+from tether.api.routes import KEY, KEY_CHOICES, READ, WRITE, Feature, Param, Route
 from tether.errors import Forbidden
 from tether.registry.models import validate_key
 from tether.security.disclosure import KEY_MANAGEMENT_RIGHTS, may_read_policy_keys, rights_of
@@ -186,3 +187,30 @@ async def query_audit(request: web.Request) -> web.Response:
         principal=request.query.get("principal") or None,
     )
     return web.json_response([AuditEntry.of(r).model_dump(mode="json") for r in records])
+
+
+KEYS = Param("keys", "query", "Include keys (needs RegistryReadWrite and ServiceConnect).",
+             {"type": "boolean", "default": False})
+
+FEATURE = Feature("policies-audit", (
+    Route("GET", "/tether/policies", list_policies, "List shared access policies", READ,
+          "tether-policies", response=Policy, array=True, params=(KEYS,)),
+    Route("GET", "/tether/policies/{name}", get_policy, "Get a shared access policy", READ,
+          "tether-policies", response=Policy, params=(KEYS,)),
+    Route("PUT", "/tether/policies/{name}", create_policy, "Create a shared access policy (owner only)",
+          WRITE, "tether-policies", request=PolicyCreate, response=Policy, status=201,
+          description="Needs all four rights. 409 if the policy exists."),
+    Route("DELETE", "/tether/policies/{name}", delete_policy, "Delete a shared access policy "
+          "(owner only)", WRITE, "tether-policies", status=204),
+    Route("POST", "/tether/policies/{name}/regenerate-key", regenerate_policy_key,
+          "Regenerate a policy's key(s) (owner only)", WRITE, "tether-policies", response=Policy,
+          params=(KEY,)),
+    Route("GET", "/tether/audit", query_audit, "Query the audit log, newest first", READ,
+          "tether-audit", response=AuditEntry, array=True,
+          params=(Param("limit", "query", "1-1000, default 100.",
+                        {"type": "integer", "minimum": 1, "maximum": 1000}),
+                  Param("since", "query", "ISO 8601 date-time.", {"type": "string", "format": "date-time"}),
+                  Param("outcome", "query", "allowed | refused | ok | failed."),
+                  Param("action", "query", "Action prefix, e.g. `auth.` or `device.`."),
+                  Param("principal", "query", "e.g. `policy:iothubowner`."))),
+))

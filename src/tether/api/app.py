@@ -1,4 +1,11 @@
-"""`build_app(hub)`: the aiohttp application serving the service REST API.
+"""`build_app(hub)`: the aiohttp application serving the service REST API, the device HTTPS surface,
+the consumer API and MQTT over WebSockets.
+
+The one module of `tether.api` that knows its parts: `FEATURES` lists every route module's `FEATURE`,
+`build_app` registers their routes in one `RouteTable` (Azure's matching rules, `api.router`) behind
+the service guard, runs their setups, and builds the served OpenAPI document from the same table.
+Route modules import nothing from here. The web console (`tether.console`) is another package with its
+own `FEATURE`; `tether.server.http_app(hub)` adds it to these for the HTTPS listener.
 
 aiohttp rather than an ASGI server because the device HTTPS surface needs the TLS peer
 certificate (see docs/decisions/0001-http-stack-aiohttp.md). Serve it with
@@ -11,18 +18,61 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.typedefs import Handler
 
+from tether.api import (
+    admin,
+    c2d_routes,
+    configuration_routes,
+    device_routes,
+    devices,
+    event_routes,
+    file_upload_routes,
+    job_routes,
+    method_routes,
+    module_routes,
+    not_yet,
+    operations,
+    query_routes,
+    security_routes,
+    statistics_routes,
+    twin_routes,
+)
 from tether.api.auth import authenticate
 from tether.api.bodies import BULK_FACTOR
 from tether.api.context import HUB_KEY, PRINCIPAL_KEY, ROUTES_KEY, SPEC_KEY
 from tether.api.errors import error_middleware
 from tether.api.openapi import spec_bytes
 from tether.api.operator_guard import operator_call
-from tether.api.routes import ROUTES, Route
+from tether.api.router import RouteTable
+from tether.api.routes import Feature, Route
 from tether.api.server import hide_server_banner, request_guard
 from tether.hub import Hub
-from tether.observability.metrics import metrics_handler
-from tether.protocols.mqtt.websocket import mqtt_websocket_handler
 from tether.security.principal import Permission, PrincipalKind
+
+__all__ = ["FEATURES", "build_app", "route_table"]
+
+FEATURES: tuple[Feature, ...] = (
+    devices.FEATURE,
+    statistics_routes.FEATURE,
+    twin_routes.FEATURE,
+    query_routes.FEATURE,
+    method_routes.FEATURE,
+    module_routes.FEATURE,
+    file_upload_routes.FEATURE,
+    job_routes.FEATURE,
+    configuration_routes.FEATURE,
+    c2d_routes.FEATURE,
+    device_routes.FEATURE,
+    not_yet.FEATURE,
+    admin.FEATURE,
+    event_routes.FEATURE,
+    security_routes.FEATURE,
+    operations.FEATURE,
+)
+
+
+def route_table(features: tuple[Feature, ...] = FEATURES) -> tuple[Route, ...]:
+    """Every route, in the order of `features`."""
+    return tuple(route for feature in features for route in feature.routes)
 
 
 def _guarded(handler: Handler, permission: Permission) -> Handler:
@@ -39,33 +89,13 @@ def _guarded(handler: Handler, permission: Permission) -> Handler:
     return guarded
 
 
-def register(app: web.Application, routes: tuple[Route, ...]) -> None:
-    for route in routes:
-        guard = route.permission is not None and not route.self_auth
-        handler = _guarded(route.handler, route.permission) if guard else route.handler  # type: ignore[arg-type]
-        app.router.add_route(route.method, route.path, handler)
+def _handler(route: Route) -> Handler:
+    if route.permission is None or route.self_auth:
+        return route.handler
+    return _guarded(route.handler, route.permission)
 
 
-def mount(app: web.Application, routes: tuple[Route, ...]) -> None:
-    """Register `routes` and add them to the app's route table and served OpenAPI document, so
-    what is served and what is documented cannot drift."""
-    register(app, routes)
-    table = (*app.get(ROUTES_KEY, ()), *routes)
-    app[ROUTES_KEY] = table
-    app[SPEC_KEY] = spec_bytes(table)
-
-
-def build_app(hub: Hub) -> web.Application:
-    from tether.api.c2d_routes import add_c2d_routes
-    from tether.api.configuration_routes import add_configuration_routes
-    from tether.api.device_routes import add_device_routes
-    from tether.api.event_routes import add_event_routes
-    from tether.api.file_upload_routes import add_file_upload_routes
-    from tether.api.job_routes import add_job_routes
-    from tether.api.method_routes import add_method_routes
-    from tether.api.module_routes import add_module_routes
-    from tether.api.security_routes import add_security_routes
-
+def build_app(hub: Hub, features: tuple[Feature, ...] = FEATURES) -> web.Application:
     # aiohttp's own cap is the largest body any route accepts (bulk import); each handler then
     # reads with its own limit, so ordinary routes still answer 413 above the normal limit.
     app = web.Application(
@@ -74,24 +104,11 @@ def build_app(hub: Hub) -> web.Application:
     )
     app.on_response_prepare.append(hide_server_banner)
     app[HUB_KEY] = hub
-    mount(app, ROUTES)
-    add_c2d_routes(app, hub)
-    add_device_routes(app, hub)
-    add_method_routes(app, hub)
-    add_module_routes(app, hub)
-    add_event_routes(app, hub)
-    add_security_routes(app, hub)
-    add_file_upload_routes(app, hub)
-    add_job_routes(app, hub)
-    add_configuration_routes(app, hub)
-    if hub.settings.operators.console:
-        from tether.console import add_console_routes
-
-        add_console_routes(app)
-    mount(app, (
-        Route("GET", "/metrics", metrics_handler, "Prometheus metrics", None, "operations"),
-        Route("GET", "/$iothub/websocket", mqtt_websocket_handler(hub), "MQTT 3.1.1 over WebSockets "
-              "(subprotocol `mqtt`); the device authenticates in CONNECT", Permission.device_connect,
-              "device-mqtt", self_auth=True),
-    ))
+    for feature in features:
+        if feature.setup is not None:
+            feature.setup(app, hub)
+    table = route_table(features)
+    app.router.register_resource(RouteTable((r.method, r.path, _handler(r)) for r in table))
+    app[ROUTES_KEY] = table
+    app[SPEC_KEY] = spec_bytes(table)
     return app

@@ -10,8 +10,7 @@ or Unix seconds) or `iothub-ttl` (Tether: seconds from now; not both), `iothub-c
 `Content-Type`), `iothub-contentencoding` (else `Content-Encoding`) and `iothub-app-{name}` for
 each application property. The body is the message, as bytes.
 
-`add_c2d_routes(app, hub)` registers the routes and appends them to the app's route table, so the
-served OpenAPI document lists them too.
+`FEATURE` is this module's part of the route table (`api.app` lists it).
 """
 
 from __future__ import annotations
@@ -27,13 +26,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from tether.api.bodies import body_limit, read_body
 from tether.api.context import hub_of, principal_of
 from tether.api.devices import path_device_id
-from tether.api.routes import Param, Route
+from tether.api.routes import Feature, Param, Route
 from tether.errors import BadRequest
-from tether.hub import Hub
 from tether.messaging.feedback import FEEDBACK_CONTENT_TYPE, MAX_WAIT_S
 from tether.security.principal import Permission
 
-__all__ = ["APP_PREFIX", "C2D_ROUTES", "add_c2d_routes", "app_properties", "iso_utc"]
+__all__ = ["APP_PREFIX", "C2D_ROUTES", "FEATURE", "app_properties", "iso_utc"]
 
 APP_PREFIX: Final = "iothub-app-"
 SERVICE = Permission.service_connect
@@ -220,8 +218,4 @@ C2D_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_c2d_routes(app: web.Application, hub: Hub) -> None:
-    """Mount the service-side C2D routes on an app from `build_app(hub)` (before it starts)."""
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
-    mount(app, C2D_ROUTES)
+FEATURE = Feature("c2d", C2D_ROUTES)

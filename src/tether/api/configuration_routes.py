@@ -9,10 +9,9 @@ from aiohttp import web
 from tether.api.bodies import query_int, read_json_object
 from tether.api.context import hub_of, principal_of
 from tether.api.devices import path_device_id
-from tether.api.routes import IF_MATCH, READ, WRITE, Param, Route
-from tether.hub import Hub
+from tether.api.routes import IF_MATCH, READ, WRITE, Feature, Param, Route
 
-__all__ = ["CONFIGURATION_ROUTES", "add_configuration_routes"]
+__all__ = ["CONFIGURATION_ROUTES", "FEATURE"]
 
 
 async def put_configuration(request: web.Request) -> web.Response:
@@ -140,7 +139,4 @@ CONFIGURATION_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_configuration_routes(app: web.Application, hub: Hub) -> None:
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
-    mount(app, CONFIGURATION_ROUTES)
+FEATURE = Feature("configurations", CONFIGURATION_ROUTES)

@@ -22,9 +22,10 @@ it (POST `…/abandon`).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 from cryptography import x509
@@ -33,12 +34,15 @@ from tether.api.auth import refusal_error
 from tether.api.bodies import read_body
 from tether.api.c2d_routes import APP_PREFIX, app_properties, iso_utc
 from tether.api.context import hub_of, peer_of
-from tether.api.routes import Param, Route
+from tether.api.event_batch import BatchMessage, is_batch, parse_batch
+from tether.api.routes import Feature, Param, Route
 from tether.errors import BadRequest, PayloadTooLarge, Throttled, Unauthorized
-from tether.hub import Hub
 from tether.security.principal import AuthRefused, Permission, Principal
 
-__all__ = ["DEVICE_ROUTES", "RefusalDigest", "add_device_routes", "authenticate_device"]
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+__all__ = ["DEVICE_ROUTES", "FEATURE", "RefusalDigest", "authenticate_device"]
 
 SURFACE: Final = "https"
 EVENTS_ACTION: Final = "https.events"
@@ -143,13 +147,34 @@ async def send_event(request: web.Request) -> web.Response:
         await _audit_refusal(request, principal, "message-too-large", size=request.content_length,
                              limit=telemetry.max_message_bytes)
         raise
-    if not telemetry.allow(principal):
-        await _audit_refusal(request, principal, "rate-limited")
-        raise Throttled("device message rate exceeded", code="ThrottlingException")
-    system = _system_properties(request.headers)
-    await telemetry.append(principal, body, system, app_properties(request.headers), protocol=SURFACE)
+    if is_batch(request.content_type):
+        messages = parse_batch(body)
+        await _append_batch(request, principal, messages)
+    else:
+        if not telemetry.allow(principal):
+            await _audit_refusal(request, principal, "rate-limited")
+            raise Throttled("device message rate exceeded", code="ThrottlingException")
+        system = _system_properties(request.headers)
+        await telemetry.append(principal, body, system, app_properties(request.headers), protocol=SURFACE)
     await hub.registry.touch(device_id, module_id)
     return web.Response(status=204)
+
+
+async def _append_batch(request: web.Request, principal: Principal, messages: Sequence[BatchMessage]) -> None:
+    """One event per element, in order, answered once all are durable (they share group commits).
+    Each element counts against the device's rate limit; a refusal appends nothing more."""
+    telemetry = hub_of(request).telemetry
+    for _ in messages:
+        if not telemetry.allow(principal):
+            await _audit_refusal(request, principal, "rate-limited", batch=len(messages))
+            raise Throttled("device message rate exceeded", code="ThrottlingException")
+    futures: list[asyncio.Future[Any]] = []
+    join: asyncio.Future[Any] | None = None
+    for message in messages:
+        join = telemetry.append_nowait(principal, message.body, _system_properties(message.headers),
+                                       app_properties(message.headers), protocol=SURFACE, join=join)
+        futures.append(join)
+    await asyncio.gather(*dict.fromkeys(futures))
 
 
 async def _audit_refusal(request: web.Request, principal: Principal, reason: str, **details: Any) -> None:
@@ -277,11 +302,10 @@ DEVICE_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_device_routes(app: web.Application, hub: Hub) -> None:
-    """Mount the device HTTPS routes (their handlers authenticate the device themselves, so they
-    are not wrapped in the service guard) and list them in the OpenAPI document."""
-    from tether.api.app import mount  # not at import time: app.py imports this module
+def _setup(app: web.Application, hub: Hub) -> None:
+    """The device routes authenticate the device themselves (not wrapped in the service guard);
+    their refusal digest lives on the app."""
+    app[DIGEST_KEY] = RefusalDigest()
 
-    if DIGEST_KEY not in app:
-        app[DIGEST_KEY] = RefusalDigest()
-    mount(app, DEVICE_ROUTES)
+
+FEATURE = Feature("device-https", DEVICE_ROUTES, setup=_setup)

@@ -26,6 +26,8 @@ from tether.api.bodies import (
     read_optional_json_object,
 )
 from tether.api.context import hub_of, peer_of, principal_of
+from tether.api.errors import ERROR_CODE_HEADER
+from tether.api.routes import IF_MATCH, KEY, KEY_CHOICES, READ, WRITE, Feature, Param, Route
 from tether.errors import BadRequest, Forbidden, TetherError
 from tether.registry.models import (
     Authentication,
@@ -42,7 +44,6 @@ MAX_TOP = 1000
 CONTINUATION = "x-ms-continuation"
 NDJSON = "application/x-ndjson"
 EXPORT_FLUSH_BYTES = 65_536
-KEY_CHOICES = ("primary", "secondary", "both")
 _LINE_RE = re.compile(r"\bline (\d+)\b")
 
 
@@ -97,30 +98,41 @@ class BulkRegistryOperationResult(BaseModel):
     warnings: list[dict[str, Any]]
 
 
-_BULK_ENVELOPE = frozenset({"id", "importMode", "eTag"})
+_BULK_ENVELOPE = frozenset({"id", "importmode", "etag"})
 _BULK_UNSUPPORTED = ("moduleId", "twinETag", "tags", "properties")
 _MODES = {mode.lower(): mode for mode in BULK_MODES}
+
+
+def _field(entry: dict[str, Any], name: str) -> Any:
+    """An ExportImportDevice field by name, matched case-insensitively as Azure's JSON binder does: the
+    SDKs differ (`eTag` from the Python and .NET models, `etag` on the device objects Node's
+    `updateDevices` sends after a GET)."""
+    if name in entry:
+        return entry[name]
+    lowered = name.lower()
+    return next((v for k, v in entry.items() if k.lower() == lowered), None)
 
 
 def _bulk_operation(index: int, entry: Any) -> BulkOperation | BulkError:
     """An ExportImportDevice as a registry operation, or the entry's error (checked before any write)."""
     if not isinstance(entry, dict):
         return BulkError("", "ArgumentInvalid", f"entry {index}: must be a JSON object", "")
-    device_id, raw_mode = entry.get("id"), entry.get("importMode")
+    device_id, raw_mode = _field(entry, "id"), _field(entry, "importMode")
     if not isinstance(device_id, str):
         return BulkError("", "ArgumentInvalid", f"entry {index}: id is required", str(raw_mode or ""))
     mode = _MODES.get(raw_mode.lower()) if isinstance(raw_mode, str) else None
     if mode is None:
         return BulkError(device_id, "InvalidOperation",
                          f"importMode must be one of {', '.join(BULK_MODES)}", str(raw_mode or ""))
-    unsupported = [name for name in _BULK_UNSUPPORTED if entry.get(name) not in (None, {}, "")]
+    unsupported = [name for name in _BULK_UNSUPPORTED if _field(entry, name) not in (None, {}, "")]
     if unsupported:
         return BulkError(device_id, "ArgumentInvalid",
                          f"{', '.join(unsupported)}: not supported in bulk operations", mode)
-    etag = entry.get("eTag")
+    etag = _field(entry, "eTag")
     if etag is not None and not isinstance(etag, str):
         return BulkError(device_id, "ArgumentInvalid", "eTag must be a string", mode)
-    body = {k: v for k, v in entry.items() if k not in _BULK_ENVELOPE and k not in _BULK_UNSUPPORTED}
+    skip = _BULK_ENVELOPE | {name.lower() for name in _BULK_UNSUPPORTED}
+    body = {k: v for k, v in entry.items() if k.lower() not in skip}
     return BulkOperation(device_id, mode, body, etag)
 
 
@@ -148,7 +160,12 @@ async def bulk_devices(request: web.Request) -> web.Response:
                                              operation=e.operation) for e in errors],
         warnings=[],
     )
-    return web.json_response(result.model_dump(mode="json", by_alias=True), status=400 if errors else 200)
+    if not errors:
+        return web.json_response(result.model_dump(mode="json", by_alias=True))
+    # Azure answers a failed bulk operation 400 with this result as the body (msrest deserializes
+    # it for both 200 and 400); the header carries the first entry's code like any other error.
+    return web.json_response(result.model_dump(mode="json", by_alias=True), status=400,
+                             headers={ERROR_CODE_HEADER: errors[0].code})
 
 
 def path_device_id(request: web.Request) -> str:
@@ -200,7 +217,8 @@ async def delete_device(request: web.Request) -> web.Response:
 
 
 async def list_devices(request: web.Request) -> web.Response:
-    """Azure answers a bare JSON array; Tether pages with `x-ms-continuation` = the last id."""
+    """Azure answers a bare JSON array; Tether pages with `x-ms-continuation` = the last id, sent only
+    when more devices follow."""
     raw_top = request.query.get("top") or ""
     try:
         top = int(raw_top) if raw_top else MAX_TOP
@@ -211,16 +229,13 @@ async def list_devices(request: web.Request) -> web.Response:
     after = request.headers.get(CONTINUATION) or request.query.get("continuationToken") or None
     if after is not None:
         validate_device_id(after, field=CONTINUATION)
-    devices = await hub_of(request).registry.list(top=top, after=after)
+    registry = hub_of(request).registry
+    devices = await registry.list(top=top, after=after)
     headers = {"x-ms-item-type": "Device"}
-    if len(devices) == top:
+    # Only when another page follows (SDKs loop while the header is present).
+    if len(devices) == top and await registry.list(top=1, after=devices[-1].device_id):
         headers[CONTINUATION] = devices[-1].device_id
     return web.json_response([_shown(request, d).to_wire() for d in devices], headers=headers)
-
-
-async def device_statistics(request: web.Request) -> web.Response:
-    stats = await hub_of(request).registry.statistics()
-    return web.json_response(stats.model_dump(mode="json", by_alias=True))
 
 
 async def enable_device(request: web.Request) -> web.Response:
@@ -323,7 +338,51 @@ async def export_devices(request: web.Request) -> web.StreamResponse:
     return response
 
 
+FEATURE = Feature("devices", (
+    # --- Azure IoT Hub service API --------------------------------------------------------------
+    Route("PUT", "/devices/{id}", put_device, "Create or replace a device identity", WRITE,
+          "devices", request=Device, response=Device, params=(IF_MATCH,), response_headers=("ETag",),
+          description="Without If-Match: create (409 DeviceAlreadyExists if it exists). With If-Match "
+                      "etag or `*`: replace (404 if missing, 412 on a stale etag)."),
+    Route("GET", "/devices/{id}", get_device, "Get a device identity", READ, "devices",
+          response=Device, response_headers=("ETag",),
+          description="`cloudToDeviceMessageCount` is the live C2D queue depth."),
+    Route("DELETE", "/devices/{id}", delete_device, "Delete a device identity", WRITE, "devices",
+          status=204, params=(IF_MATCH,),
+          description="If-Match etag or `*`; a missing If-Match is unconditional (Tether leniency)."),
+    Route("GET", "/devices", list_devices, "List device identities in id order", READ, "devices",
+          response=Device, array=True,
+          params=(Param("top", "query", "Page size 1-1000 (out of range means 1000).",
+                        {"type": "integer", "minimum": 1, "maximum": 1000}),
+                  Param("x-ms-continuation", "header", "Last device id of the previous page.")),
+          response_headers=("x-ms-continuation", "x-ms-item-type")),
+    Route("POST", "/devices", bulk_devices, "Bulk create, update or delete device identities",
+          WRITE, "devices", request=BulkRequest, response=BulkRegistryOperationResult,
+          description="Azure's bulk registry operation "
+                      "(`IoTHubRegistryManager.bulk_create_or_update_devices`): an array of at most "
+                      "100 ExportImportDevice entries, each id once. All or nothing: "
+                      "200 with `isSuccessful: true` when every entry was applied, else 400 with "
+                      "`isSuccessful: false` and an error per failed entry, and nothing written."),
+    # --- Tether extensions ----------------------------------------------------------------------
+    Route("POST", "/tether/devices/import", import_devices, "Bulk-create devices (all or nothing)",
+          WRITE, "tether-devices", request="ndjson", response=ImportResult,
+          description="One device JSON object per line; body limit is 16x the normal limit. "
+                      "Errors name `line N: field`; on any error nothing is imported."),
+    Route("GET", "/tether/devices/export", export_devices, "Export every device (keys included)",
+          READ, "tether-devices", response="ndjson"),
+    Route("POST", "/tether/devices/{id}/enable", enable_device, "Enable a device", WRITE,
+          "tether-devices", request=StatusChange, request_required=False, response=Device),
+    Route("POST", "/tether/devices/{id}/disable", disable_device,
+          "Disable a device (its connections are dropped)", WRITE, "tether-devices",
+          request=StatusChange, request_required=False, response=Device),
+    Route("POST", "/tether/devices/{id}/regenerate-key", regenerate_device_key,
+          "Regenerate a device's symmetric key(s)", WRITE, "tether-devices", response=Device,
+          params=(KEY,)),
+))
+
 __all__ = [
+    "FEATURE",
+    "KEY",
     "BulkRegistryOperationResult",
     "BulkRequest",
     "ExportImportDevice",
@@ -331,7 +390,6 @@ __all__ = [
     "StatusChange",
     "bulk_devices",
     "delete_device",
-    "device_statistics",
     "disable_device",
     "enable_device",
     "export_devices",

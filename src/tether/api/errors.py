@@ -1,14 +1,29 @@
-"""One middleware turning every failure into Azure-style JSON: `{"errorCode", "message"[, "field"]}`.
+"""The one place that renders a REST error, in Azure IoT Hub's shape.
 
-`TetherError` carries its own status and code; aiohttp's routing errors (404/405/413) get JSON
-bodies too; anything unexpected is logged with a reference and answered 500 without internals.
+Every error answer — a `TetherError` from a handler, aiohttp's own 404/405/413, an unexpected
+exception (500) — carries Azure's body and header:
+
+    iothub-errorcode: DeviceNotFound
+    {"Message": "ErrorCode:DeviceNotFound;device 'x' not found",
+     "ExceptionMessage": "Tracking ID:3f2a…-TimeStamp:2026-12-01T10:15:00Z",
+     "errorCode": "DeviceNotFound", "field": "…"}
+
+What the SDKs read (checked in their sources): Node's `azure-iothub` splits `Message` at `;` and at
+`:` (`ErrorCode:{code};{text}`) and maps `DeviceNotFound` to `DeviceNotFoundError`; .NET reads the
+code from `Message` (the `ErrorCode:` field, taking the first six characters when numeric, so every
+code here is at least six characters) and cross-checks the `iothub-errorcode` header; Python's
+`azure-iot-hub` (msrest) keeps the response and maps by status. So the text never contains `;`.
+`errorCode` (the code alone) and `field` (the offending input, when known) are Tether additions; a
+lower-case `message` is deliberately absent: case-insensitive JSON binders (.NET) would read it into
+`Message`.
 """
 
 from __future__ import annotations
 
 import logging
 import uuid
-from typing import Any
+from datetime import UTC, datetime
+from typing import Any, Final
 
 from aiohttp import web
 from aiohttp.typedefs import Handler
@@ -16,7 +31,11 @@ from aiohttp.typedefs import Handler
 from tether.api.bodies import check_api_version
 from tether.errors import TetherError
 
+__all__ = ["ERROR_CODE_HEADER", "error_body", "error_middleware", "error_response"]
+
 log = logging.getLogger("tether.api")
+
+ERROR_CODE_HEADER: Final = "iothub-errorcode"
 
 _HTTP_CODES = {
     400: "ArgumentInvalid",
@@ -29,15 +48,28 @@ _HTTP_CODES = {
     413: "MessageTooLarge",
     415: "UnsupportedMediaType",
     431: "RequestHeaderFieldsTooLarge",
+    501: "NotImplemented",
+    503: "ServiceUnavailable",
 }
 
 
-def error_response(status: int, code: str, message: str, *, field: str | None = None,
-                   headers: dict[str, str] | None = None) -> web.Response:
-    body: dict[str, Any] = {"errorCode": code, "message": message}
+def error_body(code: str, text: str, *, field: str | None = None, ref: str | None = None) -> dict[str, Any]:
+    """Azure's error document for `code` and a human-readable `text`."""
+    stamp = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    body: dict[str, Any] = {
+        "Message": f"ErrorCode:{code};{text.replace(';', ',') or code}",
+        "ExceptionMessage": f"Tracking ID:{ref or uuid.uuid4().hex}-TimeStamp:{stamp}",
+        "errorCode": code,
+    }
     if field is not None:
         body["field"] = field
-    return web.json_response(body, status=status, headers=headers)
+    return body
+
+
+def error_response(status: int, code: str, text: str, *, field: str | None = None,
+                   headers: dict[str, str] | None = None, ref: str | None = None) -> web.Response:
+    return web.json_response(error_body(code, text, field=field, ref=ref), status=status,
+                             headers={**(headers or {}), ERROR_CODE_HEADER: code})
 
 
 def _from_http_exception(exc: web.HTTPException, request: web.Request) -> web.Response:
@@ -52,20 +84,20 @@ def _from_http_exception(exc: web.HTTPException, request: web.Request) -> web.Re
     elif status == 413:
         message = "request body too large"
     else:
-        message = exc.reason
+        text = exc.text or ""
+        message = text if text and not text.startswith(f"{status}:") else exc.reason
     code = _HTTP_CODES.get(status, "ServerError" if status >= 500 else "BadRequest")
-    return error_response(status, code, message, field="body" if status == 413 else None,
-                          headers=headers)
+    return error_response(status, code, message, field="body" if status == 413 else None, headers=headers)
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Outermost middleware: validates `api-version`, then maps every exception to JSON."""
+    """Outermost middleware: validates `api-version`, then renders every failure as above."""
     try:
         check_api_version(request)
         return await handler(request)
     except TetherError as exc:
-        return web.json_response(exc.to_json(), status=exc.http_status, headers=exc.headers)
+        return error_response(exc.http_status, exc.code, exc.message, field=exc.field, headers=exc.headers)
     except web.HTTPException as exc:
         if exc.status < 400:  # redirects and the like pass through untouched
             raise
@@ -73,4 +105,4 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
     except Exception:
         ref = uuid.uuid4().hex[:12]
         log.exception("unhandled error on %s %s (ref %s)", request.method, request.path, ref)
-        return error_response(500, "ServerError", f"internal server error (ref {ref})")
+        return error_response(500, "ServerError", f"internal server error (ref {ref})", ref=ref)

@@ -6,14 +6,15 @@ groups and checkpoints, a long-poll read per partition, and a Server-Sent Events
 partitions (what `tether monitor` uses against a running hub). Every route needs ServiceConnect, the
 right Azure requires to read the built-in endpoint.
 
-Mount with `add_event_routes(app, hub)` after `build_app(hub)`: it registers `EVENT_ROUTES` through the
-same guard as the core table and refreshes the app's route list and OpenAPI document.
+`FEATURE` is this module's part of the route table (`api.app` lists it); its setup keeps the open
+feeds on the app.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -36,9 +37,9 @@ from tether.api.event_feed import (
     raw_event_json,
     render,
 )
-from tether.api.routes import Param, Route
+from tether.api.routes import Feature, Param, Route
 from tether.errors import BadRequest, NotFound, TetherError, Throttled
-from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventStream
+from tether.messaging.events import DEFAULT_CONSUMER_GROUP, EventStream, StreamError
 from tether.messaging.events import validate_consumer_group as _validate_group
 from tether.registry.models import validate_device_id
 from tether.security.principal import Permission
@@ -46,7 +47,9 @@ from tether.security.principal import Permission
 if TYPE_CHECKING:
     from tether.hub import Hub
 
-__all__ = ["CONSUMERS_KEY", "EVENT_ROUTES", "NEXT_SEQUENCE_HEADER", "add_event_routes", "event_doc"]
+log = logging.getLogger("tether.api.events")
+
+__all__ = ["CONSUMERS_KEY", "EVENT_ROUTES", "FEATURE", "NEXT_SEQUENCE_HEADER", "event_doc"]
 
 NEXT_SEQUENCE_HEADER = "x-tether-next-sequence"
 MAX_POLL_S = 60.0
@@ -375,7 +378,12 @@ async def stream_events(request: web.Request) -> web.StreamResponse:
 
     consumers = request.app[CONSUMERS_KEY]
     if consumers.renderer is not None:
-        await consumers.renderer.ready()
+        try:
+            await consumers.renderer.ready()
+        except (OSError, StreamError) as exc:  # e.g. no semaphores for this user: not a reason to fail
+            log.warning("event feed renderer processes unavailable (%s): rendering in the hub", exc)
+            consumers.renderer.close()
+            consumers.renderer = None
     response = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     response.content_type, response.charset = "text/event-stream", "utf-8"
     await response.prepare(request)
@@ -468,13 +476,13 @@ EVENT_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_event_routes(app: web.Application, hub: Hub) -> None:
-    """Mount the consumer API on an app from `build_app` (before it starts)."""
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
+def _setup(app: web.Application, hub: Hub) -> None:
+    """The consumers' state (open feeds, the optional feed renderer) lives on the app."""
     processes = hub.settings.storage.stream_reader_processes
     renderer = FeedRenderer(processes) if processes and isinstance(hub.stream, PlansRaw) else None
     app[CONSUMERS_KEY] = consumers = _Consumers(renderer)
     app.on_shutdown.append(consumers.on_shutdown)
     app.on_cleanup.append(consumers.on_cleanup)
-    mount(app, EVENT_ROUTES)
+
+
+FEATURE = Feature("events", EVENT_ROUTES, setup=_setup)

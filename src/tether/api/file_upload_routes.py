@@ -19,13 +19,12 @@ from tether.api.c2d_routes import _lock_token, _timeout
 from tether.api.context import hub_of
 from tether.api.device_routes import authenticate_device
 from tether.api.devices import path_device_id
-from tether.api.routes import Param, Route
+from tether.api.routes import Feature, Param, Route
 from tether.errors import BadRequest
-from tether.hub import Hub
 from tether.messaging.feedback import MAX_WAIT_S
 from tether.security.principal import Permission
 
-__all__ = ["FILE_UPLOAD_ROUTES", "add_file_upload_routes"]
+__all__ = ["FEATURE", "FILE_UPLOAD_ROUTES"]
 
 SERVICE: Final = Permission.service_connect
 DEVICE: Final = Permission.device_connect
@@ -151,7 +150,4 @@ FILE_UPLOAD_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_file_upload_routes(app: web.Application, hub: Hub) -> None:
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
-    mount(app, FILE_UPLOAD_ROUTES)
+FEATURE = Feature("file-upload", FILE_UPLOAD_ROUTES)

@@ -16,11 +16,10 @@ from aiohttp import web
 from tether.api.auth import require_all
 from tether.api.bodies import read_json_object, read_optional_json_object
 from tether.api.context import hub_of, principal_of
-from tether.api.routes import READ, WRITE, Param, Route
-from tether.hub import Hub
+from tether.api.routes import READ, WRITE, Feature, Param, Route
 from tether.security.principal import Permission
 
-__all__ = ["JOB_ROUTES", "add_job_routes"]
+__all__ = ["FEATURE", "JOB_ROUTES"]
 
 
 def _json(body: Any, status: int = 200) -> web.Response:
@@ -163,7 +162,4 @@ JOB_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_job_routes(app: web.Application, hub: Hub) -> None:
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
-    mount(app, JOB_ROUTES)
+FEATURE = Feature("jobs", JOB_ROUTES)

@@ -8,15 +8,12 @@ Errors: 400 (bad name, timeout out of range, payload over 128 KB, unknown field)
 before answering), 504 `GatewayTimeout` (no answer in time). The call itself runs in
 `tether.messaging.methods`.
 
-`add_method_routes(app, hub)` registers the routes on an app from `build_app(hub)` and appends them
-to the app's route table, so the served OpenAPI document lists them too; routes already in the
-app's table (e.g. `method_route_table()` put into `routes.ROUTES`) are left as they are. This module
-imports `tether.api.routes`/`tether.api.app` only inside functions, so `routes.py` may import it.
+`FEATURE` is this module's part of the route table (`api.app` lists it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tether.api.bodies import read_json_object
 from tether.api.context import hub_of, principal_of
 from tether.api.devices import path_device_id
+from tether.api.routes import Feature, Route
 from tether.errors import BadRequest
 from tether.messaging.methods import (
     CONNECT_TIMEOUT_RANGE,
@@ -35,18 +33,13 @@ from tether.messaging.methods import (
 from tether.registry.models import validate_device_id
 from tether.security.principal import Permission
 
-if TYPE_CHECKING:
-    from tether.api.routes import Route
-    from tether.hub import Hub
-
 __all__ = [
+    "FEATURE",
     "METHOD_PATHS",
     "MethodInvocation",
     "MethodResultBody",
-    "add_method_routes",
     "invoke_device_method",
     "invoke_module_method",
-    "method_route_table",
 ]
 
 SERVICE = Permission.service_connect
@@ -113,23 +106,12 @@ _ERRORS = ("400 for a bad methodName, timeout or a payload over 128 KB; 404 Devi
 METHOD_PATHS: Final = (("POST", "/twins/{id}/methods"), ("POST", "/twins/{id}/modules/{mid}/methods"))
 
 
-def method_route_table() -> tuple[Route, ...]:
-    """The route-table entries (for `build_app`'s registration and the OpenAPI document)."""
-    from tether.api.routes import Route
-
-    return (
-        Route("POST", "/twins/{id}/methods", invoke_device_method, "Invoke a direct method on a device",
-              SERVICE, "methods", request=MethodInvocation, response=MethodResultBody,
-              description="Answers 200 with the device's own status and payload. " + _ERRORS),
-        Route("POST", "/twins/{id}/modules/{mid}/methods", invoke_module_method,
-              "Invoke a direct method on a module", SERVICE, "methods", request=MethodInvocation,
-              response=MethodResultBody,
-              description="Like the device route, for the module `mid` of device `id`. " + _ERRORS),
-    )
-
-
-def add_method_routes(app: web.Application, hub: Hub) -> None:
-    """Mount the direct-method routes on an app from `build_app(hub)` (before it starts)."""
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
-    mount(app, method_route_table())
+FEATURE = Feature("methods", (
+    Route("POST", "/twins/{id}/methods", invoke_device_method, "Invoke a direct method on a device",
+          SERVICE, "methods", request=MethodInvocation, response=MethodResultBody,
+          description="Answers 200 with the device's own status and payload. " + _ERRORS),
+    Route("POST", "/twins/{id}/modules/{mid}/methods", invoke_module_method,
+          "Invoke a direct method on a module", SERVICE, "methods", request=MethodInvocation,
+          response=MethodResultBody,
+          description="Like the device route, for the module `mid` of device `id`. " + _ERRORS),
+))

@@ -7,26 +7,22 @@ strict JSON, `If-Match`). Answers carry the module (or module twin) and its `ETa
 a bare JSON array, as Azure answers it. Module direct methods (`POST /twins/{id}/modules/{mid}/methods`)
 are in `method_routes`, module telemetry over HTTPS in `device_routes`.
 
-`add_module_routes(app, hub)` mounts `MODULE_ROUTES` on an app from `build_app(hub)`.
+`FEATURE` is this module's part of the route table (`api.app` lists it).
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from tether.api.bodies import parse_if_match, query_choice, read_json_object
 from tether.api.context import hub_of, principal_of
-from tether.api.devices import KEY_CHOICES
-from tether.api.routes import IF_MATCH, KEY, READ, WRITE, Route
+from tether.api.routes import IF_MATCH, KEY, KEY_CHOICES, READ, WRITE, Feature, Route
 from tether.api.twins import Twin
 from tether.registry.models import Module, validate_device_id
 
-if TYPE_CHECKING:
-    from tether.hub import Hub
-
-__all__ = ["MODULE_ROUTES", "add_module_routes"]
+__all__ = ["FEATURE", "MODULE_ROUTES"]
 
 
 def _ids(request: web.Request) -> tuple[str, str]:
@@ -139,8 +135,4 @@ MODULE_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_module_routes(app: web.Application, hub: Hub) -> None:
-    """Mount the module routes on an app from `build_app(hub)` (before it starts)."""
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
-    mount(app, MODULE_ROUTES)
+FEATURE = Feature("modules", MODULE_ROUTES)

@@ -1,7 +1,8 @@
 """OpenAPI 3.1 document generated from the route table and the pydantic models.
 
 Component schemas come from `models_json_schema(by_alias=True)`, so the wire names (camelCase)
-are what the spec shows; paths come from `routes.ROUTES`, the same table `build_app` registers.
+are what the spec shows; paths come from the route table `build_app` registers (`api.app.FEATURES`).
+Azure operations Tether does not implement yet are listed too, marked `x-tether-not-yet`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,9 +18,7 @@ from pydantic.json_schema import JsonSchemaMode, models_json_schema
 
 import tether
 from tether.api.context import SPEC_KEY
-
-if TYPE_CHECKING:
-    from tether.api.routes import Route
+from tether.api.routes import Route
 
 REF = "#/components/schemas/{model}"
 Refs = Mapping[tuple[type[Any], JsonSchemaMode], dict[str, Any]]
@@ -31,12 +30,13 @@ _PATH_PARAM_DOC = {
 
 
 class ErrorBody(BaseModel):
-    """Every error answer: Azure's error code, a message, and the offending field when known."""
+    """Every error answer (Azure's shape; the `iothub-errorcode` header repeats the code)."""
 
     model_config = ConfigDict(populate_by_name=True)
-    error_code: str = Field(alias="errorCode")
-    message: str
-    field: str | None = None
+    message: str = Field(alias="Message", description="`ErrorCode:{code};{text}`")
+    exception_message: str = Field(alias="ExceptionMessage", description="Tracking id and time stamp")
+    error_code: str = Field(alias="errorCode", description="Tether: the code alone")
+    field: str | None = Field(None, description="Tether: the offending input, when known")
 
 
 _ERRORS = {
@@ -47,6 +47,7 @@ _ERRORS = {
     409: "Already exists.",
     412: "If-Match etag is stale.",
     413: "Request body too large.",
+    501: "An Azure operation Tether does not implement yet (NotImplemented).",
 }
 
 
@@ -66,6 +67,8 @@ def _operation_id(route: Route) -> str:
 
 
 def _error_statuses(route: Route) -> list[int]:
+    if route.not_yet:
+        return [501]
     statuses = [400]
     if route.permission is not None:
         statuses += [401, 403]
@@ -107,6 +110,8 @@ def _operation(route: Route, refs: Refs) -> dict[str, Any]:
         op["x-required-permission"] = str(route.permission)
     if route.extension:
         op["x-tether-extension"] = True
+    if route.not_yet:
+        op["x-tether-not-yet"] = True
     if route.request is not None:
         media = (
             {"application/x-ndjson": {"schema": {"type": "string", "description": "JSON lines"}}}

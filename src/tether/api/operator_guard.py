@@ -99,7 +99,7 @@ def classify(request: web.Request) -> Operation:
         return Operation(Area.registry, write, lists=method == "GET")
     if path == "/devices/{id}" or path.startswith(("/tether/devices/{id}/", "/devices/{id}/modules")):
         return Operation(Area.registry, write, device=True)
-    if path in ("/statistics/devices", "/tether/devices/import"):
+    if path in ("/statistics/devices", "/statistics/service", "/tether/devices/import"):
         return Operation(Area.registry, write)
     if path == "/tether/devices/export":
         return Operation(Area.registry, _R, keys=True)
@@ -167,7 +167,7 @@ async def operator_call(request: web.Request, principal: Principal, handler: Han
     finally:
         if watcher is not None:
             watcher.cancel()
-    if op.lists and SCOPES_KEY in request and request.path.rstrip("/") == "/devices":
+    if op.lists and SCOPES_KEY in request and _template(request) == "/devices":
         await _filter_devices(request, response, request[SCOPES_KEY])
     if keys.scopes is not None or not keys.allowed:
         await _redact_keys(request, response, keys)

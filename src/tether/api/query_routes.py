@@ -11,6 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tether.api.bodies import read_json_object
 from tether.api.context import hub_of
 from tether.api.operator_guard import scopes_of
+from tether.api.routes import READ, Feature, Param, Route
 from tether.api.twin_routes import twins_of
 from tether.errors import BadRequest
 from tether.messaging.query import DEFAULT_PAGE, MAX_PAGE, QueryService
@@ -62,4 +63,13 @@ async def query_devices(request: web.Request) -> web.Response:
     return web.json_response(page.items, headers=headers)
 
 
-__all__ = ["QuerySpecification", "query_devices"]
+FEATURE = Feature("query", (
+    Route("POST", "/devices/query", query_devices, "Query device twins", READ, "twins",
+          request=QuerySpecification, response="object", array=True,
+          params=(Param("x-ms-max-item-count", "header", "Page size, default 100, at most 1000."),
+                  Param("x-ms-continuation", "header", "Token from the previous page.")),
+          response_headers=("x-ms-continuation", "x-ms-item-type"),
+          description="`x-ms-continuation` is present only when another page follows."),
+))
+
+__all__ = ["FEATURE", "QuerySpecification", "query_devices"]

@@ -12,8 +12,8 @@ still verify the signature with the root they pin: TLS alone must not be what th
 `tls/reload` re-reads the certificate files (also on SIGHUP), `trust/next-root`, `trust/switch` and
 `trust/retire` are the three rollover steps of docs/rollover.md, `GET trust` shows where the hub is.
 
-Mount with `add_security_routes(app, hub)` on an app from `build_app(hub)` before it starts: it
-registers the routes and adds them to the app's route table and served OpenAPI document.
+`FEATURE` is this module's part of the route table (`api.app` lists it); its setup keeps the trust
+service on the app.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tether.api.auth import OWNER_RIGHTS, refusal_error, require_all
 from tether.api.auth import SURFACE as SERVICE_SURFACE
 from tether.api.context import hub_of, peer_of, principal_of
-from tether.api.routes import Param, Route
+from tether.api.routes import Feature, Param, Route
 from tether.errors import Conflict, TetherError
 from tether.security.principal import AuthRefused, Permission, Principal
 from tether.security.sas import SasError, parse_token
@@ -40,7 +40,7 @@ from tether.security.trust import TrustService, TrustStatus, sha256_hex
 if TYPE_CHECKING:
     from tether.hub import Hub
 
-__all__ = ["SECURITY_ROUTES", "TRUST_KEY", "add_security_routes", "authenticate_any", "trust_of"]
+__all__ = ["FEATURE", "SECURITY_ROUTES", "TRUST_KEY", "authenticate_any", "trust_of"]
 
 DEVICE_SURFACE: Final = "https"  # device credentials over HTTPS are audited as auth.https
 VERSION_HEADER: Final = "x-tether-trust-bundle-version"
@@ -130,7 +130,7 @@ class TrustState(_Wire):
 def trust_of(request: web.Request) -> TrustService:
     service = request.app.get(TRUST_KEY)
     if service is None:
-        raise RuntimeError("no TrustService: mount with add_security_routes(app, hub)")
+        raise RuntimeError("no TrustService: build the app with build_app(hub)")
     return service
 
 
@@ -344,13 +344,10 @@ ADMIN_ROUTES: tuple[Route, ...] = (
 SECURITY_ROUTES: tuple[Route, ...] = (TRUST_BUNDLE_ROUTE, *ADMIN_ROUTES)
 
 
-def add_security_routes(app: web.Application, hub: Hub) -> None:
-    """Mount the trust-bundle and admin routes on an app from `build_app(hub)` (before it starts).
-
-    The bundle route authenticates inside its handler (any principal), so it is added directly;
-    the admin routes go through the standard guard."""
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
+def _setup(app: web.Application, hub: Hub) -> None:
+    """The trust service (bundle, rollover state) lives on the app. The bundle route authenticates
+    inside its handler (any principal); the admin routes go through the standard guard."""
     app[TRUST_KEY] = TrustService.for_settings(hub.settings, audit=hub.audit)
-    mount(app, SECURITY_ROUTES)
 
+
+FEATURE = Feature("security", SECURITY_ROUTES, setup=_setup)

@@ -12,9 +12,9 @@
   can be shed under descriptor pressure.
 * **Total parsing.** A request aiohttp cannot parse (a NUL or a raw non-ASCII byte in the request line,
   a malformed header, an oversize line) is answered by `HttpRequestHandler.handle_error`: a JSON 400
-  (`errorCode` `BadRequest`) and one debug log line, never a traceback; header values that are not
-  valid UTF-8 (aiohttp hands them over with surrogate escapes, which would fail wherever they are
-  encoded again) are refused by `request_guard` with a 400 naming the header. Both are pre-
+  (Azure's error shape, code `BadRequest`) and one debug log line, never a traceback; header values
+  that are not valid UTF-8 (aiohttp hands them over with surrogate escapes, which would fail wherever
+  they are encoded again) are refused by `request_guard` with a 400 naming the header. Both are pre-
   authentication refusals: counted, charged to the peer's failure budget and audited in aggregate
   (`Authenticator.refuse`, action `https.request`).
 * **No banner.** Every response says `Server: Tether`, without Python or aiohttp versions.
@@ -30,6 +30,7 @@ from aiohttp import hdrs, web
 from aiohttp.typedefs import Handler
 
 from tether.api.context import hub_of, peer_of
+from tether.api.errors import error_response
 from tether.errors import BadRequest
 from tether.hub import Hub
 from tether.security.listener import Listener, format_peer
@@ -106,8 +107,7 @@ class HttpRequestHandler(web.RequestHandler):
         task.add_done_callback(self._refusals.discard)
         if request.writer.output_size > 0:  # as aiohttp: a response has started, nothing more to say
             raise ConnectionError("response already started")
-        body = {"errorCode": "BadRequest", "message": f"malformed HTTP request: {what}"}
-        response = web.json_response(body, status=status)
+        response = error_response(status, "BadRequest", f"malformed HTTP request: {what}")
         response.headers[hdrs.SERVER] = SERVER_NAME
         response.force_close()
         return response

@@ -2,8 +2,7 @@
 
 Handlers parse the request (bounded read, strict JSON, `If-Match`) and call `TwinService`, which
 validates the body against Azure's twin limits before anything is written. Every answer carries the
-full twin and its `ETag`. Mount with `add_twin_routes(app, hub)` — or put `TWIN_ROUTES` into the route
-table — before the application starts.
+full twin and its `ETag`.
 """
 
 from __future__ import annotations
@@ -14,6 +13,8 @@ from aiohttp import web
 
 from tether.api.bodies import parse_if_match, read_json_object
 from tether.api.context import hub_of, principal_of
+from tether.api.routes import IF_MATCH, READ, WRITE, Feature, Route
+from tether.api.twins import Twin
 from tether.messaging.twins import TwinService
 from tether.registry.models import validate_device_id
 
@@ -59,4 +60,13 @@ async def replace_twin(request: web.Request) -> web.Response:
     return await twin_response(request, device_id, twin)
 
 
-__all__ = ["get_twin", "patch_twin", "replace_twin", "twins_of"]
+FEATURE = Feature("twins", (
+    Route("GET", "/twins/{id}", get_twin, "Get a device twin", READ, "twins", response=Twin,
+          response_headers=("ETag",)),
+    Route("PATCH", "/twins/{id}", patch_twin, "Update tags and desired properties", WRITE,
+          "twins", request="object", response=Twin, params=(IF_MATCH,), response_headers=("ETag",)),
+    Route("PUT", "/twins/{id}", replace_twin, "Replace tags and desired properties", WRITE,
+          "twins", request="object", response=Twin, params=(IF_MATCH,), response_headers=("ETag",)),
+))
+
+__all__ = ["FEATURE", "get_twin", "patch_twin", "replace_twin", "twins_of"]

@@ -1,5 +1,8 @@
 """The one seam between CLI commands and a hub: local services on the data dir, or REST on a running hub.
 
+Which backend serves a command is decided in one place, `cli.factory.choose_backend`; the backends
+(`local`, `remote`, `running`) know nothing of the command layer (`cli.context`).
+
 Commands only use this protocol, so each works in both modes. Devices come back as `Device`, policies
 as `PolicyRecord`, audit entries as `AuditRecord` — the same types the services use.
 """
@@ -13,6 +16,9 @@ from typing import Any, Protocol
 from tether.registry.models import Device, Module
 from tether.storage.base import AuditRecord, PolicyRecord
 
+__all__ = ["KEYS_WITHHELD", "LOCAL_ACTOR", "Backend"]
+
+LOCAL_ACTOR = "cli:local"  # the audit actor of changes made on the data dir directly
 # Why a remote device can come back without keys (tether.security.disclosure).
 KEYS_WITHHELD = "a hub shows device keys only to RegistryReadWrite or DeviceConnect policies"
 

@@ -4,9 +4,8 @@ Settings are loaded only when a command needs them, so `--help` works even with 
 Every command runs its async body through `run()`, which turns `TetherError` into a red message and
 exit code 1, and `ConfigError` into exit code 2 (the message names the setting).
 
-`CliState.backend()` is the one place that picks where commands go: the REST API of `--hub-url`; else
-the data dir's storage — unless a hub is running on that data dir (it holds the embedded stream's lock),
-then that hub's API on localhost, so that it sees every change (e.g. drops a disabled device).
+`CliState.backend()` hands the global options to `cli.factory.choose_backend`, the one place that
+picks where commands go (a `--hub-url`, the hub running on the data dir, or the data dir itself).
 """
 
 from __future__ import annotations
@@ -15,54 +14,22 @@ import asyncio
 import contextlib
 import os
 import ssl
-import sys
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
-from urllib.parse import unquote, urlsplit
+from typing import Any, TypeVar
 
 import typer
 
+from tether.cli.backend import Backend
+from tether.cli.factory import choose_backend
 from tether.config import ConfigError, Settings, load_settings
 from tether.errors import BadRequest, TetherError
 
-if TYPE_CHECKING:
-    from tether.cli.backend import Backend
-
 T = TypeVar("T")
 
-LOCAL_ACTOR = "cli:local"
 CONFIG_FILE_NAME = "tether.toml"
-STREAM_LOCK_FILE = "LOCK"  # `LocalEventStream` holds an flock on it while the stream is open
 ROOT_CERTS = ("root-ca.pem", "root-ca-next.pem")  # the dev root and, during a rollover, the next one
-
-
-def held_stream(settings: Settings) -> Path | None:
-    """The embedded event stream's directory when another process holds it open: a hub running on
-    this data dir (or a local `tether monitor`). None for NATS streams and on Windows (no lock)."""
-    if sys.platform == "win32":
-        return None
-    import fcntl
-
-    parts = urlsplit(settings.stream_url)
-    if parts.scheme != "file":
-        return None
-    directory = Path(unquote(parts.path))
-    try:
-        fd = os.open(directory / STREAM_LOCK_FILE, os.O_RDONLY)
-    except OSError:
-        return None  # no stream yet: no hub has ever run here
-    try:
-        # Shared and released at once: only tells whether an exclusive holder exists.
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return directory
-    except OSError:
-        return None
-    finally:
-        os.close(fd)  # releases our shared lock too
-    return None
 
 
 def data_dir_roots(settings: Settings) -> ssl.SSLContext | None:
@@ -114,29 +81,14 @@ class CliState:
         self._settings = None
 
     def backend(self, *, stream: bool = False) -> Backend:
-        """The backend for registry/policy/audit commands: REST when a hub URL is set; else the data
-        dir's storage, or the API of the hub running on it (which alone can serve its event stream to
-        `stream` commands; the others may still read the data dir when that hub does not answer)."""
-        if self.remote:
-            from tether.cli.remote import RemoteBackend
-
-            if not self.connection_string:
-                raise BadRequest(
-                    "--hub-url needs a service connection string: pass --connection-string "
-                    "or set TETHER_CONNECTION_STRING",
-                    field="connection_string",
-                )
-            assert self.hub_url is not None
-            return RemoteBackend(self.hub_url, self.connection_string, verify=self._verify())
-        settings = self.settings()
-        held = held_stream(settings)
-        if held is not None:
-            from tether.cli.remote import RunningHubBackend
-
-            return RunningHubBackend(settings, held=held, verify=self._verify(), stream=stream)
-        from tether.cli.local import LocalBackend
-
-        return LocalBackend(settings)
+        """The backend for registry/policy/audit commands, chosen by `cli.factory.choose_backend`."""
+        return choose_backend(
+            hub_url=self.hub_url,
+            connection_string=self.connection_string,
+            settings=None if self.remote else self.settings(),
+            verify=self._verify(),
+            stream=stream,
+        )
 
     def require_local(self, what: str) -> Settings:
         """Commands that work on the data dir's files (PKI, CAs, stream) refuse remote mode clearly."""

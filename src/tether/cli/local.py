@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from tether.cli.context import LOCAL_ACTOR
+from tether.cli.backend import LOCAL_ACTOR
 from tether.config import ConfigError, Settings
 from tether.registry.models import Device, Module
 from tether.storage.base import AuditRecord, PolicyRecord

@@ -7,10 +7,10 @@ audit commands go over the running hub's REST API instead (remote mode).
 
 from __future__ import annotations
 
-import json
 import os
+import tomllib
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,7 +31,7 @@ from tether.cli.context import CONFIG_FILE_NAME, CliState, cli_errors, run, stat
 from tether.cli.local import LocalServices
 from tether.cli.monitor import monitor_command
 from tether.cli.policies import service_connection_string
-from tether.config import Settings, load_settings
+from tether.config import Settings, environment_settings, load_settings, render_toml
 from tether.errors import BadRequest
 
 OWNER_POLICY = "iothubowner"
@@ -94,6 +94,13 @@ def global_options(
     )
 
 
+def _saved_hostname(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    value = tomllib.loads(path.read_text(encoding="utf-8")).get("hub", {}).get("hostname")
+    return value if isinstance(value, str) else None
+
+
 def _is_initialised(settings: Settings) -> bool:
     pki_dir = settings.pki_dir
     return (
@@ -103,13 +110,30 @@ def _is_initialised(settings: Settings) -> bool:
     )
 
 
-def _write_config(path: Path, hostname: str) -> None:
-    path.write_text(
-        "# Written by `tether init`. TETHER_* environment variables override these settings.\n"
-        "[hub]\n"
-        f"hostname = {json.dumps(hostname)}\n",  # a TOML basic string
-        encoding="utf-8",
-    )
+CONFIG_HEADER = ("Written by `tether init`: the settings it was given (flags and TETHER_* variables).\n"
+                 "TETHER_* environment variables override these settings.")
+
+
+def _save_config(path: Path, settings: Settings, given: dict[str, list[str]]) -> list[str]:
+    """Write (or update) the data dir's tether.toml with the `given` settings' values, so that later
+    commands and `tether run` in another shell need no TETHER_* variables. Returns what changed."""
+    existing: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        existing = {k: dict(v) for k, v in tomllib.loads(path.read_text(encoding="utf-8")).items()
+                    if isinstance(v, dict)}
+    merged = {section: dict(values) for section, values in existing.items()}
+    changed: list[str] = []
+    for section, keys in given.items():
+        for key in keys:
+            value = getattr(getattr(settings, section), key)
+            value = str(value) if isinstance(value, Path) else value
+            if merged.get(section, {}).get(key) != value:
+                merged.setdefault(section, {})[key] = value
+                changed.append(f"{section}.{key}")
+    if changed or not path.exists():
+        path.write_text(render_toml(merged, header=CONFIG_HEADER), encoding="utf-8")
+        path.chmod(0o600)  # may name a database URL with its password
+    return changed
 
 
 @app.command("init")
@@ -137,22 +161,32 @@ def init(
     async def body() -> str:
         settings = state.settings()
         config_path = settings.data_dir / CONFIG_FILE_NAME
+        given = environment_settings()
+        given["hub"] = [k for k in given.get("hub", []) if k != "data_dir"]  # the file lives in it
+        if hostname is not None or not config_path.exists():  # a new file always names the host
+            given["hub"] = sorted({*given["hub"], "hostname"})
+        saved_name = _saved_hostname(config_path)
+        wanted = hostname or settings.hub.hostname
+        if saved_name is not None and "hostname" in given["hub"] and wanted != saved_name:
+            raise BadRequest(
+                f"the hub is configured with host name {saved_name!r} ({config_path}); "
+                "edit that file to change it (its certificate and every token name it)",
+                field="hostname",
+            )
         if hostname is not None and hostname != settings.hub.hostname:
-            if config_path.exists():
-                raise BadRequest(
-                    f"the hub is configured with host name {settings.hub.hostname!r} ({config_path}); "
-                    "edit that file to change it",
-                    field="hostname",
-                )
             state.forget_settings()
             settings = load_settings(hub={"data_dir": settings.data_dir, "hostname": hostname})
         if not (if_needed and _is_initialised(settings)) or san:
             if not settings.data_dir.exists():
                 settings.data_dir.mkdir(mode=0o700, parents=True)  # holds keys: owner only
             pki.init_dev_pki(settings, san or ())
-            if not config_path.exists():
-                _write_config(config_path, settings.hub.hostname)
+        if settings.data_dir.exists():
+            created = not config_path.exists()
+            changed = _save_config(config_path, settings, given)
+            if created:
                 typer.echo(f"wrote {config_path}", err=True)
+            elif changed:
+                typer.echo(f"saved {', '.join(changed)} in {config_path}", err=True)
         services = LocalServices(settings)
         services.check_data_dir()
         await services.open(ensure_defaults=True)

@@ -15,7 +15,8 @@ from typing import Annotated, TypeVar
 
 import typer
 
-from tether.cli.context import LOCAL_ACTOR, run, state_of
+from tether.cli.backend import LOCAL_ACTOR
+from tether.cli.context import run, state_of
 from tether.cli.output import echo_json, table
 from tether.security.audit import AuditLog
 from tether.security.operators import LOCAL_ISSUER, OperatorService

@@ -14,7 +14,8 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tether.cli.context import LOCAL_ACTOR, cli_errors, run, state_of
+from tether.cli.backend import LOCAL_ACTOR
+from tether.cli.context import cli_errors, run, state_of
 from tether.cli.local import LocalServices
 from tether.cli.output import table
 from tether.config import Settings

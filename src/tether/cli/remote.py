@@ -1,8 +1,9 @@
 """Remote mode: the same operations over a running hub's REST API, authenticated with a service
 connection string (a SAS token is minted per session; the key itself never leaves this process).
 
-HTTP errors come back as `{"errorCode", "message"}` and are raised as the matching `TetherError`,
-so commands report them exactly like local errors.
+HTTP errors come back in Azure's shape (`{"Message": "ErrorCode:{code};{text}"}` plus the
+`iothub-errorcode` header) and are raised as the matching `TetherError`, so commands report them
+exactly like local errors.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import ssl
 import time
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import quote
 
 import httpx
@@ -33,20 +34,12 @@ from tether.security.connstr import ServiceConnectionString
 from tether.security.sas import build_token
 from tether.storage.base import AuditRecord, PolicyRecord
 
-if TYPE_CHECKING:
-    from pathlib import Path
-
-    from tether.cli.local import LocalBackend
-    from tether.config import Settings
-
 Verify = ssl.SSLContext | str | bool  # httpx's `verify`: a context, a CA file, or system CAs on/off
 
 API_VERSION = "2021-04-12"
 TOKEN_TTL_S = 3600
 PAGE = 1000  # the hub's maximum `top`
 TIMEOUT_S = 30.0
-PROBE_TIMEOUT_S = 5.0
-OWNER_POLICY = "iothubowner"
 
 _ERRORS: dict[int, type[TetherError]] = {
     400: BadRequest,
@@ -66,8 +59,9 @@ def _seg(value: str) -> str:
 
 
 def error_from_response(response: httpx.Response) -> TetherError:
-    """The hub's JSON error as a `TetherError` with the same code and message."""
-    code: str | None = None
+    """The hub's error (Azure's `{"Message": "ErrorCode:{code};{text}", …}` and the `iothub-errorcode`
+    header) as a `TetherError` with the same code and text."""
+    code: str | None = response.headers.get("iothub-errorcode") or None
     message = f"HTTP {response.status_code} {response.reason_phrase}"
     field: str | None = None
     try:
@@ -75,9 +69,13 @@ def error_from_response(response: httpx.Response) -> TetherError:
     except (json.JSONDecodeError, UnicodeDecodeError):
         body = None
     if isinstance(body, dict):
-        code = body.get("errorCode") or None
-        message = str(body.get("message") or message)
-        field = body.get("field")
+        text = body.get("Message")
+        if isinstance(text, str) and text.startswith("ErrorCode:") and ";" in text:
+            head, _, text = text.partition(";")
+            code = code or head.removeprefix("ErrorCode:") or None
+        if isinstance(text, str) and text:
+            message = text
+        field = body.get("field") if isinstance(body.get("field"), str) else None
     cls = _ERRORS.get(response.status_code, TetherError)
     return cls(message, code=code, field=field)
 
@@ -96,6 +94,7 @@ class RemoteBackend:
         if not self._base.startswith(("http://", "https://")):
             raise BadRequest("--hub-url must start with http:// or https://", field="hub_url")
         self._verify = verify
+        self._sni: str | None = None  # verify the certificate for this name instead of the URL's host
         self._client: httpx.AsyncClient | None = None
 
     @property
@@ -123,7 +122,11 @@ class RemoteBackend:
             timeout=TIMEOUT_S,
             headers={"Authorization": self._token(), "Accept": "application/json"},
             params={"api-version": API_VERSION},
+            event_hooks={"request": [self._name_server]} if self._sni else {},
         )
+
+    async def _name_server(self, request: httpx.Request) -> None:
+        request.extensions["sni_hostname"] = self._sni
 
     async def close(self) -> None:
         if self._client is not None:
@@ -305,139 +308,3 @@ class RemoteBackend:
 
 def _if_match(etag: str | None) -> str:
     return f'"{etag}"' if etag else "*"
-
-
-class RunningHubBackend(RemoteBackend):
-    """Local mode while a hub runs on the same data dir: its REST API instead of its storage.
-
-    Writing the database behind a running hub's back would leave it unaware (a disabled device would
-    stay connected), so requests go to `https://localhost:{listeners.https_port}`, signed with the data
-    dir's owner policy — read from the database the hub has open, which SQLite's WAL allows. When that
-    hub does not answer, reads fall back to the data dir (with a warning) and every change is refused
-    with `refusal`; `stream` commands (monitor) need the hub itself and fail at once.
-    """
-
-    def __init__(self, settings: Settings, *, held: Path, verify: Verify, stream: bool = False) -> None:
-        self.settings = settings
-        self._held = held  # the stream directory whose lock says a hub runs
-        self._stream = stream
-        self._transport(f"https://localhost:{settings.listeners.https_port}", verify)
-        self._cs = None
-        self._local: LocalBackend | None = None
-        self.refusal: TetherError | None = None
-
-    @property
-    def hostname(self) -> str:
-        return self.settings.hub.hostname
-
-    async def open(self) -> None:
-        """Reach the hub and say so on stderr; else read locally, or fail for stream commands."""
-        import typer
-
-        from tether.cli.local import LocalBackend
-
-        local = LocalBackend(self.settings, ensure_defaults=False)  # read only: the hub owns the data
-        try:
-            await local.open()
-            why = await self._connect(await local.list_policies())
-        except BaseException:
-            await local.close()
-            raise
-        if why is None:
-            await local.close()
-            doing = "following its feed" if self._stream else "using its API"
-            typer.echo(f"hub running at {self.url}: {doing}", err=True)
-            return
-        self.refusal = TetherError(
-            f"event stream {self._held} is open in another process (a hub running on data dir "
-            f"{self.settings.data_dir}, or a local `tether monitor`), but no hub answers here: {why}. "
-            + ("Only that hub can serve its event stream. " if self._stream else
-               "Nothing was changed: the running hub would not notice changes made behind its back. ")
-            + "Set listeners.https_port to the hub's port, pass --hub-url and --connection-string, "
-            "or stop the hub first",
-            code="HubUnreachable",
-        )
-        if self._stream:
-            await local.close()
-            raise self.refusal
-        self._local = local
-        typer.secho(f"warning: event stream {self._held} is held by another process but no hub answers "
-                    f"here ({why}): reading the data dir directly; changes are refused",
-                    fg=typer.colors.YELLOW, err=True)
-
-    async def _connect(self, policies: Sequence[PolicyRecord]) -> str | None:
-        """Open the HTTPS client with the owner policy and check the hub answers; else why not."""
-        if self.settings.listeners.https_port == 0:
-            return "listeners.https_port is 0 (ephemeral), so its address is unknown"
-        if not policies:
-            return "the database has no shared access policy to sign requests with"
-        # iothubowner, else the policy with the most rights (the owner one may have been replaced)
-        policy = min(policies, key=lambda p: (p.name != OWNER_POLICY, -len(p.permissions), p.name))
-        self._cs = ServiceConnectionString(self.settings.hub.hostname, policy.name, policy.primary_key)
-        await super().open()
-        try:
-            response = await self.client.get("/healthz", timeout=PROBE_TIMEOUT_S)
-        except httpx.HTTPError as exc:
-            await super().close()
-            detail = str(exc) or type(exc).__name__
-            if "CERTIFICATE_VERIFY_FAILED" in detail:
-                detail += " (pass the hub's CA with --ca-file)"
-            return f"cannot reach {self.url}: {detail}"
-        if response.status_code != 200:
-            await super().close()
-            return f"{self.url}/healthz answered HTTP {response.status_code}"
-        return None
-
-    async def close(self) -> None:
-        if self._local is not None:
-            await self._local.close()
-            self._local = None
-        await super().close()
-
-    async def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        if self.refusal is not None:  # the reads below were answered locally: this is a change
-            raise self.refusal
-        return await super()._request(method, path, **kwargs)
-
-    # reads fall back to the data dir when the hub does not answer ------------------------------
-    async def get_device(self, device_id: str) -> Device:
-        if self._local is not None:
-            return await self._local.get_device(device_id)
-        return await super().get_device(device_id)
-
-    async def list_devices(self, top: int) -> list[Device]:
-        if self._local is not None:
-            return await self._local.list_devices(top)
-        return await super().list_devices(top)
-
-    async def export_devices(self) -> AsyncIterator[Device]:
-        source = self._local.export_devices() if self._local is not None else super().export_devices()
-        async for device in source:
-            yield device
-
-    async def list_policies(self, *, keys: bool = False) -> list[PolicyRecord]:
-        if self._local is not None:
-            return await self._local.list_policies(keys=keys)
-        return await super().list_policies(keys=keys)
-
-    async def get_policy(self, name: str) -> PolicyRecord:
-        if self._local is not None:
-            return await self._local.get_policy(name)
-        return await super().get_policy(name)
-
-    async def audit(
-        self,
-        *,
-        limit: int,
-        since: datetime | None,
-        outcome: str | None,
-        action_prefix: str | None,
-        principal: str | None,
-    ) -> list[AuditRecord]:
-        if self._local is not None:
-            return await self._local.audit(
-                limit=limit, since=since, outcome=outcome, action_prefix=action_prefix, principal=principal
-            )
-        return await super().audit(
-            limit=limit, since=since, outcome=outcome, action_prefix=action_prefix, principal=principal
-        )

@@ -4,6 +4,6 @@ step, no CDN; docs/decisions/0010-operator-identity.md) and the few routes only 
 or changes goes through the ordinary REST API with the operator's session, so the same guard, roles
 and audit apply."""
 
-from tether.console.routes import CONSOLE_ROUTES, add_console_routes
+from tether.console.routes import CONSOLE_ROUTES, FEATURE
 
-__all__ = ["CONSOLE_ROUTES", "add_console_routes"]
+__all__ = ["CONSOLE_ROUTES", "FEATURE"]

@@ -10,13 +10,13 @@ from __future__ import annotations
 import time
 from datetime import timedelta
 from importlib import resources
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from aiohttp import web
 
 from tether.api.context import hub_of, principal_of
 from tether.api.operator_auth import session_token
-from tether.api.routes import Param, Route
+from tether.api.routes import Feature, Param, Route
 from tether.api.security_routes import TrustState, trust_of
 from tether.console.auth_routes import (
     PENDING_KEY,
@@ -34,7 +34,10 @@ from tether.security.principal import Permission, Principal, PrincipalKind
 from tether.security.roles import Access, Area, decide, may_see_keys
 from tether.security.tls import TlsContextFactory
 
-__all__ = ["CONSOLE_ROUTES", "SECURITY_HEADERS", "add_console_routes"]
+if TYPE_CHECKING:
+    from tether.hub import Hub
+
+__all__ = ["CONSOLE_ROUTES", "FEATURE", "SECURITY_HEADERS"]
 
 CSP: Final = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
               "connect-src 'self'; font-src 'self'; base-uri 'none'; form-action 'self'; "
@@ -203,8 +206,9 @@ CONSOLE_ROUTES: tuple[Route, ...] = (
 )
 
 
-def add_console_routes(app: web.Application) -> None:
-    from tether.api.app import mount  # not at import time: app.py imports this module
-
+def _setup(app: web.Application, hub: Hub) -> None:
     app[PENDING_KEY] = PendingLogins()
-    mount(app, CONSOLE_ROUTES)
+
+
+# The console's part of the HTTP app; `tether.server.http_app` adds it when `operators.console` is on.
+FEATURE = Feature("console", CONSOLE_ROUTES, setup=_setup)

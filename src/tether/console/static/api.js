@@ -6,7 +6,9 @@ export function setCsrf(token) { csrf = token; }
 
 export class ApiError extends Error {
   constructor(status, body) {
-    super((body && body.message) || `HTTP ${status}`);
+    // Azure's error body: {"Message": "ErrorCode:{code};{text}", ...}
+    const message = body && typeof body.Message === 'string' ? body.Message.replace(/^ErrorCode:[^;]*;/, '') : null;
+    super(message || `HTTP ${status}`);
     this.status = status;
     this.body = body;
   }

@@ -43,7 +43,7 @@ async function signinPage() {
       location.hash = '#/overview';
       route();
     } catch (err) {
-      if (err.body && /totp-required/.test(err.body.message || '')) { code.hidden = false; code.focus(); }
+      if (/totp-required/.test(err.message || '')) { code.hidden = false; code.focus(); }
       message(error, err.message);
     }
   };
