@@ -191,6 +191,13 @@ def from_described(cls: type[T], value: Described) -> T:
 def decode_composite(buf: bytes, pos: int = 0) -> tuple[Composite | Any, int]:
     """Decode one described value at `pos`: a known composite becomes its class, anything else stays
     as decoded. Returns (value, position after it)."""
+    if buf[pos: pos + 2] == b"\x00\x53" and len(buf) > pos + 3:  # the usual small-ulong descriptor
+        cls = _COMPOSITES.get(buf[pos + 2])
+        if cls is not None:
+            fields, end = decode_value(buf, pos + 3)
+            if not isinstance(fields, list):
+                raise invalid(f"{cls.NAME} must be a list")
+            return cls.from_fields(fields), end
     value, end = decode_value(buf, pos)
     if isinstance(value, Described):
         cls = _COMPOSITES.get(value.descriptor)

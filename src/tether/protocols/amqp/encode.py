@@ -239,14 +239,8 @@ def _encode_described(value: Described, out: Out) -> None:
 
 
 # --- arrays -----------------------------------------------------------------------------------------
-# Element constructor per type family: arrays share one constructor, so the widest form is used
-# (the variable-width ones drop to their 8-bit form when every element fits).
-_FAMILY = {
-    0x41: 0x56, 0x42: 0x56, 0x56: 0x56, 0x43: 0x70, 0x52: 0x70, 0x70: 0x70, 0x44: 0x80, 0x53: 0x80,
-    0x80: 0x80, 0x54: 0x71, 0x71: 0x71, 0x55: 0x81, 0x81: 0x81, 0xA0: 0xB0, 0xB0: 0xB0, 0xA1: 0xB1,
-    0xB1: 0xB1, 0xA3: 0xB3, 0xB3: 0xB3, 0x45: 0xD0, 0xC0: 0xD0, 0xD0: 0xD0, 0xC1: 0xD1, 0xD1: 0xD1,
-    0xE0: 0xF0, 0xF0: 0xF0,
-}
+# Arrays share one constructor, so the widest form of the type family is used (the variable-width
+# ones drop to their 8-bit form when every element fits).
 _FIXED = {
     0x50: (struct.Struct(">B"), int), 0x51: (_I8, int), 0x60: (_U16, int), 0x61: (_I16, int),
     0x70: (_U32, int), 0x71: (_I32, int),
@@ -281,7 +275,7 @@ def _array_element(code: int, value: Any, out: Out) -> None:
         out += _U32.pack(len(body) + 4) + _U32.pack(count) + body
     elif code == 0xF0:
         inner = bytearray()
-        _array_body(value, inner)
+        _array_body(value, inner, wide=True)
         out += inner[1:]  # drop the 0xF0 constructor: array elements carry none
     elif code == 0x40:
         pass
@@ -290,8 +284,8 @@ def _array_element(code: int, value: Any, out: Out) -> None:
         out += packer.pack(convert(value))
 
 
-def _array_body(value: Array, out: Out) -> None:
-    code = _FAMILY.get(value.code, value.code)
+def _array_body(value: Array, out: Out, *, wide: bool = False) -> None:
+    code = value.family
     items = [v.value if isinstance(v, Described) else v for v in value.items]
     if code == 0xB3 and all(len(v) < 256 for v in items):
         code = 0xA3
@@ -307,7 +301,7 @@ def _array_body(value: Array, out: Out) -> None:
         _array_element(code, item, body)
     count = len(items)
     size = len(constructor) + len(body)
-    if size + 1 < 256 and count < 256:
+    if size + 1 < 256 and count < 256 and not wide:
         out += _HEAD8.pack(0xE0, size + 1, count)
     else:
         out += _HEAD32.pack(0xF0, size + 4, count)

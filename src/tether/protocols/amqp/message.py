@@ -161,11 +161,16 @@ def decode_message(payload: bytes) -> Message:
     last = -1
     pos, end = 0, len(payload)
     while pos < end:
-        section, pos = decode_value(payload, pos)
-        if not isinstance(section, Described):
-            raise ProtocolError(DECODE_ERROR, "message section is not a described value")
-        descriptor = section.descriptor
-        code = _SYMBOLIC.get(descriptor, -1) if isinstance(descriptor, str) else int(descriptor)
+        if payload[pos] == 0 and payload[pos + 1: pos + 2] == b"\x53" and end > pos + 3:
+            code = payload[pos + 2]  # the usual small-ulong descriptor: no Described object
+            content, pos = decode_value(payload, pos + 3)
+        else:
+            section, pos = decode_value(payload, pos)
+            if not isinstance(section, Described):
+                raise ProtocolError(DECODE_ERROR, "message section is not a described value")
+            descriptor = section.descriptor
+            code = _SYMBOLIC.get(descriptor, -1) if isinstance(descriptor, str) else int(descriptor)
+            content = section.value
         order = _ORDER.get(code)
         if order is None:
             raise ProtocolError(DECODE_ERROR, "unknown message section")
@@ -175,7 +180,6 @@ def decode_message(payload: bytes) -> Message:
                                          or (sequence and code != _SEQUENCE)):
             raise ProtocolError(DECODE_ERROR, "a message body mixes section kinds")
         last = order
-        content = section.value
         if code == _DATA:
             if not isinstance(content, bytes):
                 raise invalid("data section must be binary")

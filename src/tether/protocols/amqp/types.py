@@ -17,6 +17,7 @@ from typing import Any, Final
 
 __all__ = [
     "AMQP_TYPES",
+    "ARRAY_FAMILY",
     "Array",
     "Byte",
     "Char",
@@ -158,14 +159,42 @@ class Described:
     value: Any
 
 
-@dataclass(frozen=True, slots=True)
+# Format codes of one type share a family (the widest code): arrays of uint are equal whether their
+# elements were written as 0x52 or 0x70, symbols as 0xA3 or 0xB3.
+ARRAY_FAMILY: Final = {
+    0x41: 0x56, 0x42: 0x56, 0x56: 0x56, 0x43: 0x70, 0x52: 0x70, 0x70: 0x70, 0x44: 0x80, 0x53: 0x80,
+    0x80: 0x80, 0x54: 0x71, 0x71: 0x71, 0x55: 0x81, 0x81: 0x81, 0xA0: 0xB0, 0xB0: 0xB0, 0xA1: 0xB1,
+    0xB1: 0xB1, 0xA3: 0xB3, 0xB3: 0xB3, 0x45: 0xD0, 0xC0: 0xD0, 0xD0: 0xD0, 0xC1: 0xD1, 0xD1: 0xD1,
+    0xE0: 0xF0, 0xF0: 0xF0,
+}
+
+
+@dataclass(frozen=True, slots=True, eq=False)
 class Array:
     """An AMQP array: elements of one type. `code` is the element constructor's format code (e.g.
-    0xA3 symbol, 0x70 uint); `descriptor` is set when the elements are described values."""
+    0xA3 symbol, 0x70 uint; equality goes by type, not width); `descriptor` is set when the elements
+    are described values."""
 
     code: int
     items: tuple[Any, ...]
     descriptor: Any = None
+
+    @property
+    def family(self) -> int:
+        return ARRAY_FAMILY.get(self.code, self.code)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Array):
+            return NotImplemented
+        return (self.family == other.family and self.items == other.items
+                and self.descriptor == other.descriptor)
+
+    def __hash__(self) -> int:
+        return hash((self.family, self.items, self.descriptor))
+
+    def __repr__(self) -> str:
+        tail = "" if self.descriptor is None else f", descriptor={self.descriptor!r}"
+        return f"Array(0x{self.family:02x}, {self.items!r}{tail})"
 
     def __iter__(self) -> Any:
         return iter(self.items)
