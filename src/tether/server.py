@@ -1,8 +1,9 @@
 """`tether run`: open the hub, start every listener, serve until SIGINT/SIGTERM.
 
-Listeners: MQTT over TLS (`listeners.mqtt_port`), the HTTPS server carrying the service REST API,
-the device HTTPS surface, MQTT over WebSockets and `/metrics` (`listeners.https_port`), and — only
-when configured — plain-TCP MQTT for loopback testing. All TLS goes through one TlsContextFactory.
+Listeners: MQTT over TLS (`listeners.mqtt_port`), AMQP over TLS (`listeners.amqp_port`), the HTTPS
+server carrying the service REST API, the device HTTPS surface, MQTT and AMQP over WebSockets and
+`/metrics` (`listeners.https_port`), and — only when configured — plain-TCP MQTT for loopback testing.
+All TLS goes through one TlsContextFactory.
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ async def start_listeners(hub: Hub) -> None:
 
     mqtts = await start_mqtt(hub, host=host, port=settings.listeners.mqtt_port, tls=True)
     hub.add_server("mqtts", mqtts)
+    if settings.listeners.amqp_port is not None:
+        from tether.protocols.amqp.server import start_amqp, stop_amqp
+
+        amqps = await start_amqp(hub, host=host, port=settings.listeners.amqp_port, tls=True)
+        hub.add_server("amqps", amqps, closer=lambda: stop_amqp(hub))
     if settings.listeners.mqtt_plain_port is not None:
         # Unencrypted MQTT is for loopback testing only: it never binds a non-loopback address.
         plain_host = host if _is_loopback(host) else "127.0.0.1"

@@ -19,6 +19,7 @@ from tether.api.openapi import spec_bytes
 from tether.api.routes import ROUTES, Route
 from tether.hub import Hub
 from tether.observability.metrics import metrics_handler
+from tether.protocols.amqp.websocket import SERVICEBUS_WEBSOCKET_PATHS, amqp_websocket_handler, wants_amqp
 from tether.protocols.mqtt.websocket import mqtt_websocket_handler
 from tether.security.principal import Permission
 
@@ -51,6 +52,16 @@ def mount(app: web.Application, routes: tuple[Route, ...]) -> None:
     app[SPEC_KEY] = spec_bytes(table)
 
 
+def _device_websocket(hub: Hub) -> Handler:
+    """`/$iothub/websocket` serves MQTT (subprotocol `mqtt`) and AMQP (`AMQPWSB10`)."""
+    mqtt, amqp = mqtt_websocket_handler(hub), amqp_websocket_handler(hub)
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return await (amqp(request) if wants_amqp(request) else mqtt(request))
+
+    return handler
+
+
 def build_app(hub: Hub) -> web.Application:
     from tether.api.c2d_routes import add_c2d_routes
     from tether.api.device_routes import add_device_routes
@@ -73,8 +84,12 @@ def build_app(hub: Hub) -> web.Application:
     add_security_routes(app, hub)
     mount(app, (
         Route("GET", "/metrics", metrics_handler, "Prometheus metrics", None, "operations"),
-        Route("GET", "/$iothub/websocket", mqtt_websocket_handler(hub), "MQTT 3.1.1 over WebSockets "
-              "(subprotocol `mqtt`); the device authenticates in CONNECT", Permission.device_connect,
-              "device-mqtt", self_auth=True),
+        Route("GET", "/$iothub/websocket", _device_websocket(hub), "MQTT 3.1.1 over WebSockets "
+              "(subprotocol `mqtt`; the device authenticates in CONNECT) and AMQP 1.0 over WebSockets "
+              "(subprotocol `AMQPWSB10`; SASL or CBS)", Permission.device_connect, "device-mqtt",
+              self_auth=True),
+        *(Route("GET", path, amqp_websocket_handler(hub), "AMQP 1.0 over WebSockets (subprotocol "
+                "`AMQPWSB10`) for the service and Event Hubs SDKs", Permission.service_connect, "amqp",
+                self_auth=True) for path in SERVICEBUS_WEBSOCKET_PATHS),
     ))
     return app

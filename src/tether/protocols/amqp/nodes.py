@@ -1,0 +1,28 @@
+"""The hub's AMQP nodes: every address a client may attach to, and the handler serving it.
+
+Device addresses (`/devices/{id}/…`) serve only identities the connection holds a credential for;
+service addresses (`/messages/…`) need a hub-level token with ServiceConnect; `$cbs` is open to every
+connection (it is how a connection gets a credential). The Event Hub-compatible endpoint builds its
+table from `DEFAULT_ROUTES` plus its own.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from .cbs import CbsReplies, CbsRequests
+from .performatives import Role
+from .routes import LinkRoute, LinkTable
+
+__all__ = ["CBS_ROUTES", "DEFAULT_ROUTES", "default_table"]
+
+CBS_ROUTES: Final = (
+    LinkRoute(r"\$cbs", Role.RECEIVER, CbsRequests, "cbs"),
+    LinkRoute(r"\$cbs", Role.SENDER, CbsReplies, "cbs"),
+)
+
+DEFAULT_ROUTES: Final = (*CBS_ROUTES,)
+
+
+def default_table() -> LinkTable:
+    return LinkTable(DEFAULT_ROUTES)
