@@ -13,15 +13,22 @@ from typing import Final
 from .cbs import CbsReplies, CbsRequests
 from .performatives import Role
 from .routes import LinkRoute, LinkTable
+from .telemetry import TelemetryReceiver
 
-__all__ = ["CBS_ROUTES", "DEFAULT_ROUTES", "default_table"]
+__all__ = ["CBS_ROUTES", "DEFAULT_ROUTES", "DEVICE_ROUTES", "default_table"]
 
 CBS_ROUTES: Final = (
     LinkRoute(r"\$cbs", Role.RECEIVER, CbsRequests, "cbs"),
     LinkRoute(r"\$cbs", Role.SENDER, CbsReplies, "cbs"),
 )
 
-DEFAULT_ROUTES: Final = (*CBS_ROUTES,)
+_DEVICE = r"/devices/(?P<device>[^/]+)(?:/modules/(?P<module>[^/]+))?"
+
+DEVICE_ROUTES: Final = (
+    LinkRoute(_DEVICE + r"/messages/events", Role.RECEIVER, TelemetryReceiver, "telemetry"),
+)
+
+DEFAULT_ROUTES: Final = (*CBS_ROUTES, *DEVICE_ROUTES)
 
 
 def default_table() -> LinkTable:
