@@ -19,6 +19,7 @@ from tether.cluster.node import resolve_node_id
 from tether.config import Settings
 from tether.messaging.c2d import C2DService
 from tether.messaging.events import EventStream, open_stream
+from tether.messaging.file_notifications import FileNotificationService
 from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionRegistry
 from tether.messaging.telemetry import TelemetryPipeline
@@ -63,6 +64,7 @@ class Hub:
             max_delivery_count=settings.c2d.max_delivery_count, lock_timeout_s=settings.c2d.lock_timeout_s,
             default_ttl_s=settings.c2d.default_ttl_s,
         )
+        self.file_notifications = FileNotificationService()  # fed by file upload (not built yet)
         self.connections = ConnectionRegistry(settings.limits.max_connections)
         self.registry.add_status_listener(self.connections.status_listener())
         self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit)

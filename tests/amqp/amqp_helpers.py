@@ -244,3 +244,39 @@ class NodeError(Exception):
         super().__init__(f"{answer.get('op')}: {answer.get('name')}: {answer.get('message')}")
         self.answer = answer
         self.name = answer.get("name")
+
+
+def proton_client(hub: AmqpHub, *, user: str | None = None, password: str | None = None,
+                  mechs: str = "PLAIN", timeout: float = 30) -> Any:
+    """python-qpid-proton's BlockingConnection to the hub's AMQPS port (the CA trusted, SASL `mechs`)."""
+    import proton
+    from proton.utils import BlockingConnection
+
+    domain = proton.SSLDomain(proton.SSLDomain.MODE_CLIENT)
+    domain.set_trusted_ca_db(str(hub.ca_file))
+    domain.set_peer_authentication(proton.SSLDomain.VERIFY_PEER)  # proton matches no IP SANs
+    return BlockingConnection(f"amqps://{hub.ip}:5671", ssl_domain=domain, sasl_enabled=True,
+                              allowed_mechs=mechs, user=user, password=password, timeout=timeout,
+                              allow_insecure_mechs=False)
+
+
+def service_user(hub: AmqpHub, policy: str = "iothubowner") -> tuple[str, str]:
+    """SASL PLAIN user name and password of a shared access policy."""
+    return f"{policy}@sas.root.{hub.ip}", hub.policy_token(policy)
+
+
+def run_service_sdk(hub: AmqpHub, device_id: str, bodies: list[str], properties: dict[str, str] | None = None,
+                    *, policy: str = "iothubowner") -> dict[str, Any]:
+    """azure-iot-hub's `IoTHubRegistryManager.send_c2d_message` (uamqp) in a child process."""
+    env = dict(os.environ, SSL_CERT_FILE=str(hub.ca_file))
+    script = Path(__file__).resolve().parent / "service_sdk.py"
+    args = {"cs": hub.service_connection_string(policy), "device": device_id, "bodies": bodies,
+            "properties": properties or {}}
+    import sys
+
+    done = subprocess.run([sys.executable, str(script), json.dumps(args)], env=env, capture_output=True,
+                          text=True, timeout=180, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines, f"service SDK printed nothing: {done.stderr[-3000:]}"
+    result: dict[str, Any] = json.loads(lines[-1])
+    return result

@@ -13,9 +13,10 @@ from typing import Final
 from .cbs import CbsReplies, CbsRequests
 from .performatives import Role
 from .routes import LinkRoute, LinkTable
+from .service_links import C2DSendReceiver, FeedbackSender, FileNotificationSender
 from .telemetry import TelemetryReceiver
 
-__all__ = ["CBS_ROUTES", "DEFAULT_ROUTES", "DEVICE_ROUTES", "default_table"]
+__all__ = ["CBS_ROUTES", "DEFAULT_ROUTES", "DEVICE_ROUTES", "SERVICE_ROUTES", "default_table"]
 
 CBS_ROUTES: Final = (
     LinkRoute(r"\$cbs", Role.RECEIVER, CbsRequests, "cbs"),
@@ -28,7 +29,14 @@ DEVICE_ROUTES: Final = (
     LinkRoute(_DEVICE + r"/messages/events", Role.RECEIVER, TelemetryReceiver, "telemetry"),
 )
 
-DEFAULT_ROUTES: Final = (*CBS_ROUTES, *DEVICE_ROUTES)
+SERVICE_ROUTES: Final = (
+    LinkRoute(r"/messages/devicebound", Role.RECEIVER, C2DSendReceiver, "c2d-send"),
+    LinkRoute(r"/messages/servicebound/feedback", Role.SENDER, FeedbackSender, "feedback"),
+    LinkRoute(r"/messages/servicebound/filenotifications", Role.SENDER, FileNotificationSender,
+              "file-notifications"),
+)
+
+DEFAULT_ROUTES: Final = (*CBS_ROUTES, *DEVICE_ROUTES, *SERVICE_ROUTES)
 
 
 def default_table() -> LinkTable:

@@ -29,7 +29,7 @@ from .handler import LinkHandler
 from .message import AmqpValue, Message, decode_message
 from .performatives import Accepted, Error, Rejected
 
-__all__ = ["TelemetryReceiver", "system_bag"]
+__all__ = ["TelemetryReceiver", "message_body", "system_bag"]
 
 CREDIT: Final = 300  # unsettled telemetry per link: the window closes until appends are durable
 _ACCEPTED: Final = Accepted()
@@ -82,7 +82,8 @@ def system_bag(message: Message) -> tuple[dict[str, str], dict[str, str]]:
     return system, app
 
 
-def _body(message: Message) -> bytes | None:
+def message_body(message: Message) -> bytes | None:
+    """The body as bytes: the data sections, or an amqp-value binary or string (proton's default)."""
     body = message.body
     if isinstance(body, tuple):
         return message.data
@@ -124,7 +125,7 @@ class TelemetryReceiver(LinkHandler):
         except e.ProtocolError as exc:
             self._refuse(event, exc.condition, "invalid-message", exc.description)
             return
-        body = _body(message)
+        body = message_body(message)
         if body is None:
             self._refuse(event, e.DECODE_ERROR, "invalid-message", "the body must be data sections")
             return
