@@ -18,14 +18,14 @@ from tether.cluster.bus import ClusterBus
 from tether.cluster.node import resolve_node_id
 from tether.config import Settings
 from tether.messaging.c2d import C2DService
+from tether.messaging.c2d_delivery import C2DPumps
+from tether.messaging.device_sessions import DeviceSessions
 from tether.messaging.events import EventStream, open_stream
 from tether.messaging.file_notifications import FileNotificationService
 from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionRegistry
 from tether.messaging.telemetry import TelemetryPipeline
 from tether.messaging.twins import TwinService
-from tether.protocols.mqtt.c2d_pump import C2DPumps
-from tether.protocols.mqtt.hooks import HubDeviceHooks
 from tether.registry.models import utcnow
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
@@ -70,9 +70,9 @@ class Hub:
         self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit)
         self.registry.add_status_listener(self.methods.status_listener())
         self.c2d_pumps = C2DPumps(self.c2d)
-        self.twin_hooks = HubDeviceHooks(
-            self, twins=self.twins, methods=self.methods, c2d_pumps=self.c2d_pumps,
-            connections=self.connections,
+        self.device_sessions = DeviceSessions(
+            connections=self.connections, twins=self.twins, methods=self.methods, c2d_pumps=self.c2d_pumps,
+            registry=self.registry,
         )
         self.node_id = resolve_node_id(settings.cluster.node_id)
         self.cluster: ClusterBus | None = None
@@ -80,7 +80,7 @@ class Hub:
             self.cluster = ClusterBus(settings.cluster, node_id=self.node_id)
             self.cluster.attach(registry=self.registry, policies=self.policies, connections=self.connections,
                                 c2d=self.c2d,
-                                twins=self.twins, methods=self.methods, hooks=self.twin_hooks)
+                                twins=self.twins, methods=self.methods, sessions=self.device_sessions)
             if settings.storage.database_url is None or settings.stream_url.startswith("file:"):
                 log.warning("cluster.nats_url is set but storage is embedded (SQLite / file stream): "
                             "hub nodes only share state through storage.database_url = postgresql+"
@@ -145,8 +145,8 @@ class Hub:
             server.close()
         with contextlib.suppress(Exception):
             await self.connections.close_all("hub-stopping")
-        with contextlib.suppress(Exception):
-            await self.twin_hooks.close()
+        with contextlib.suppress(Exception):  # stop C2D delivery, fail pending method calls
+            await asyncio.gather(self.c2d_pumps.close(), self.methods.close(), return_exceptions=True)
         if self.cluster is not None:
             with contextlib.suppress(Exception):
                 await self.cluster.close()

@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from c2d.helpers import create_device
 from c2d.test_c2d_pump import FakeLink
 from tether.messaging.c2d import C2DMessage, C2DService
-from tether.protocols.mqtt.c2d_pump import C2DPump
+from tether.messaging.c2d_delivery import C2DPump
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.storage.sql import SqlStorage
@@ -42,7 +42,7 @@ async def eventually(check: Any, timeout: float = 3.0) -> None:
 
 async def idle_pump(c2d: C2DService, link: FakeLink, **options: Any) -> C2DPump:
     """A started pump whose first (empty) receive is done, so it takes sends directly."""
-    pump = C2DPump(c2d, "dev1", link.publish, **options)
+    pump = C2DPump(c2d, "dev1", link.deliver, **options)
     pump.start()
     await eventually(lambda: _idle(pump))
     return pump
@@ -86,7 +86,7 @@ async def test_locked_on_enqueue_is_redelivered_after_the_connection_drops(c2d: 
     assert row.lock_token is None and row.delivery_count == 1  # abandoned: visible again, counted
 
     again = FakeLink()
-    pump = C2DPump(c2d, "dev1", again.publish)
+    pump = C2DPump(c2d, "dev1", again.deliver)
     pump.start()
     try:
         await again.wait_for(1)
@@ -149,7 +149,7 @@ async def test_a_busy_queue_is_not_overtaken_by_a_direct_hand_over(c2d: C2DServi
     c2d.detach_consumer("dev1", consumer)
 
     link = FakeLink()
-    pump = C2DPump(c2d, "dev1", link.publish, max_in_flight=8)
+    pump = C2DPump(c2d, "dev1", link.deliver, max_in_flight=8)
     pump.start()
     try:
         await c2d.send("dev1", b"4", message_id="m4", actor=ACTOR)  # races the pump's first receive

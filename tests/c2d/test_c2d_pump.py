@@ -1,6 +1,7 @@
-"""The MQTT C2D pump: topics the Azure device SDK understands, complete on PUBACK, abandon on a
-dropped connection, offline messages delivered on subscribe — driven through a test-controlled
-`publish` and end to end through the real MQTT server with a paho client."""
+"""C2D delivery (`messaging.c2d_delivery`): complete on the device's acknowledgement, reject and
+abandon when the device settles so (AMQP), abandon on a dropped connection, offline messages
+delivered on subscribe — driven through a test-controlled `deliver`; MQTT topics the Azure device SDK
+understands; and end to end through the real MQTT server with a paho client."""
 
 from __future__ import annotations
 
@@ -20,31 +21,41 @@ from azure.iot.device.iothub.pipeline.mqtt_topic_iothub import (  # type: ignore
 
 from c2d.helpers import HOST, create_device, device_token, running_hub
 from tether.hub import Hub
-from tether.messaging.c2d import C2DService
-from tether.protocols.mqtt.c2d_pump import C2DHooks, C2DPump, C2DPumps, c2d_message_topic
-from tether.protocols.mqtt.context import NullTwinMethodHooks
+from tether.messaging.c2d import C2DMessage, C2DOutcome, C2DService
+from tether.messaging.c2d_delivery import C2DPump, C2DPumps
+from tether.messaging.device_sessions import DeviceSessions
+from tether.messaging.methods import MethodService
+from tether.messaging.presence import ConnectionRegistry
+from tether.messaging.twins import TwinService
+from tether.protocols.mqtt.devicebound import c2d_message_topic
 from tether.protocols.mqtt.server import start_mqtt, stop_mqtt
 from tether.registry.service import RegistryService
+from tether.security.audit import AuditLog
 from tether.security.principal import CredentialKind, Principal, PrincipalKind
 from tether.storage.sql import SqlStorage
+from tether.storage.sql.twins import SqlTwinRepository
 
 ACTOR = "policy:service"
 
 
 class FakeLink:
-    """The device side of `publish`: records every publish; the test decides each PUBACK."""
+    """The device side of `deliver`: records every delivery; the test settles each one (True: the
+    device acknowledged it, False: the connection dropped first, or a `C2DOutcome`)."""
 
     def __init__(self) -> None:
-        self.published: list[tuple[str, bytes]] = []
-        self.acks: list[asyncio.Future[bool]] = []
+        self.published: list[tuple[str, bytes]] = []  # (message id, body)
+        self.acks: list[asyncio.Future[bool | C2DOutcome]] = []
         self.arrived = asyncio.Event()
 
-    async def publish(self, topic: str, payload: bytes) -> bool:
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self.published.append((topic, payload))
+    async def deliver(self, message: C2DMessage) -> C2DOutcome:
+        done: asyncio.Future[bool | C2DOutcome] = asyncio.get_running_loop().create_future()
+        self.published.append((message.message_id, message.body))
         self.acks.append(done)
         self.arrived.set()
-        return await done
+        outcome = await done
+        if outcome is False:
+            raise ConnectionError("closed")
+        return C2DOutcome.COMPLETE if outcome is True else outcome
 
     async def wait_for(self, count: int, timeout: float = 3.0) -> None:
         async def enough() -> None:
@@ -91,7 +102,7 @@ async def test_offline_messages_go_out_in_order_and_complete_on_puback(c2d: C2DS
     for i in range(3):
         await c2d.send("dev1", b"%d" % i, message_id=f"m{i}", actor=ACTOR)
     link = FakeLink()
-    pump = C2DPump(c2d, "dev1", link.publish, max_in_flight=2)
+    pump = C2DPump(c2d, "dev1", link.deliver, max_in_flight=2)
     pump.start()
     try:
         await link.wait_for(2)
@@ -118,7 +129,7 @@ async def _depth_is(c2d: C2DService, depth: int) -> bool:
 async def test_dropped_connection_abandons_and_the_next_pump_redelivers(c2d: C2DService) -> None:
     await c2d.send("dev1", b"x", message_id="m1", actor=ACTOR)
     link = FakeLink()
-    pump = C2DPump(c2d, "dev1", link.publish)
+    pump = C2DPump(c2d, "dev1", link.deliver)
     pump.start()
     await link.wait_for(1)
     link.acks[0].set_result(False)  # connection dropped before the PUBACK
@@ -126,13 +137,30 @@ async def test_dropped_connection_abandons_and_the_next_pump_redelivers(c2d: C2D
     await pump.stop()
 
     again = FakeLink()
-    pump = C2DPump(c2d, "dev1", again.publish)
+    pump = C2DPump(c2d, "dev1", again.deliver)
     pump.start()
     try:
         await again.wait_for(1)
         got = await c2d.repo.peek("dev1")
         assert got[0].message_id == "m1" and got[0].delivery_count == 2  # as Azure counts it
         again.acks[0].set_result(True)
+        await eventually(lambda: _depth_is(c2d, 0))
+    finally:
+        await pump.stop()
+
+
+async def test_a_device_abandon_redelivers_on_the_same_connection(c2d: C2DService) -> None:
+    await c2d.send("dev1", b"x", message_id="m1", actor=ACTOR)
+    link = FakeLink()
+    pump = C2DPump(c2d, "dev1", link.deliver)
+    pump.start()
+    try:
+        await link.wait_for(1)
+        link.acks[0].set_result(C2DOutcome.ABANDON)  # AMQP `released`: the connection stays up
+        await link.wait_for(2)
+        assert link.published[1][0] == "m1" and pump.running
+        assert (await c2d.repo.peek("dev1"))[0].delivery_count == 2
+        link.acks[1].set_result(True)
         await eventually(lambda: _depth_is(c2d, 0))
     finally:
         await pump.stop()
@@ -145,7 +173,7 @@ async def _not_running(pump: C2DPump) -> bool:
 async def test_stop_abandons_unacknowledged_deliveries(c2d: C2DService) -> None:
     await c2d.send("dev1", b"x", message_id="m1", actor=ACTOR)
     link = FakeLink()
-    pump = C2DPump(c2d, "dev1", link.publish)
+    pump = C2DPump(c2d, "dev1", link.deliver)
     pump.start()
     await link.wait_for(1)
     await pump.stop()
@@ -188,9 +216,11 @@ class PahoDevice:
 @pytest.fixture
 async def mqtt_hub(tmp_path: Path, sqlite_url: str) -> AsyncIterator[tuple[Hub, int, C2DPumps]]:
     async with running_hub(tmp_path, sqlite_url) as hub:
-        service: C2DService = hub.c2d  # type: ignore[attr-defined]
+        service: C2DService = hub.c2d  # type: ignore[attr-defined]  # running_hub's, with a fast sweeper
         pumps = C2DPumps(service)
-        hub.twin_hooks = C2DHooks(NullTwinMethodHooks(), pumps)  # type: ignore[attr-defined]
+        hub.device_sessions = DeviceSessions(  # type: ignore[attr-defined]
+            connections=hub.connections, twins=hub.twins, methods=hub.methods, c2d_pumps=pumps,
+            registry=hub.registry)
         server = await start_mqtt(hub, host="127.0.0.1", port=0, tls=False)
         try:
             yield hub, server.sockets[0].getsockname()[1], pumps
@@ -232,64 +262,120 @@ async def _pumps_empty(pumps: C2DPumps) -> bool:
     return len(pumps) == 0
 
 
-# --- C2DPumps: one pump per connection, resumed on a clean_session=0 reconnect ---------------------
+# --- device sessions: one pump per connection, resumed on a persistent reconnect -------------------
 
 
 class FakeHandle:
-    """A live connection as the session presents it (`deliver`, `wait_closed`), PUBACKing at once."""
+    """A live connection as a protocol presents it (`ConnectionHandle`), acknowledging at once;
+    `family` "amqp" stands for a second protocol."""
 
     protocol = "mqtt"
 
-    def __init__(self) -> None:
+    def __init__(self, family: str = "mqtt", outcome: C2DOutcome = C2DOutcome.COMPLETE) -> None:
+        self.family = family
+        self.outcome = outcome
         self.topics: list[str] = []
         self._closed = asyncio.Event()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
 
     async def close(self, reason: str) -> None:
         self._closed.set()
 
-    def deliver(self, topic: str, payload: bytes, *, qos: int = 1) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._closed.is_set():
-            done.set_exception(ConnectionError("closed"))
-        else:
-            self.topics.append(topic)
-            done.set_result(None)
-        return done
-
     async def wait_closed(self) -> None:
         await self._closed.wait()
+
+    def send_desired_patch(self, patch: bytes, version: int) -> None:
+        self.topics.append(f"desired/{version}")
+
+    async def send_method_request(self, method_name: str, rid: str, payload: bytes) -> None:
+        self.topics.append(f"method/{method_name}")
+
+    async def send_c2d(self, message: C2DMessage) -> C2DOutcome:
+        if self.closed:
+            raise ConnectionError("closed")
+        self.topics.append(c2d_message_topic(message))
+        return self.outcome
 
 
 DEVICE = Principal(kind=PrincipalKind.device, credential=CredentialKind.device_key, device_id="dev1")
 
 
-async def test_reconnect_without_resubscribe_resumes_delivery(c2d: C2DService) -> None:
+@pytest.fixture
+async def sessions(c2d: C2DService, storage: SqlStorage, registry: RegistryService,
+                   audit: AuditLog) -> AsyncIterator[DeviceSessions]:
+    connections = ConnectionRegistry(10)
     pumps = C2DPumps(c2d)
-    try:
-        first = FakeHandle()
-        await pumps.connected(DEVICE, first, clean_session=False)
-        assert len(pumps) == 0  # never subscribed: nothing to resume
-        await pumps.subscribed(DEVICE, first, ["c2d"])
-        await c2d.send("dev1", b"x", message_id="m1", actor=ACTOR)
-        await eventually(lambda: _delivered(first, 1))
-        await first.close("peer-closed")
-        await eventually(lambda: _pumps_empty(pumps))
+    methods = MethodService(connections, registry=registry)
+    twins = TwinService(SqlTwinRepository(storage.db), registry, audit)
+    yield DeviceSessions(connections=connections, twins=twins, methods=methods, c2d_pumps=pumps,
+                         registry=registry)
+    await pumps.close()
 
-        await c2d.send("dev1", b"x", message_id="m2", actor=ACTOR)
-        second = FakeHandle()
-        await pumps.connected(DEVICE, second, clean_session=False)  # the SDK does not subscribe again
-        await eventually(lambda: _delivered(second, 1))
-        assert "m2" in second.topics[0]
-        await eventually(lambda: _depth_is(c2d, 0))
 
-        await second.close("peer-closed")
-        await c2d.send("dev1", b"x", message_id="m3", actor=ACTOR)
-        third = FakeHandle()
-        await pumps.connected(DEVICE, third, clean_session=True)  # a clean session forgets it
-        await asyncio.sleep(0.1)
-        assert third.topics == [] and await c2d.queue_depth("dev1") == 1
-    finally:
-        await pumps.close()
+async def test_reconnect_without_resubscribe_resumes_delivery(
+        c2d: C2DService, sessions: DeviceSessions) -> None:
+    pumps = sessions.c2d_pumps
+    first = FakeHandle()
+    await sessions.connected(DEVICE, first, persistent=True)
+    assert len(pumps) == 0  # never subscribed: nothing to resume
+    await sessions.subscribed(DEVICE, first, ["c2d"])
+    await c2d.send("dev1", b"x", message_id="m1", actor=ACTOR)
+    await eventually(lambda: _delivered(first, 1))
+    await first.close("peer-closed")
+    await eventually(lambda: _pumps_empty(pumps))
+
+    await c2d.send("dev1", b"x", message_id="m2", actor=ACTOR)
+    second = FakeHandle()
+    await sessions.connected(DEVICE, second, persistent=True)  # the SDK does not subscribe again
+    await eventually(lambda: _delivered(second, 1))
+    assert "m2" in second.topics[0]
+    await eventually(lambda: _depth_is(c2d, 0))
+
+    await second.close("peer-closed")
+    await c2d.send("dev1", b"x", message_id="m3", actor=ACTOR)
+    third = FakeHandle()
+    await sessions.connected(DEVICE, third, persistent=False)  # a clean session forgets it
+    await asyncio.sleep(0.1)
+    assert third.topics == [] and await c2d.queue_depth("dev1") == 1
+
+
+async def test_a_session_is_not_resumed_by_another_protocol_or_after_a_non_persistent_one(
+        c2d: C2DService, sessions: DeviceSessions) -> None:
+    mqtt = FakeHandle()
+    await sessions.connected(DEVICE, mqtt, persistent=True)
+    await sessions.subscribed(DEVICE, mqtt, ["c2d", "methods", "desired-patches"])
+    await mqtt.close("peer-closed")
+    amqp = FakeHandle("amqp")  # AMQP has no persistent sessions: it attaches its links again
+    await sessions.connected(DEVICE, amqp, persistent=False)
+    assert sessions.subscriptions("dev1") == frozenset() and sessions.methods.online("dev1") is None
+    await sessions.subscribed(DEVICE, amqp, ["c2d"])
+    await amqp.close("peer-closed")
+    await eventually(lambda: _pumps_empty(sessions.c2d_pumps))
+
+    await c2d.send("dev1", b"x", message_id="m1", actor=ACTOR)
+    again = FakeHandle()  # an MQTT reconnect asking for its persistent session: the AMQP one is gone
+    await sessions.connected(DEVICE, again, persistent=True)
+    await asyncio.sleep(0.1)
+    assert again.topics == [] and len(sessions.c2d_pumps) == 0
+
+
+async def test_unsubscribing_c2d_stops_delivery_and_a_device_settlement_is_kept(
+        c2d: C2DService, sessions: DeviceSessions) -> None:
+    amqp = FakeHandle("amqp", outcome=C2DOutcome.REJECT)  # an AMQP device rejecting what it gets
+    await sessions.connected(DEVICE, amqp, persistent=False)
+    await sessions.subscribed(DEVICE, amqp, ["c2d"])
+    await c2d.send("dev1", b"x", message_id="m1", ack="negative", actor=ACTOR)
+    await eventually(lambda: _delivered(amqp, 1))
+    batch = await c2d.feedback.receive(timeout_s=3)
+    assert batch is not None and [r.status_code for r in batch.records] == ["Rejected"]
+    await sessions.unsubscribed(DEVICE, amqp, ["c2d"])  # the receiver link detached
+    assert len(sessions.c2d_pumps) == 0 and "c2d" not in sessions.subscriptions("dev1")
+    await c2d.send("dev1", b"x", message_id="m2", actor=ACTOR)
+    await asyncio.sleep(0.1)
+    assert len(amqp.topics) == 1 and await c2d.queue_depth("dev1") == 1
 
 
 async def _delivered(handle: FakeHandle, count: int) -> bool:

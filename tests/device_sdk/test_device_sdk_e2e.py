@@ -109,7 +109,8 @@ def test_sdk_twin_desired_patch_get_twin_and_reported_patch(harness: HubHarness,
     client = sdk_client("sdk-twin")
     patches: queue.Queue[dict[str, Any]] = queue.Queue()
     client.on_twin_desired_properties_patch_received = patches.put
-    harness.wait(lambda: harness.hooks.desired_subscribed("sdk-twin"), what="desired subscription")
+    harness.wait(lambda: "desired-patches" in harness.hooks.subscriptions("sdk-twin"),
+                 what="desired subscription")
 
     r = rest.patch(f"/twins/sdk-twin{API}", json={"properties": {"desired": {"fan": "on", "speed": 3}}})
     assert r.status_code == 200, r.text

@@ -1,5 +1,5 @@
 """Helpers for the direct-method and device-SDK tests: a real hub wired the way the lead will wire it
-(twins, methods, C2D with its pump, `HubDeviceHooks` as `hub.twin_hooks`), with its MQTT listener and
+(twins, methods, C2D with its pump, `DeviceSessions` as `hub.device_sessions`), with its MQTT listener and
 REST app on real sockets, running on its own event loop in a daemon thread so the threaded paho and
 Azure SDK clients can be driven from plain test functions. Also a small paho device."""
 
@@ -25,8 +25,8 @@ from tether.api.app import build_app
 from tether.config import load_settings
 from tether.hub import Hub
 from tether.messaging.c2d import C2DService
+from tether.messaging.device_sessions import DeviceSessions
 from tether.messaging.methods import MethodService
-from tether.protocols.mqtt.hooks import HubDeviceHooks
 from tether.protocols.mqtt.server import start_mqtt, stop_mqtt
 from tether.registry.models import Device
 from tether.security import pki
@@ -88,8 +88,7 @@ class HubHarness:
             hub.c2d = c2d
             await c2d.start()
         self.c2d: C2DService = c2d
-        self.hooks = HubDeviceHooks(hub)
-        hub.twin_hooks = self.hooks  # type: ignore[attr-defined]  # read by the MQTT context
+        self.hooks: DeviceSessions = hub.device_sessions
         self._mqtt = await start_mqtt(hub, host=self.ip, port=self._mqtt_port, tls=self.tls)
         self.mqtt_port: int = self._mqtt.sockets[0].getsockname()[1]
         self._runner = web.AppRunner(build_rest_app(hub), access_log=None)
@@ -127,7 +126,6 @@ class HubHarness:
             await self._runner.cleanup()
             self._mqtt.close()
             await stop_mqtt(self.hub)
-            await self.hooks.close()
             if self._own_c2d:
                 await self.c2d.close()
             await self.hub.close()

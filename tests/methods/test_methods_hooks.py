@@ -1,4 +1,4 @@
-"""`HubDeviceHooks` over real MQTT with paho: twin GET and reported patches reach `TwinService`,
+"""`DeviceSessions` over real MQTT with paho: twin GET and reported patches reach `TwinService`,
 desired patches written over REST reach subscribed devices, a C2D subscription starts the pump."""
 
 from __future__ import annotations
@@ -11,7 +11,6 @@ import httpx
 import paho.mqtt.client as mqtt
 from methods_helpers import API, DeviceFactory, HubHarness, PahoDevice
 
-from tether.protocols.mqtt.hooks import MQTT_METHODS
 from tether.security.principal import CredentialKind, Principal, PrincipalKind
 
 TWIN_RES = "$iothub/twin/res/#"
@@ -91,16 +90,19 @@ def test_c2d_subscription_starts_the_pump_and_puback_completes(harness: HubHarne
 
 def test_connected_cue_clean_session_forgets_subscriptions(harness: HubHarness, rest: httpx.Client,
                                                            device: DeviceFactory) -> None:
-    """`HubDeviceHooks.connected` (the session's after-CONNACK cue): a persistent session keeps the
+    """`DeviceSessions.connected` (the session's after-CONNACK cue): a persistent session keeps the
     identity's method and desired subscriptions, a clean one drops them (Azure's clean_session)."""
     device("h-clean", subscribe=False).subscribe(DESIRED)
-    harness.wait(lambda: harness.hooks.desired_subscribed("h-clean"), what="desired subscription")
+    harness.wait(lambda: "desired-patches" in harness.hooks.subscriptions("h-clean"),
+                 what="desired subscription")
     handle = harness.hub.connections.get("h-clean")  # type: ignore[attr-defined]
     principal = Principal(PrincipalKind.device, CredentialKind.device_key, device_id="h-clean")
-    harness.methods.subscribed("h-clean", None, MQTT_METHODS)
-    harness.call(harness.hooks.connected(principal, handle, clean_session=False))
-    assert harness.methods.online("h-clean") is not None and harness.hooks.desired_subscribed("h-clean")
-    harness.call(harness.hooks.connected(principal, handle, clean_session=True))
-    assert harness.methods.online("h-clean") is None and not harness.hooks.desired_subscribed("h-clean")
+    harness.methods.subscribed("h-clean", None, "mqtt")
+    harness.call(harness.hooks.connected(principal, handle, persistent=True))
+    assert harness.methods.online("h-clean") is not None
+    assert "desired-patches" in harness.hooks.subscriptions("h-clean")
+    harness.call(harness.hooks.connected(principal, handle, persistent=False))
+    assert harness.methods.online("h-clean") is None
+    assert "desired-patches" not in harness.hooks.subscriptions("h-clean")
     r = rest.post(f"/twins/h-clean/methods{API}", json={"methodName": "x"})
     assert r.status_code == 404 and r.json()["errorCode"] == "DeviceNotOnline"

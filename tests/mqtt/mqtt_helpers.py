@@ -85,7 +85,7 @@ class HubRunner:
                 clock_skew_s=self.settings.limits.sas_clock_skew_s, cert_verifier=hub.cert_verifier,
             )
         if self._hooks is not None:
-            hub.twin_hooks = self._hooks  # type: ignore[attr-defined]
+            hub.device_sessions = self._hooks  # type: ignore[assignment]
         self._server = await start_mqtt(hub, host=self.ip, port=self._requested_port, tls=self.tls)
         return hub
 

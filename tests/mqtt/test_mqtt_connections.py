@@ -19,9 +19,9 @@ import pytest
 from aiohttp import web
 from mqtt_helpers import HubRunner, PahoDevice, raw_connect, raw_socket, read_until_closed, recv_exactly
 
+from tether.messaging.device_sessions import NullDeviceHooks
 from tether.observability.metrics import metrics_handler
 from tether.protocols.mqtt.codec import encode_packet, encode_publish
-from tether.protocols.mqtt.context import NullTwinMethodHooks
 from tether.protocols.mqtt.packets import Connect
 from tether.protocols.mqtt.topics import c2d_topic
 from tether.protocols.mqtt.websocket import WEBSOCKET_PATH, mqtt_websocket_handler
@@ -331,7 +331,7 @@ def test_plain_http_on_the_websocket_path_is_refused(runner: HubRunner, ws_port:
 
 
 def test_deliver_hook_publishes_to_the_device_and_completes_on_its_puback(runner: HubRunner) -> None:
-    """The presence handle later C2D/method features use: QoS 1 completes when the device acks."""
+    """The MQTT session's PUBLISH under every device-bound send: QoS 1 completes when the device acks."""
     dev = connect(runner, "c2d-target")
     try:
         mid = dev.subscribe("devices/c2d-target/messages/devicebound/#")
@@ -361,8 +361,8 @@ def test_many_devices_connect_at_once(runner: HubRunner) -> None:
             s.close()
 
 
-class RecordingHooks(NullTwinMethodHooks):
-    """Twin/method hooks as the twins feature plugs them in (`hub.twin_hooks`)."""
+class RecordingHooks(NullDeviceHooks):
+    """Device hooks in place of the hub's `DeviceSessions` (`hub.device_sessions`)."""
 
     def __init__(self) -> None:
         self.calls: list[tuple[str, object]] = []
@@ -381,8 +381,8 @@ class RecordingHooks(NullTwinMethodHooks):
     async def subscribed(self, principal: Principal, handle: object, kinds: object) -> None:
         self.calls.append(("subscribed", list(kinds)))  # type: ignore[call-overload]
 
-    async def connected(self, principal: Principal, handle: object, *, clean_session: bool) -> None:
-        self.calls.append(("connected", clean_session))
+    async def connected(self, principal: Principal, handle: object, *, persistent: bool) -> None:
+        self.calls.append(("connected", persistent))
 
 
 def test_twin_and_method_traffic_goes_to_the_hub_hooks(tmp_path: Path) -> None:
@@ -403,7 +403,7 @@ def test_twin_and_method_traffic_goes_to_the_hub_hooks(tmp_path: Path) -> None:
         assert json.loads(replies["$iothub/twin/res/200/?$rid=1"])["reported"] == {"$version": 5}
         assert replies["$iothub/twin/res/204/?$rid=2&$version=6"] == b""
         wait_for(lambda: len(hooks.calls) == 5)
-        assert ("connected", False) in hooks.calls  # paho connects like the SDK: clean_session=0
+        assert ("connected", True) in hooks.calls  # paho connects like the SDK: clean_session=0, persistent
         assert ("subscribed", ["twin-responses"]) in hooks.calls
         assert ("get", "hooked") in hooks.calls and ("patch", b'{"a":1}') in hooks.calls
         assert ("method", ("abc", 200, b'{"ok":true}')) in hooks.calls

@@ -53,10 +53,10 @@ from tether.registry.models import Device, DeviceStatus
 if TYPE_CHECKING:
     from tether.config import ClusterSettings
     from tether.messaging.c2d import C2DService
+    from tether.messaging.device_sessions import DeviceSessions
     from tether.messaging.methods import MethodService
     from tether.messaging.presence import ConnectionRegistry
     from tether.messaging.twins import TwinService
-    from tether.protocols.mqtt.hooks import HubDeviceHooks
     from tether.registry.service import RegistryService
     from tether.security.policies import PolicyService
 
@@ -124,7 +124,7 @@ class ClusterBus:
 
     # --- wiring ---------------------------------------------------------------------------------
     def attach(self, *, registry: RegistryService, policies: PolicyService, connections: ConnectionRegistry,
-               c2d: C2DService, twins: TwinService, methods: MethodService, hooks: HubDeviceHooks) -> None:
+               c2d: C2DService, twins: TwinService, methods: MethodService, sessions: DeviceSessions) -> None:
         """Relay the hub's local hooks to the other nodes (called once, by `Hub`)."""
         self._registry, self._connections, self._c2d = registry, connections, c2d
         self._twins, self._methods, self._policies = twins, methods, policies
@@ -135,7 +135,7 @@ class ClusterBus:
         twins.add_desired_relay(self._on_desired)
         connections.add_presence_listener(self._on_connect, self._on_disconnect)
         methods.set_remote(self)
-        hooks.sessions = self
+        sessions.set_store(self)
 
     @property
     def started(self) -> bool:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import enum
 import inspect
 import logging
 import re
@@ -52,6 +53,7 @@ __all__ = [
     "MAX_TTL_S",
     "C2DConsumer",
     "C2DMessage",
+    "C2DOutcome",
     "C2DService",
     "EnqueueListener",
     "GroupCommit",
@@ -74,8 +76,18 @@ EnqueueListener = Callable[[str], Awaitable[None] | None]
 T = TypeVar("T")
 
 
+class C2DOutcome(enum.StrEnum):
+    """How a device settled a delivered message (the value names the `C2DService` call): MQTT devices
+    can only complete (PUBACK); AMQP devices complete (`accepted`), reject (`rejected`: dead-lettered)
+    or abandon (`released`: visible again, the delivery counted)."""
+
+    COMPLETE = "complete"
+    REJECT = "reject"
+    ABANDON = "abandon"
+
+
 class C2DConsumer(Protocol):
-    """A connection's delivery loop in this process (the MQTT pump) that can take a message locked
+    """A connection's delivery loop in this process (its `C2DPump`) that can take a message locked
     for it on enqueue, so a send to a connected device costs one write and no receive query."""
 
     def reserve(self) -> bool:

@@ -1,9 +1,11 @@
 """Direct methods: a service calls a named method on a connected device and waits for its answer.
 
-Azure's semantics, kept here so every protocol surface (MQTT today) shares them:
+Azure's semantics, kept here so every protocol surface (MQTT today, AMQP next) shares them:
 - a device is *online* for methods when it has a live connection and its identity subscribed to
-  methods (`$iothub/methods/POST/#`); otherwise the call waits up to `connect_timeout_s` for that and
-  then fails 404 `DeviceNotOnline` (404 `DeviceNotFound` when the device does not exist at all);
+  methods on that connection's protocol family (MQTT `$iothub/methods/POST/#`, AMQP the methods
+  links), and requests go out through `ConnectionHandle.send_method_request`; otherwise the call
+  waits up to `connect_timeout_s` for that and then fails 404 `DeviceNotOnline` (404
+  `DeviceNotFound` when the device does not exist at all);
 - a subscription belongs to the identity, not to one connection, like Azure's MQTT persistent
   sessions (`clean_session=0`, which every Azure SDK uses): the SDK does not subscribe again after it
   reconnects to renew its token, and methods must keep working;
@@ -25,7 +27,7 @@ import json
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from typing import Any, Final, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Final, NamedTuple, Protocol
 
 from tether.errors import BadRequest, GatewayTimeout, NotFound, TetherError
 from tether.messaging.presence import ConnectionHandle, ConnectionRegistry
@@ -40,7 +42,6 @@ __all__ = [
     "MAX_METHOD_NAME_LENGTH",
     "MAX_PAYLOAD_BYTES",
     "RESPONSE_TIMEOUT_RANGE",
-    "MethodChannel",
     "MethodResult",
     "MethodService",
     "RemoteMethods",
@@ -69,19 +70,6 @@ class MethodResult(NamedTuple):
     payload: Any
 
 
-class MethodChannel(Protocol):
-    """How requests reach an identity on the protocol it subscribed with; given by that protocol's
-    hooks (MQTT: `$iothub/methods/POST/{name}/?$rid={rid}` on an MQTT session)."""
-
-    def request_topic(self, method_name: str, rid: str) -> str:
-        """The `ConnectionHandle.deliver` topic of a request."""
-        ...
-
-    def serves(self, handle: ConnectionHandle) -> bool:
-        """Whether `handle` speaks this protocol (a device may reconnect over another one)."""
-        ...
-
-
 class RemoteMethods(Protocol):
     """Reaches identities connected to other hub nodes (the cluster bus implements it)."""
 
@@ -90,11 +78,6 @@ class RemoteMethods(Protocol):
         """The answer of the node holding the identity, None when no node has it online for methods;
         raises the holder's error (504 GatewayTimeout, 404 DeviceNotOnline when it disconnected)."""
         ...
-
-
-@runtime_checkable
-class _Closable(Protocol):
-    async def wait_closed(self) -> None: ...
 
 
 def validate_method_name(name: object) -> str:
@@ -162,7 +145,7 @@ class MethodService:
         self._connections = connections
         self._registry = registry
         self._audit = audit
-        self._subscribed: dict[Key, MethodChannel] = {}
+        self._subscribed: dict[Key, str] = {}  # identity → the protocol family it subscribed on
         self._pending: dict[tuple[str, str | None, str], asyncio.Future[MethodResult]] = {}
         self._rids = itertools.count(1)
         self._online_changed = asyncio.Event()
@@ -173,10 +156,11 @@ class MethodService:
         """Route calls for identities not online here through `remote` (other hub nodes)."""
         self._remote = remote
 
-    # --- what the protocol hooks report ------------------------------------------------------
-    def subscribed(self, device_id: str, module_id: str | None, channel: MethodChannel) -> None:
-        """The identity subscribed to method requests over `channel` (kept across its reconnects)."""
-        self._subscribed[(device_id, module_id)] = channel
+    # --- what the device sessions report ----------------------------------------------------
+    def subscribed(self, device_id: str, module_id: str | None, family: str) -> None:
+        """The identity subscribed to method requests on a connection of protocol `family`
+        (`ConnectionHandle.family`); kept across its reconnects over that family."""
+        self._subscribed[(device_id, module_id)] = family
         self._wake()
 
     def unsubscribed(self, device_id: str, module_id: str | None = None) -> None:
@@ -209,18 +193,15 @@ class MethodService:
         answer.set_result(MethodResult(int(status), decode_answer(body)))
         return True
 
-    def online(
-        self, device_id: str, module_id: str | None = None
-    ) -> tuple[ConnectionHandle, MethodChannel] | None:
-        """The connection to send a request on and its channel, or None when the identity is not
-        online for methods."""
-        channel = self._subscribed.get((device_id, module_id))
-        if channel is None:
+    def online(self, device_id: str, module_id: str | None = None) -> ConnectionHandle | None:
+        """The connection to send a request on, or None when the identity is not online for methods."""
+        family = self._subscribed.get((device_id, module_id))
+        if family is None:
             return None
         handle = self._connections.get(device_id, module_id)
-        if handle is None or getattr(handle, "closed", False) or not channel.serves(handle):
+        if handle is None or handle.closed or handle.family != family:
             return None
-        return handle, channel
+        return handle
 
     @property
     def pending_count(self) -> int:
@@ -307,10 +288,9 @@ class MethodService:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._online_changed.wait(), min(remaining, REMOTE_POLL_S))
 
-    async def _send(self, route: tuple[ConnectionHandle, MethodChannel], device_id: str,
+    async def _send(self, handle: ConnectionHandle, device_id: str,
                     module_id: str | None, name: str, body: bytes, response_s: int) -> MethodResult:
         """One request on a local connection and its answer (or 404 / 504)."""
-        handle, channel = route
         rid = f"{next(self._rids):x}"
         key = (device_id, module_id, rid)
         loop = asyncio.get_running_loop()
@@ -319,19 +299,17 @@ class MethodService:
         closed: asyncio.Task[None] | None = None
         try:
             try:
-                await handle.deliver(channel.request_topic(name, rid), body, qos=0)
+                await handle.send_method_request(name, rid, body)
             except ConnectionError:
                 raise _not_online(device_id, module_id, "the connection closed") from None
-            waiters: set[asyncio.Future[Any]] = {answer}
-            if isinstance(handle, _Closable):
-                closed = loop.create_task(handle.wait_closed())
-                waiters.add(closed)
+            closed = loop.create_task(handle.wait_closed())
+            waiters: set[asyncio.Future[Any]] = {answer, closed}
             await asyncio.wait(waiters, timeout=response_s, return_when=asyncio.FIRST_COMPLETED)
             if answer.done() and not answer.cancelled():
                 return answer.result()
             if answer.cancelled():
                 raise _not_online(device_id, module_id, "the hub is stopping")
-            if closed is not None and closed.done():
+            if closed.done():
                 raise _not_online(device_id, module_id, "the device disconnected before answering")
             raise GatewayTimeout(
                 f"device {device_id} did not answer method {name!r} within {response_s} s",
@@ -352,7 +330,7 @@ class MethodService:
 
     async def _wait_online(
         self, device_id: str, module_id: str | None, connect_s: int
-    ) -> tuple[ConnectionHandle, MethodChannel]:
+    ) -> ConnectionHandle:
         """Wait for the identity to be connected and subscribed. Subscriptions wake us at once;
         a reconnect of an already subscribed identity is seen by a cheap presence poll."""
         loop = asyncio.get_running_loop()

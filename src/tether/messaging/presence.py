@@ -2,8 +2,8 @@
 
 Azure allows one connection per device (or module) identity: a new connection replaces the old one.
 Protocol sessions register here after authentication; the registry closes the replaced connection,
-and `drop()` closes a device's connections when it is disabled or deleted. Later features (C2D, twin
-desired patches, direct methods) find a connected device here and push through `deliver()`.
+and `drop()` closes a device's connections when it is disabled or deleted. C2D delivery, desired
+patches and direct methods find a connected device here and push through its `ConnectionHandle`.
 Presence listeners (`add_presence_listener`) let the cluster bus publish this process's part of the
 cluster-wide presence map; `close_identity` is how another node's takeover closes a connection here.
 """
@@ -15,6 +15,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
+from tether.messaging.c2d import C2DMessage, C2DOutcome
 from tether.registry.models import Device
 
 __all__ = ["ConnectionHandle", "ConnectionRegistry"]
@@ -23,19 +24,55 @@ log = logging.getLogger("tether.presence")
 
 
 class ConnectionHandle(Protocol):
-    """One live device connection, whatever the protocol."""
+    """One live device connection, whatever the protocol: what the hub's services push through.
+
+    The three `send_*` calls are the device-bound traffic (`messaging.device_sessions` and
+    `messaging.c2d_delivery` call them); each protocol renders them its own way — MQTT as PUBLISHes
+    on `$iothub/…` and `devices/{id}/messages/devicebound/…` topics, AMQP as transfers on the
+    identity's twin, methods and devicebound links. A connection that has no way to carry a kind
+    (an AMQP link that is not attached) fails that call with `ConnectionError`."""
 
     @property
-    def protocol(self) -> str: ...  # "mqtt", "mqtt-ws", "amqp", … (metrics, diagnostics)
+    def protocol(self) -> str:
+        """"mqtt", "mqtt-ws", "amqp", "amqp-ws", … (metrics, diagnostics)."""
+        ...
+
+    @property
+    def family(self) -> str:
+        """The protocol whose session state this connection shares: "mqtt" for MQTT over TCP and
+        over WebSockets, "amqp" for both AMQP transports. Subscriptions made on one family never
+        route traffic to a connection of another (a device that switched protocols subscribes again)."""
+        ...
+
+    @property
+    def closed(self) -> bool: ...
 
     async def close(self, reason: str) -> None:
         """Close the connection now (idempotent); `reason` is an audit/metrics slug."""
         ...
 
-    def deliver(self, topic: str, payload: bytes, *, qos: int = 1) -> asyncio.Future[None]:
-        """Send a message to the device. The future completes when the device acknowledged it
-        (QoS 1) or it was written (QoS 0), and fails with ConnectionError when the connection ends
-        first — so a C2D sender knows whether to keep the message queued."""
+    async def wait_closed(self) -> None:
+        """Return once the connection has ended (at once if it has)."""
+        ...
+
+    def send_desired_patch(self, patch: bytes, version: int) -> None:
+        """Push a desired-properties patch (`patch`: its compact JSON, `$version` included; `version`:
+        that `$version`). Fire and forget, as Azure sends it (MQTT QoS 0; AMQP: a message without
+        correlation id on the twin receiver link). Called under the twin's write lock: never waits,
+        never raises; nothing happens on a closed connection."""
+        ...
+
+    async def send_method_request(self, method_name: str, rid: str, payload: bytes) -> None:
+        """Send a direct-method request; return once written (MQTT QoS 0, as Azure). `rid` is the
+        hub's request id the device must echo back (MQTT `$rid`, AMQP `correlation-id`); its answer
+        comes back as `DeviceHooks.method_response(principal, rid, status, body)`. Raises
+        `ConnectionError` when the connection ended (or cannot carry method requests)."""
+        ...
+
+    async def send_c2d(self, message: C2DMessage) -> C2DOutcome:
+        """Deliver a locked cloud-to-device message and return how the device settled it (MQTT:
+        COMPLETE on PUBACK, or REJECT at once for a message MQTT cannot carry; AMQP: the disposition).
+        Raises `ConnectionError` when the connection ends first (the message is then abandoned)."""
         ...
 
 

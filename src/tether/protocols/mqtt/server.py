@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from cryptography import x509
 
 from tether.observability.metrics import DISCONNECTS, watch_stream
-from tether.protocols.mqtt.context import MqttContext, TwinMethodHooks
+from tether.protocols.mqtt.context import MqttContext
 from tether.protocols.mqtt.session import MqttSession
 from tether.security.tls import TlsContextFactory, start_tls_server
 
@@ -38,7 +38,6 @@ def context_for(hub: Hub) -> MqttContext:
     settings = hub.settings
     telemetry = hub.telemetry
     watch_stream(hub.stream)
-    hooks: TwinMethodHooks = hub.twin_hooks
     ctx = MqttContext(
         hostname=settings.hub.hostname,
         authenticator=hub.authenticator,
@@ -47,7 +46,7 @@ def context_for(hub: Hub) -> MqttContext:
         connections=hub.connections,
         telemetry=telemetry,
         limits=settings.limits,
-        hooks=hooks,
+        hooks=hub.device_sessions,
     )
     _CONTEXTS[hub] = ctx
     return ctx

@@ -10,9 +10,9 @@ Telemetry is pipelined: each PUBLISH starts its `stream.append` at once (appends
 order, so the stream keeps the device's order) and PUBACKs go out strictly in arrival order as the
 appends become durable, so one device can have many messages in one group commit.
 
-Twin and method topics go to `TwinMethodHooks`; until the twins/methods features provide theirs
-(`hub.twin_hooks`), `NullTwinMethodHooks` answers the honest minimum: the empty twin of a hub that
-stores none, and 503 for reported patches it cannot keep.
+Twin and method topics and subscriptions go to the protocol-neutral `DeviceHooks`
+(`hub.device_sessions`); as the identity's `ConnectionHandle` the session renders what the hub sends
+back (C2D messages, desired patches, method requests) as PUBLISHes on Azure's topics.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any
 from cryptography import x509
 
 from tether.errors import TetherError
+from tether.messaging.c2d import C2DMessage, C2DOutcome
 from tether.observability.metrics import AUTH_FAILURES, CONNECTED_DEVICES, DISCONNECTS
 from tether.protocols.mqtt.codec import (
     NEED_DATA,
@@ -35,7 +36,8 @@ from tether.protocols.mqtt.codec import (
     encode_puback,
     encode_publish,
 )
-from tether.protocols.mqtt.context import Link, MqttContext, TwinMethodHooks
+from tether.protocols.mqtt.context import Link, MqttContext
+from tether.protocols.mqtt.devicebound import c2d_message_topic
 from tether.protocols.mqtt.packets import (
     ConnAck,
     ConnAckCode,
@@ -61,6 +63,8 @@ from tether.protocols.mqtt.topics import (
     TwinReportedPatch,
     classify_publish,
     classify_subscribe,
+    desired_patch_topic,
+    method_request_topic,
     parse_username,
     twin_response_topic,
 )
@@ -68,7 +72,7 @@ from tether.security.principal import AuthRefused, Principal
 from tether.security.sas import same_hub_host
 from tether.security.throttle import RATE_LIMITED
 
-__all__ = ["Link", "MqttContext", "MqttSession", "TwinMethodHooks"]
+__all__ = ["Link", "MqttContext", "MqttSession"]
 
 log = logging.getLogger("tether.mqtt")
 
@@ -132,10 +136,35 @@ class MqttSession:
     def protocol(self) -> str:
         return self._protocol
 
+    @property
+    def family(self) -> str:
+        return "mqtt"  # TCP and WebSocket sessions share Azure's MQTT session state
+
     async def close(self, reason: str) -> None:
         self.shutdown(reason)
 
+    def send_desired_patch(self, patch: bytes, version: int) -> None:
+        sent = self.deliver(desired_patch_topic(version), patch, qos=0)  # QoS 0, as Azure sends it
+        sent.add_done_callback(_retrieve)
+
+    async def send_method_request(self, method_name: str, rid: str, payload: bytes) -> None:
+        await self.deliver(method_request_topic(method_name, rid), payload, qos=0)
+
+    async def send_c2d(self, message: C2DMessage) -> C2DOutcome:
+        """QoS 1 on `devices/{id}/messages/devicebound/{bag}`: complete on PUBACK (MQTT devices
+        cannot reject or abandon)."""
+        try:
+            topic = c2d_message_topic(message)
+        except TopicError:  # text no MQTT topic can carry: it would never be deliverable
+            log.warning("C2D message %s for %s cannot be encoded in a topic; rejected",
+                        message.message_id, message.device_id)
+            return C2DOutcome.REJECT
+        await self.deliver(topic, message.body, qos=1)
+        return C2DOutcome.COMPLETE
+
     def deliver(self, topic: str, payload: bytes, *, qos: int = 1) -> asyncio.Future[None]:
+        """PUBLISH to the device. The future completes on its PUBACK (QoS 1) or once written (QoS 0),
+        and fails with ConnectionError when the connection ends first."""
         done: asyncio.Future[None] = self._loop.create_future()
         if self._state is _State.CLOSED:
             done.set_exception(ConnectionError(self.closed_reason or "closed"))
@@ -294,9 +323,7 @@ class MqttSession:
             self._early.clear()
         self._start_timers(principal)
         self._spawn(ctx.activity.touch(device_id, connected=True))
-        connected = getattr(ctx.hooks, "connected", None)  # optional hook: resume a persistent session
-        if connected is not None:
-            self._spawn(connected(principal, self, clean_session=self._clean_session))
+        self._spawn(ctx.hooks.connected(principal, self, persistent=not self._clean_session))
         self._next_touch = self._loop.time() + ctx.activity_interval_s
         self._link.resume_reading()
         self._drain()
@@ -532,3 +559,8 @@ class MqttSession:
                 self._spawn(self._ctx.activity.touch(principal.device_id, connected=False))
         log.debug("MQTT connection from %s closed: %s", self.peer, reason)
         self._closed.set()
+
+
+def _retrieve(done: asyncio.Future[None]) -> None:
+    if not done.cancelled():
+        done.exception()  # a dropped connection is not an error for a QoS 0 push: mark it retrieved
