@@ -19,6 +19,7 @@ if (process.env.CERT_FILE) {
   options.key = fs.readFileSync(process.env.KEY_FILE, 'utf8');
 }
 let twin = null;
+const abandoned = new Set();  // action "abandon-once": abandon the first delivery, complete the next
 
 client.on('error', (err) => fail('client', err));
 client.on('disconnect', (err) => emit({ ev: 'disconnect', message: err && String(err.message || err) }));
@@ -39,7 +40,11 @@ function onC2d(msg) {
     const p = msg.properties.getItem(i);
     props[p.key] = p.value;
   }
-  const action = props.action || 'complete';
+  let action = props.action || 'complete';
+  if (action === 'abandon-once') {
+    action = abandoned.has(msg.messageId) ? 'complete' : 'abandon';
+    abandoned.add(msg.messageId);
+  }
   emit({ ev: 'c2d', messageId: msg.messageId, correlationId: msg.correlationId, data: msg.data.toString(),
          props, ack: msg.ack, contentType: msg.contentType, contentEncoding: msg.contentEncoding,
          expiryTimeUtc: msg.expiryTimeUtc, to: msg.to, action });

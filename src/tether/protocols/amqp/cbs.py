@@ -67,28 +67,35 @@ class CbsRequests(LinkHandler):
         token = message.body.value if isinstance(message.body, AmqpValue) else None
         kind = app.get("type")
         audience = app.get("name")
+        def reply(status: int, description: str) -> None:
+            repliers: list[CbsReplies] = endpoint.cbs_repliers
+            if repliers:
+                chosen = next((r for r in repliers if reply_to is not None and reply_to in r.names()),
+                              repliers[0])
+                chosen.send(cbs_reply(request_id, reply_to, status, description))
+
         if operation != "put-token":
-            endpoint.cbs_reply(request_id, reply_to, 400, "unsupported operation")
+            reply(400, "unsupported operation")
             return
         if not isinstance(token, str) or not isinstance(audience, str) or not isinstance(kind, str):
             endpoint.audit("amqp.cbs", "bad-request")
-            endpoint.cbs_reply(request_id, reply_to, 400, "put-token needs name, type and a string token")
+            reply(400, "put-token needs name, type and a string token")
             return
         if kind.lower() not in TOKEN_TYPES:
             endpoint.audit("amqp.cbs", "unsupported-token-type", token_type=kind[:64])
-            endpoint.cbs_reply(request_id, reply_to, 400, "unsupported token type")
+            reply(400, "unsupported token type")
             return
         try:
             await endpoint.put_token(token, audience)
         except AuthRefused as exc:
             status = 429 if exc.reason == RATE_LIMITED else 403 if exc.not_authorized else 401
-            endpoint.cbs_reply(request_id, reply_to, status, exc.reason)
+            reply(status, exc.reason)
             return
         except Exception:
             log.exception("put-token failed")
-            endpoint.cbs_reply(request_id, reply_to, 500, "internal error")
+            reply(500, "internal error")
             return
-        endpoint.cbs_reply(request_id, reply_to, 200, "OK")
+        reply(200, "OK")
 
 
 class CbsReplies(LinkHandler):

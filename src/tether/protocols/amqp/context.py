@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from tether.config import LimitSettings
+from tether.messaging.device_sessions import DeviceHooks
 from tether.messaging.presence import ConnectionRegistry
 from tether.messaging.telemetry import TelemetryPipeline
 from tether.registry.service import RegistryService
@@ -46,6 +47,7 @@ class AmqpContext:
     telemetry: TelemetryPipeline
     limits: LimitSettings
     routes: LinkTable
+    hooks: DeviceHooks  # twin, method and subscription traffic (hub.device_sessions)
     hub: Hub
     container_id: str = "tether"
     clock: Callable[[], float] = time.time

@@ -46,46 +46,17 @@ from .events import (
     SaslInitReceived,
 )
 from .handler import LinkHandler, LinkRefused
+from .identity import IdentityHandle
 from .links import Link, LinkState
 from .message import Message
 from .performatives import Error, SaslCode
 
-__all__ = ["AmqpEndpoint", "IdentityHandle"]
+__all__ = ["AmqpEndpoint"]
 
 log = logging.getLogger("tether.amqp")
 
 AUTH_TIMEOUT_FACTOR: Final = 4.0
 Identity = tuple[str, str | None]
-
-
-class IdentityHandle:
-    """The `ConnectionHandle` of one device identity served by an AMQP connection."""
-
-    def __init__(self, endpoint: AmqpEndpoint, device_id: str, module_id: str | None) -> None:
-        self.endpoint = endpoint
-        self.device_id = device_id
-        self.module_id = module_id
-        self.closed = False
-        self._closed = asyncio.Event()
-
-    @property
-    def protocol(self) -> str:
-        return self.endpoint.protocol
-
-    async def close(self, reason: str) -> None:
-        self.endpoint.drop_identity((self.device_id, self.module_id), reason)
-
-    def deliver(self, topic: str, payload: bytes, *, qos: int = 1) -> asyncio.Future[None]:
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        done.set_exception(ConnectionError("AMQP identities receive through their own links"))
-        return done
-
-    async def wait_closed(self) -> None:
-        await self._closed.wait()
-
-    def mark_closed(self) -> None:
-        self.closed = True
-        self._closed.set()
 
 
 class AmqpEndpoint:
@@ -311,6 +282,7 @@ class AmqpEndpoint:
             return
         self._handlers.add(handler)
         self.conn.accept_link(link, **handler.attach_options())
+        handler.on_attached()
         if link.credit:
             handler.on_credit()  # the peer gave credit before we answered its attach
         self.flush()
@@ -354,9 +326,13 @@ class AmqpEndpoint:
         if grant is not None:
             self._arm_expiry(grant)
         identity = (device_id, module_id)
-        await self._register(identity)
+        await self._register(principal)
         self._identity_links.setdefault(identity, set()).add(handler)
         return principal
+
+    def identity(self, principal: Principal) -> IdentityHandle:
+        """The handle of an identity `authorize_device` registered."""
+        return self._identities[(principal.device_id or "", principal.module_id)]
 
     def authorize_service(self, handler: LinkHandler, permission: Permission) -> Principal:
         try:
@@ -398,14 +374,17 @@ class AmqpEndpoint:
             self.detach(handler, e.UNAUTHORIZED_ACCESS, "the token for this link expired")
 
     # --- presence -----------------------------------------------------------------------------------
-    async def _register(self, identity: Identity) -> None:
+    async def _register(self, principal: Principal) -> None:
+        identity = (principal.device_id or "", principal.module_id)
         if identity in self._identities:
             return
-        handle = IdentityHandle(self, *identity)
+        handle = IdentityHandle(self, principal)
         self._identities[identity] = handle
         CONNECTED_DEVICES.labels(self.protocol).inc()
         await self.ctx.connections.register(identity[0], identity[1], handle)
         self.spawn(self.ctx.activity.touch(identity[0], connected=True))
+        # every AMQP connection starts a fresh session: links subscribe again when they attach
+        await self.ctx.hooks.connected(principal, handle, persistent=False)
 
     def drop_identity(self, identity: Identity, reason: str) -> None:
         """Another connection took the identity over, or the device was disabled or deleted."""
@@ -436,16 +415,6 @@ class AmqpEndpoint:
     def settle(self, link: Link, delivery_ids: Iterable[int], state: Any) -> None:
         self.conn.settle(link, delivery_ids, state)
         self._schedule_flush()
-
-    def cbs_reply(self, request_id: Any, reply_to: str | None, status: int, description: str) -> None:
-        from .cbs import cbs_reply
-
-        repliers = self.cbs_repliers
-        if not repliers:
-            return
-        chosen = next((r for r in repliers if reply_to is not None and reply_to in r.names()), repliers[0])
-        chosen.send(cbs_reply(request_id, reply_to, status, description))
-        self.flush()
 
     def send_message(self, link: Link, message: Message, *, settled: bool) -> int:
         return self.send_transfer(link, message.encode(), settled=settled)

@@ -8,18 +8,52 @@ writes the bytes out afterwards.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from collections.abc import Coroutine, Iterable
+from typing import Any, Protocol
 
+from tether.security.principal import Permission, Principal
+
+from .context import AmqpContext
 from .errors import NOT_IMPLEMENTED
 from .events import DeliveryUpdated, MessageReceived
 from .links import Link
+from .message import Message
 from .performatives import Error, Rejected
 from .routes import RouteMatch
 
-if TYPE_CHECKING:
-    from .endpoint import AmqpEndpoint
+__all__ = ["Endpoint", "LinkHandler", "LinkRefused"]
 
-__all__ = ["LinkHandler", "LinkRefused"]
+
+class Endpoint(Protocol):
+    """What link handlers use of their connection (`endpoint.AmqpEndpoint` implements it)."""
+
+    ctx: AmqpContext
+    protocol: str
+    cbs_repliers: list[Any]
+
+    @property
+    def closed(self) -> bool: ...
+
+    def settle(self, link: Link, delivery_ids: Iterable[int], state: Any) -> None: ...
+
+    def send_transfer(self, link: Link, payload: bytes, *, settled: bool) -> int: ...
+
+    def send_message(self, link: Link, message: Message, *, settled: bool) -> int: ...
+
+    def detach(self, handler: LinkHandler, condition: str, description: str) -> None: ...
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None: ...
+
+    def audit(self, action: str, reason: str, **details: Any) -> None: ...
+
+    async def authorize_device(self, handler: LinkHandler, device_id: str,
+                               module_id: str | None) -> Principal: ...
+
+    def authorize_service(self, handler: LinkHandler, permission: Permission) -> Principal: ...
+
+    def identity(self, principal: Principal) -> Any: ...
+
+    async def put_token(self, token: str, audience: str) -> Any: ...
 
 
 class LinkRefused(Exception):
@@ -39,7 +73,7 @@ class LinkHandler:
     credit = 0  # receiving links: the credit window to keep open
     max_message_size: int | None = None
 
-    def __init__(self, endpoint: AmqpEndpoint, link: Link, match: RouteMatch) -> None:
+    def __init__(self, endpoint: Endpoint, link: Link, match: RouteMatch) -> None:
         self.endpoint = endpoint
         self.link = link
         self.match = match
@@ -50,6 +84,9 @@ class LinkHandler:
 
     def attach_options(self) -> dict[str, Any]:
         return {"credit": self.credit, "max_message_size": self.max_message_size}
+
+    def on_attached(self) -> None:
+        """Our attach went out: the link is usable."""
 
     def on_message(self, event: MessageReceived) -> None:
         if not event.settled:

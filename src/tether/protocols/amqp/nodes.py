@@ -11,6 +11,13 @@ from __future__ import annotations
 from typing import Final
 
 from .cbs import CbsReplies, CbsRequests
+from .device_links import (
+    C2DSender,
+    MethodRequestSender,
+    MethodResponseReceiver,
+    TwinRequestReceiver,
+    TwinResponseSender,
+)
 from .performatives import Role
 from .routes import LinkRoute, LinkTable
 from .service_links import C2DSendReceiver, FeedbackSender, FileNotificationSender
@@ -27,6 +34,11 @@ _DEVICE = r"/devices/(?P<device>[^/]+)(?:/modules/(?P<module>[^/]+))?"
 
 DEVICE_ROUTES: Final = (
     LinkRoute(_DEVICE + r"/messages/events", Role.RECEIVER, TelemetryReceiver, "telemetry"),
+    LinkRoute(r"/devices/(?P<device>[^/]+)/messages/devicebound", Role.SENDER, C2DSender, "c2d"),
+    LinkRoute(_DEVICE + r"/methods/devicebound", Role.SENDER, MethodRequestSender, "method-requests"),
+    LinkRoute(_DEVICE + r"/methods/devicebound", Role.RECEIVER, MethodResponseReceiver, "method-responses"),
+    LinkRoute(_DEVICE + r"/twin", Role.SENDER, TwinResponseSender, "twin-responses"),
+    LinkRoute(_DEVICE + r"/twin", Role.RECEIVER, TwinRequestReceiver, "twin-requests"),
 )
 
 SERVICE_ROUTES: Final = (

@@ -12,22 +12,28 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any, Protocol
 from urllib.parse import unquote
 
+from .links import Link
 from .performatives import Role
 
-if TYPE_CHECKING:
-    from .handler import LinkHandler
+__all__ = ["HandlerFactory", "LinkRoute", "LinkTable", "RouteMatch"]
 
-__all__ = ["LinkRoute", "LinkTable", "RouteMatch"]
+
+class HandlerFactory(Protocol):
+    """A `LinkHandler` class: called with (endpoint, link, match)."""
+
+    __name__: str
+
+    def __call__(self, endpoint: Any, link: Link, match: RouteMatch, /) -> Any: ...
 
 
 @dataclass(frozen=True, slots=True)
 class LinkRoute:
     pattern: str  # a regular expression over the whole node path
     role: Role  # the hub's role on the link
-    handler: type[LinkHandler]
+    handler: HandlerFactory
     name: str = ""  # for audit records and metrics (default: the handler's class name)
 
     def compiled(self) -> re.Pattern[str]:

@@ -47,6 +47,7 @@ def context_for(hub: Hub, routes: LinkTable | None = None) -> AmqpContext:
         telemetry=hub.telemetry,
         limits=settings.limits,
         routes=routes or default_table(),
+        hooks=hub.device_sessions,
         hub=hub,
         container_id=f"tether-{hub.node_id}",
     )
