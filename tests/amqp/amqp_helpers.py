@@ -280,3 +280,21 @@ def run_service_sdk(hub: AmqpHub, device_id: str, bodies: list[str], properties:
     assert lines, f"service SDK printed nothing: {done.stderr[-3000:]}"
     result: dict[str, Any] = json.loads(lines[-1])
     return result
+
+
+def put_token(conn: Any, token: str, audience: str, *, request_id: Any = 1,
+              token_type: str = "servicebus.windows.net:sastoken") -> tuple[int, Any, str]:
+    """CBS put-token over a proton BlockingConnection: (status-code, correlation-id, description)."""
+    import proton
+
+    sender = conn.create_sender("$cbs")
+    receiver = conn.create_receiver("$cbs")
+    try:
+        sender.send(proton.Message(body=token, id=request_id, reply_to="cbs", address="$cbs", properties={
+            "operation": "put-token", "type": token_type, "name": audience}))
+        reply = receiver.receive(timeout=30)  # sent pre-settled: nothing to accept
+        props = reply.properties or {}
+        return props["status-code"], reply.correlation_id, props.get("status-description", "")
+    finally:
+        sender.close()
+        receiver.close()
