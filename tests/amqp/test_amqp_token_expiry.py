@@ -32,7 +32,8 @@ def test_expired_token_detaches_its_links_and_renewal_keeps_them(strict_hub: Amq
     conn = proton_client(hub, mechs="ANONYMOUS")
     try:
         for device in (short, renewed):
-            status, _, _ = put_token(conn, hub.device_token(device, ttl=4), f"{IP}/devices/{device.device_id}")
+            audience = f"{IP}/devices/{device.device_id}"
+            status, _, _ = put_token(conn, hub.device_token(device, ttl=4), audience)
             assert status == 200
         short_sender = conn.create_sender("/devices/exp-short/messages/events")
         renewed_sender = conn.create_sender("/devices/exp-renewed/messages/events")
