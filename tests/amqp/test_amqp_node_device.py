@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from amqp_helpers import API, AmqpHub, NodeDevice
+from amqp_helpers import API, AmqpHub, NodeDevice, run_service_sdk
 
 pytestmark = pytest.mark.usefixtures("node_sdk")
 TRANSPORTS = ["Amqp", "AmqpWs"]
@@ -96,5 +96,26 @@ def test_direct_methods(amqp_hub: AmqpHub, transport: str) -> None:
             r = rest.post(f"/twins/{device.device_id}/methods{API}", json={
                 "methodName": "fail", "payload": None, "responseTimeoutInSeconds": 30})
             assert r.status_code == 200 and r.json()["status"] == 500, r.text
+    finally:
+        node.close()
+
+
+def test_registry_manager_c2d_reaches_an_amqp_device_with_its_properties(amqp_hub: AmqpHub) -> None:
+    """Python azure-iot-hub `send_c2d_message` (uamqp) to a Node.js device on AMQP."""
+    device = amqp_hub.create_device("node-c2d-from-uamqp")
+    node = NodeDevice(amqp_hub, device, "Amqp")
+    try:
+        node.call("open")
+        node.call("c2d")
+        result = run_service_sdk(amqp_hub, device.device_id, ["from the registry manager"], {
+            "messageId": "uamqp-1", "correlationId": "corr-9", "contentType": "text/plain",
+            "iothub-ack": "positive", "color": "green", "shape": "round"})
+        assert result == {"ok": True}
+        got = node.next_event("c2d")
+        assert got["data"] == "from the registry manager"
+        assert got["messageId"] == "uamqp-1" and got["correlationId"] == "corr-9"
+        assert got["contentType"] == "text/plain" and got["ack"] == "positive"
+        assert got["props"]["color"] == "green" and got["props"]["shape"] == "round"
+        node.next_event("settled")
     finally:
         node.close()
