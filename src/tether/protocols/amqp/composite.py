@@ -62,6 +62,8 @@ class Composite:
     _ENCODERS: ClassVar[tuple[tuple[str, Encoder], ...]]
     _HEAD: ClassVar[bytes]
     _DEFAULTS: ClassVar[tuple[Any, ...]]
+    _CHECKS: ClassVar[tuple[FieldCheck, ...]]
+    _MANDATORY: ClassVar[tuple[int, ...]]
 
     def encode_into(self, out: bytearray) -> None:
         """Append this value: descriptor, then a list holding every field (nulls included)."""
@@ -90,14 +92,14 @@ class Composite:
     def from_fields(cls: type[T], values: list[Any]) -> T:
         """Build from a decoded field list (checked; a null or absent field takes its default)."""
         args = list(cls._DEFAULTS)
-        fields = cls._FIELDS
-        for index, value in enumerate(values[: len(fields)]):
-            if value is None:
-                continue
-            args[index] = fields[index][1](value)
-        for index, (attr, _, mandatory) in enumerate(fields):
-            if mandatory and (index >= len(values) or values[index] is None):
-                raise invalid(f"{cls.NAME}: {attr} is mandatory")
+        checks = cls._CHECKS
+        for index, value in enumerate(values[: len(checks)]):
+            if value is not None:
+                args[index] = checks[index](value)
+        count = len(values)
+        for index in cls._MANDATORY:
+            if index >= count or values[index] is None:
+                raise invalid(f"{cls.NAME}: {cls._FIELDS[index][0]} is mandatory")
         return cls(*args)
 
 
@@ -258,6 +260,8 @@ def composite(code: int, name: str, spec: str) -> Callable[[type[T]], type[T]]:
         cls.DESCRIPTOR = code
         cls.NAME = name
         cls._FIELDS = tuple(fields)
+        cls._CHECKS = tuple(f[1] for f in fields)
+        cls._MANDATORY = tuple(i for i, f in enumerate(fields) if f[2])
         cls._ENCODERS = tuple(encoders)
         head = bytearray(b"\x00")
         encode_ulong(code, head)

@@ -187,8 +187,10 @@ def _take(buf: bytes, pos: int, size: int) -> bytes:
 
 # --- variable width ---------------------------------------------------------------------------------
 def _vbin8(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
-    size = buf[pos]
-    return _take(buf, pos + 1, size), pos + 1 + size
+    end = pos + 1 + buf[pos]
+    if end > len(buf):
+        raise _error("value runs past the end of the frame")
+    return buf[pos + 1: end], end
 
 
 def _vbin32(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
@@ -197,8 +199,10 @@ def _vbin32(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
 
 
 def _str8(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
-    size = buf[pos]
-    return _take(buf, pos + 1, size).decode("utf-8"), pos + 1 + size
+    end = pos + 1 + buf[pos]
+    if end > len(buf):
+        raise _error("value runs past the end of the frame")
+    return buf[pos + 1: end].decode("utf-8"), end
 
 
 def _str32(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
@@ -207,8 +211,10 @@ def _str32(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
 
 
 def _sym8(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:
-    size = buf[pos]
-    return Symbol(_take(buf, pos + 1, size).decode("ascii")), pos + 1 + size
+    end = pos + 1 + buf[pos]
+    if end > len(buf):
+        raise _error("value runs past the end of the frame")
+    return Symbol(buf[pos + 1: end].decode("ascii")), end
 
 
 def _sym32(buf: bytes, pos: int, depth: int) -> tuple[Any, int]:

