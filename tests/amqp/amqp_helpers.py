@@ -266,12 +266,12 @@ def service_user(hub: AmqpHub, policy: str = "iothubowner") -> tuple[str, str]:
 
 
 def run_service_sdk(hub: AmqpHub, device_id: str, bodies: list[str], properties: dict[str, str] | None = None,
-                    *, policy: str = "iothubowner") -> dict[str, Any]:
+                    *, policy: str = "iothubowner", websocket: bool = False) -> dict[str, Any]:
     """azure-iot-hub's `IoTHubRegistryManager.send_c2d_message` (uamqp) in a child process."""
     env = dict(os.environ, SSL_CERT_FILE=str(hub.ca_file))
     script = Path(__file__).resolve().parent / "service_sdk.py"
     args = {"cs": hub.service_connection_string(policy), "device": device_id, "bodies": bodies,
-            "properties": properties or {}}
+            "properties": properties or {}, "websocket": websocket}
     import sys
 
     done = subprocess.run([sys.executable, str(script), json.dumps(args)], env=env, capture_output=True,

@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import sys
 
+import uamqp
 from azure.iot.hub import IoTHubRegistryManager
 
 
 def main() -> None:
     args = json.loads(sys.argv[1])
-    manager = IoTHubRegistryManager.from_connection_string(args["cs"])
+    transport = uamqp.TransportType.AmqpOverWebsocket if args.get("websocket") else uamqp.TransportType.Amqp
+    manager = IoTHubRegistryManager.from_connection_string(args["cs"], transport_type=transport)
     try:
         for body in args["bodies"]:
             manager.send_c2d_message(args["device"], body, properties=args.get("properties") or {})

@@ -46,3 +46,17 @@ def test_x509_device_telemetry(amqp_hub: AmqpHub, transport: str) -> None:
     (event,) = amqp_hub.events_of(device.device_id)
     assert event["body"] == "from x509" and event["properties"] == {"k": "v"}
     assert '"x509Certificate"' in event["systemProperties"]["iothub-connection-auth-method"]
+
+
+def test_amqp_messages_and_connections_are_counted_per_protocol(amqp_hub: AmqpHub) -> None:
+    device = amqp_hub.create_device("node-metrics")
+    node = NodeDevice(amqp_hub, device, "Amqp")
+    try:
+        node.call("open")
+        node.call("send", body="counted")
+        with amqp_hub.rest() as rest:
+            text = rest.get("/metrics").text
+        assert 'tether_d2c_messages_total{protocol="amqp"}' in text
+        assert 'tether_connected_devices{protocol="amqp"}' in text
+    finally:
+        node.close()

@@ -115,3 +115,13 @@ def test_a_device_connect_policy_cannot_attach_service_links(amqp_hub: AmqpHub) 
         conn.close()
     rows = amqp_hub.audit_rows("amqp.attach", "missing-permission")
     assert len(rows) >= 2
+
+
+def test_send_c2d_message_over_websockets(amqp_hub: AmqpHub) -> None:
+    """uamqp's AmqpOverWebsocket: `wss://{host}:443/$servicebus/websocket/`, subprotocol AMQPWSB10."""
+    amqp_hub.create_device("svc-ws")
+    result = run_service_sdk(amqp_hub, "svc-ws", ["over websockets"], {"messageId": "ws-1"}, websocket=True)
+    assert result == {"ok": True}
+    assert amqp_hub.call(amqp_hub.hub.c2d.queue_depth("svc-ws")) == 1
+    message = amqp_hub.call(amqp_hub.hub.c2d.receive("svc-ws"))
+    assert message is not None and message.message_id == "ws-1" and message.body == b"over websockets"
