@@ -28,6 +28,7 @@ LAYERS: tuple[str, ...] = (
 NOT_YET_CHECKED: tuple[str, ...] = (
     "tether.cli",  # cli.context ↔ local / remote
     "tether.api",  # route tables ↔ route modules ↔ context, app ↔ *_routes via mount
+    "tether.console",  # beside api: console.routes ↔ api.app via mount
     "tether.registry",  # registry ↔ security ↔ storage
     "tether.security",
     "tether.storage",

@@ -149,6 +149,101 @@ class ClusterSettings(Section):
         return v
 
 
+class ClaimRole(Section):
+    """A token claim value (an app role or a group id) that grants a role, optionally scoped."""
+
+    value: str = Field(description="Value of the provider's roles/groups claim, e.g. `Tether.Owner`.")
+    role: str = Field(description="Owner | DataContributor | DataReader | RegistryContributor | "
+                                  "TwinContributor (Azure's display names are accepted).")
+    scope: str | None = Field(None, description="Query condition limiting the role to matching devices, "
+                                                "e.g. `tags.site = 'plant-1'`.")
+
+    @field_validator("role")
+    @classmethod
+    def _role_ok(cls, v: str) -> str:
+        from tether.security.roles import parse_role
+
+        return parse_role(v).value
+
+
+class OidcProviderSettings(Section):
+    """One OpenID Connect provider (Entra ID, Keycloak, Auth0, Dex, …); see docs/security.md."""
+
+    name: str = Field(description="Short name shown on the console's sign-in page and in URLs.")
+    issuer: str = Field(description="Exact `iss` of its tokens; discovery is {issuer}/.well-known/"
+                                    "openid-configuration.")
+    audience: list[str] = Field(default_factory=list, description="Accepted `aud` values of bearer tokens "
+                                "for the REST API (the client id is accepted for console sign-in).")
+    client_id: str | None = Field(None, description="Console sign-in (authorization code + PKCE).")
+    client_secret: str | None = Field(None, description="Only for confidential clients; a secret.")
+    scopes: str = Field("openid profile email", description="Scopes requested at console sign-in.")
+    roles_claim: str = Field("roles", description="Claim holding app roles or groups (dotted path, e.g. "
+                             "`realm_access.roles` for Keycloak).")
+    claim_roles: list[ClaimRole] = Field(default_factory=list, description="Claim values → roles.")
+    subject_claim: str = Field("sub", description="Claim naming the person (`oid` on Entra ID).")
+    name_claim: str = Field("preferred_username", description="Claim shown as the display name.")
+    clock_skew_s: int = Field(60, ge=0, le=600, description="Tolerance on exp / nbf / iat.")
+    jwks_cache_s: int = Field(3600, ge=60, description="JWKS is re-read at least this often.")
+    jwks_min_refresh_s: float = Field(60.0, ge=0, description="An unknown `kid` re-reads the JWKS at "
+                                      "most this often (bounds what forged tokens can make us fetch).")
+    ca_file: Path | None = Field(None, description="CA bundle for a provider with a private CA.")
+    allow_http: bool = Field(False, description="Plain-HTTP discovery; accepted only for loopback "
+                             "issuers (tests).")
+
+    @field_validator("name")
+    @classmethod
+    def _name_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9_-]{1,32}", v):
+            raise ValueError("must be 1-32 letters, digits, '_' or '-'")
+        return v
+
+    @field_validator("issuer")
+    @classmethod
+    def _issuer_ok(cls, v: str) -> str:
+        if not v.startswith(("https://", "http://")) or len(v) > 512:
+            raise ValueError("must be an https:// URL")
+        return v
+
+
+class OperatorSettings(Section):
+    """People who operate the hub: OIDC providers, local operators, console sessions."""
+
+    oidc: list[OidcProviderSettings] = Field(default_factory=list)
+    console: bool = Field(True, description="Serve the web console at /console on the HTTPS listener.")
+    session_ttl_s: int = Field(8 * 3600, ge=300, le=7 * 86400, description="Console session lifetime.")
+    lockout_threshold: int = Field(5, ge=1, le=100, description="Failed sign-ins before a lockout.")
+    lockout_s: int = Field(900, ge=10, le=86400, description="How long a locked-out operator waits.")
+    public_url: str | None = Field(None, description="The console's external base URL (e.g. "
+                                   "https://hub.example.com:8443) for OIDC redirect URIs; default: "
+                                   "from the request's Host.")
+    cookie_secure: bool = Field(True, description="Mark cookies Secure (HTTPS only); off only for tests "
+                                "over plain HTTP on loopback.")
+
+    @field_validator("oidc")
+    @classmethod
+    def _unique(cls, v: list[OidcProviderSettings]) -> list[OidcProviderSettings]:
+        for attr in ("name", "issuer"):
+            values = [getattr(p, attr) for p in v]
+            if len(values) != len(set(values)):
+                raise ValueError(f"each provider needs its own {attr}")
+        for p in v:
+            if p.issuer.startswith("http://") and not (p.allow_http and _loopback_url(p.issuer)):
+                raise ValueError(f"provider {p.name}: the issuer must be https:// (plain HTTP only with "
+                                 "allow_http on a loopback address)")
+        return v
+
+
+def _loopback_url(url: str) -> bool:
+    import ipaddress
+    from urllib.parse import urlsplit
+
+    host = urlsplit(url).hostname or ""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
 class Settings(BaseSettings):
     """All of Tether's settings. Sections map to TOML tables and `TETHER_{SECTION}__{KEY}` variables."""
 
@@ -161,6 +256,7 @@ class Settings(BaseSettings):
     storage: StorageSettings = StorageSettings()
     c2d: C2DSettings = C2DSettings()
     cluster: ClusterSettings = ClusterSettings()
+    operators: OperatorSettings = OperatorSettings()
 
     @classmethod
     def settings_customise_sources(

@@ -24,15 +24,22 @@ from tether.messaging.events import EventStream, open_stream
 from tether.messaging.file_notifications import FileNotificationService
 from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionRegistry
+from tether.messaging.query.scope import validate_scope
 from tether.messaging.telemetry import TelemetryPipeline
 from tether.messaging.twins import TwinService
 from tether.registry.models import utcnow
 from tether.registry.service import RegistryService
 from tether.security.audit import AuditLog
 from tether.security.authenticator import Authenticator
+from tether.security.identity import OperatorIdentity
+from tether.security.oidc import OidcProvider
+from tether.security.operators import LOCAL_ISSUER, OperatorService
 from tether.security.policies import PolicyService
+from tether.security.role_assignments import RoleService
+from tether.security.sessions import SessionService
 from tether.security.x509 import CaService, X509Verifier
 from tether.storage.factory import open_storage
+from tether.storage.sql.operators import SqlOperatorRepository
 from tether.storage.sql.storage import SqlStorage
 from tether.storage.sql.twins import SqlTwinRepository
 
@@ -40,6 +47,7 @@ log = logging.getLogger("tether.hub")
 
 ACTIVITY_FLUSH_INTERVAL_S = 5.0
 THROTTLE_SWEEP_INTERVAL_S = 1.0
+SESSION_SWEEP_INTERVAL_S = 300.0
 
 
 class Hub:
@@ -87,6 +95,16 @@ class Hub:
                             "asyncpg://… and storage.stream_url = nats://…")
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
+        # People: OIDC providers, local operators, console sessions, role assignments.
+        ops = settings.operators
+        operator_store = SqlOperatorRepository(self.storage.db)
+        self.roles = RoleService(operator_store, self.audit, validate_scope=validate_scope)
+        self.sessions = SessionService(operator_store, ttl_s=ops.session_ttl_s)
+        self.operators = OperatorService(
+            operator_store, self.audit, lockout_threshold=ops.lockout_threshold, lockout_s=ops.lockout_s,
+            on_revoke=lambda username: self.sessions.end_all(LOCAL_ISSUER, username))
+        self.identity = OperatorIdentity([OidcProvider(p) for p in ops.oidc], self.operators, self.sessions,
+                                         self.roles)
         self.authenticator = Authenticator(
             hostname=settings.hub.hostname,
             devices=self.registry,
@@ -95,6 +113,7 @@ class Hub:
             clock_skew_s=settings.limits.sas_clock_skew_s,
             max_token_lifetime_s=settings.limits.sas_max_lifetime_s,
             cert_verifier=self.cert_verifier,
+            operators=self.identity,
             failure_rate=settings.limits.auth_failures_per_second,
         )
         self._servers: list[asyncio.AbstractServer] = []
@@ -117,6 +136,8 @@ class Hub:
             _every(ACTIVITY_FLUSH_INTERVAL_S, self.registry.flush_activity, "activity flush")))
         self._tasks.append(asyncio.create_task(
             _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
+        self._tasks.append(asyncio.create_task(
+            _every(SESSION_SWEEP_INTERVAL_S, self.sessions.sweep, "expired-session sweep")))
 
     def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
         """Track a listener so `close()` stops it; records its bound port in `ports`."""

@@ -16,19 +16,22 @@ from tether.api.bodies import BULK_FACTOR
 from tether.api.context import HUB_KEY, PRINCIPAL_KEY, ROUTES_KEY, SPEC_KEY
 from tether.api.errors import error_middleware
 from tether.api.openapi import spec_bytes
+from tether.api.operator_guard import operator_call
 from tether.api.routes import ROUTES, Route
 from tether.hub import Hub
 from tether.observability.metrics import metrics_handler
 from tether.protocols.amqp.websocket import SERVICEBUS_WEBSOCKET_PATHS, amqp_websocket_handler, wants_amqp
 from tether.protocols.mqtt.websocket import mqtt_websocket_handler
-from tether.security.principal import Permission
+from tether.security.principal import Permission, PrincipalKind
 
 
 def _guarded(handler: Handler, permission: Permission) -> Handler:
     """Authenticate before the handler runs; the principal is stored on the request."""
 
     async def guarded(request: web.Request) -> web.StreamResponse:
-        request[PRINCIPAL_KEY] = await authenticate(request, permission)
+        request[PRINCIPAL_KEY] = principal = await authenticate(request, permission)
+        if principal.kind is PrincipalKind.user:  # a person: their roles' areas and device scopes too
+            return await operator_call(request, principal, handler)
         return await handler(request)
 
     guarded.__name__ = getattr(handler, "__name__", "handler")
@@ -82,6 +85,10 @@ def build_app(hub: Hub) -> web.Application:
     add_method_routes(app, hub)
     add_event_routes(app, hub)
     add_security_routes(app, hub)
+    if hub.settings.operators.console:
+        from tether.console import add_console_routes
+
+        add_console_routes(app)
     mount(app, (
         Route("GET", "/metrics", metrics_handler, "Prometheus metrics", None, "operations"),
         Route("GET", "/$iothub/websocket", _device_websocket(hub), "MQTT 3.1.1 over WebSockets "

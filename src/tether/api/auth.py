@@ -13,6 +13,7 @@ from collections.abc import Iterable
 from aiohttp import web
 
 from tether.api.context import hub_of, peer_of
+from tether.api.operator_auth import operator_credential
 from tether.errors import Forbidden, TetherError, Throttled, Unauthorized
 from tether.security.principal import AuthRefused, Permission, Principal
 from tether.security.throttle import RATE_LIMITED, AuthThrottled
@@ -24,7 +25,11 @@ OWNER_RIGHTS = frozenset(Permission)  # policy management needs all four rights
 # Refusal reasons a client may learn; others (unknown policy vs bad signature) would let a caller
 # probe which policy names exist, so they share one generic message.
 _TELLABLE = frozenset({"missing-credentials", "malformed", "expired", "lifetime-too-long",
-                       "device-token-not-allowed", "wrong-scope", "wrong-hub"})
+                       "device-token-not-allowed", "wrong-scope", "wrong-hub",
+                       # operators (OIDC tokens, sessions): nothing here helps guess a secret
+                       "wrong-issuer", "wrong-audience", "not-yet-valid", "alg-not-allowed", "unknown-key",
+                       "key-mismatch", "missing-claim", "unknown-session", "operator-disabled",
+                       "locked-out", "totp-required", "operators-disabled", "provider-unavailable"})
 
 
 class AuthRateLimited(Throttled):
@@ -49,7 +54,11 @@ def refusal_error(exc: AuthRefused) -> TetherError:
 
 async def authenticate(request: web.Request, required: Permission) -> Principal:
     hub = hub_of(request)
+    credential = operator_credential(request)  # a person: OIDC bearer token or console session
     try:
+        if credential is not None:
+            return await hub.authenticator.operator(credential, required=required, surface=SURFACE,
+                                                    peer=peer_of(request))
         return await hub.authenticator.service(
             request.headers.get("Authorization"), required=required, surface=SURFACE, peer=peer_of(request)
         )

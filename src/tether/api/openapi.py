@@ -158,13 +158,19 @@ def build_spec(routes: tuple[Route, ...]) -> dict[str, Any]:
                            "/tether (marked x-tether-extension).",
         },
         "servers": [{"url": "/"}],
-        "security": [{"sas": []}],
+        "security": [{"sas": []}, {"bearer": []}, {"session": []}],
         "paths": paths,
         "components": {
             "schemas": top.get("$defs", {}),
             "securitySchemes": {
                 "sas": {"type": "apiKey", "in": "header", "name": "Authorization",
                         "description": "SharedAccessSignature sr=…&sig=…&se=…&skn={policy}"},
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT",
+                           "description": "An operator's access token from a configured OIDC provider; "
+                                          "roles decide what it may do (docs/security.md)."},
+                "session": {"type": "apiKey", "in": "cookie", "name": "__Host-tether-session",
+                            "description": "A console session; state-changing calls also need the "
+                                           "X-CSRF-Token header."},
             },
         },
     }

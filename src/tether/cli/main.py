@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from tether.cli import audit, cluster, devices, pki, policies, tokens, transfer, trust
+from tether.cli import audit, cluster, devices, operators, pki, policies, tokens, transfer, trust
 from tether.cli.context import CONFIG_FILE_NAME, CliState, cli_errors, run, state_of
 from tether.cli.local import LocalServices
 from tether.cli.monitor import monitor_command
@@ -178,6 +178,8 @@ app.add_typer(pki.pki_app, name="pki")
 app.add_typer(pki.ca_app, name="ca")
 app.add_typer(trust.tls_app, name="tls")
 app.add_typer(trust.trust_app, name="trust")
+app.add_typer(operators.user_app, name="user")
+app.add_typer(operators.role_app, name="role")
 
 
 def main() -> None:

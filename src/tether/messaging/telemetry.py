@@ -68,6 +68,10 @@ _AUTH_METHODS: Mapping[CredentialKind, str] = {
     CredentialKind.x509_ca: _auth_json("device", "x509CA", "external"),
     CredentialKind.token_service: _auth_json("device", "sas", "external"),
     CredentialKind.policy: _auth_json("hub", "sas", "iothub"),
+    # People never connect as devices; mapped only so every credential kind has an answer.
+    CredentialKind.oidc: _auth_json("hub", "token", "external"),
+    CredentialKind.session: _auth_json("hub", "token", "iothub"),
+    CredentialKind.password: _auth_json("hub", "token", "iothub"),
 }
 
 

@@ -14,6 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Iterator
+from contextvars import ContextVar
 from datetime import datetime
 from typing import Any, Protocol
 
@@ -28,6 +30,19 @@ _SECRET_KEYS = frozenset(
      "secret", "authorization"}
 )
 REDACTED = "<redacted>"
+_ACTOR: ContextVar[tuple[str, dict[str, Any]] | None] = ContextVar("tether_audit_actor", default=None)
+
+
+@contextlib.contextmanager
+def acting_as(principal: str, details: dict[str, Any]) -> Iterator[None]:
+    """While the block runs (one REST request), every record naming `principal` also carries
+    `details` — how the change records of a person's call name their issuer without every service
+    knowing about operators."""
+    token = _ACTOR.set((principal, details))
+    try:
+        yield
+    finally:
+        _ACTOR.reset(token)
 
 
 def _clip(value: str | None) -> str | None:
@@ -103,6 +118,9 @@ class AuditLog:
         target: str | None = None,
         details: dict[str, Any] | None = None,
     ) -> None:
+        bound = _ACTOR.get()
+        if bound is not None and principal == bound[0]:
+            details = {**bound[1], **(details or {})}
         rec = AuditRecord(
             time=utcnow(),
             action=_clip(action) or "",
@@ -182,4 +200,4 @@ class AuditLog:
                 delay = min(delay * 2, 5.0)
 
 
-__all__ = ["AuditLog"]
+__all__ = ["AuditLog", "AuditSink", "acting_as"]

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cryptography import x509
@@ -41,7 +40,14 @@ from cryptography import x509
 from tether.observability.metrics import AUTH_FAILURES
 from tether.registry.models import DEVICE_ID_RE, AuthType, Device
 from tether.security.audit import AuditSink
-from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
+from tether.security.principal import (
+    AuthAttempt,
+    AuthRefused,
+    CredentialKind,
+    Permission,
+    Principal,
+    PrincipalKind,
+)
 from tether.security.sas import (
     DEFAULT_CLOCK_SKEW_S,
     DEFAULT_MAX_LIFETIME_S,
@@ -89,20 +95,19 @@ class PolicyLookup(Protocol):
 
 
 
+class OperatorVerifier(Protocol):
+    """People: OIDC bearer tokens, console sessions, local passwords (`security.identity`)."""
+
+    async def verify(self, credential: Any, attempt: AuthAttempt) -> Principal: ...
+
+
 class CertificateVerifier(Protocol):
     """Checks a client chain against a device (thumbprint or CA); raises `AuthRefused`."""
 
     async def verify(self, device: Device, chain: Sequence[x509.Certificate]) -> CredentialKind: ...
 
 
-@dataclass(slots=True)
-class _Attempt:
-    """What is known about a claim so far, for the audit record if it is refused."""
-
-    principal: str | None
-    target: str | None
-    credential: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+_Attempt = AuthAttempt
 
 
 def _label(text: str) -> str:
@@ -132,6 +137,7 @@ class Authenticator:
         now: Callable[[], float] = time.time,
         max_token_lifetime_s: int = DEFAULT_MAX_LIFETIME_S,
         modules: ModuleLookup | None = None,
+        operators: OperatorVerifier | None = None,
         failure_rate: float | None = None,
         throttle_clock: Callable[[], float] = time.monotonic,
         throttle_max_peers: int = DEFAULT_MAX_PEERS,
@@ -142,6 +148,7 @@ class Authenticator:
         self._audit = audit
         self._cert_verifier = cert_verifier
         self._modules = modules
+        self.operators = operators
         self.tokens = TokenVerifier(clock_skew_s=clock_skew_s, max_lifetime_s=max_token_lifetime_s, now=now)
         self.throttle: AuthThrottle | None = (
             AuthThrottle(failure_rate, clock=throttle_clock, max_peers=throttle_max_peers)
@@ -197,6 +204,31 @@ class Authenticator:
         return await self._audited(
             surface, peer, attempt, lambda: self._service(authorization, required, attempt, policy)
         )
+
+    async def operator(
+        self,
+        credential: Any,
+        *,
+        required: Permission | None,
+        surface: str,
+        peer: str | None = None,
+    ) -> Principal:
+        """Authenticate a person (`tether.security.identity.OperatorCredential`); 403
+        (`not_authorized`) when their roles lack `required` (None: any role will do)."""
+        attempt = _Attempt(principal=None, target=None)
+        return await self._audited(
+            surface, peer, attempt, lambda: self._operator(credential, required, attempt)
+        )
+
+    async def _operator(self, credential: Any, required: Permission | None, attempt: _Attempt) -> Principal:
+        if self.operators is None:
+            raise AuthRefused("operators-disabled", "operator sign-in is not configured")
+        principal = await self.operators.verify(credential, attempt)
+        attempt.principal = principal.name
+        attempt.credential = principal.credential.value
+        if required is not None and required not in principal.permissions:
+            raise AuthRefused("missing-permission", f"no role grants {required.value}", not_authorized=True)
+        return principal
 
     # Audit wrapper ------------------------------------------------------------------------------
     async def _audited(

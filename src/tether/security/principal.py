@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tether.security.roles import RoleGrant
 
 
 class Permission(StrEnum):
@@ -20,12 +24,16 @@ class CredentialKind(StrEnum):
     x509_self_signed = "selfSigned"  # client certificate matched by thumbprint
     x509_ca = "certificateAuthority"  # client certificate chaining to a verified CA
     token_service = "token-service"  # token minted by an operator's own auth system
+    oidc = "oidc"  # an operator's bearer token from an OpenID Connect provider
+    session = "session"  # an operator's console session (signed in with OIDC or a local password)
+    password = "password"  # a local operator's password (console sign-in)
 
 
 class PrincipalKind(StrEnum):
     device = "device"
     module = "module"
     service = "service"
+    user = "user"  # a person: an operator from an OIDC provider or the local operator store
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,10 +45,18 @@ class Principal:
     policy_name: str | None = None
     permissions: frozenset[Permission] = field(default_factory=frozenset)
     expires_at: float | None = None  # unix seconds; the connection must end then (SAS expiry)
+    # Operators (kind user): who (`subject` at `issuer`; "local" for the local operator store), a
+    # display name, and the roles held (their union is `permissions`).
+    subject: str | None = None
+    issuer: str | None = None
+    display_name: str | None = None
+    grants: tuple[RoleGrant, ...] = ()
 
     @property
     def name(self) -> str:
         """Stable label for audit records and metrics (never a secret)."""
+        if self.kind is PrincipalKind.user:
+            return f"user:{self.subject}"
         if self.kind is PrincipalKind.service:
             return f"policy:{self.policy_name}"
         if self.module_id:
@@ -49,6 +65,16 @@ class Principal:
 
     def has(self, permission: Permission) -> bool:
         return permission in self.permissions
+
+
+@dataclass(slots=True)
+class AuthAttempt:
+    """What is known about a claim so far, for the audit record if it is refused."""
+
+    principal: str | None
+    target: str | None
+    credential: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class AuthRefused(Exception):

@@ -26,6 +26,7 @@ from tether.errors import BadRequest
 from tether.messaging.query.evaluator import Aggregation, matches, project
 from tether.messaging.query.nodes import Query
 from tether.messaging.query.parser import parse_query
+from tether.messaging.query.scope import narrowed
 from tether.messaging.twins import TwinService
 
 DEFAULT_PAGE = 100
@@ -87,8 +88,11 @@ class QueryService:
         self._scan_page = scan_page
 
     async def run(self, text: str, *, max_items: int = DEFAULT_PAGE,
-                  continuation: str | None = None) -> QueryPage:
+                  continuation: str | None = None, scopes: tuple[str, ...] | None = None) -> QueryPage:
+        """`scopes`: only devices matching one of these conditions (a scoped operator's view)."""
         query = parse_query(text)
+        if scopes:
+            query = narrowed(query, scopes)
         if not 1 <= max_items <= MAX_PAGE:
             raise BadRequest(f"x-ms-max-item-count must be between 1 and {MAX_PAGE}",
                              field="x-ms-max-item-count")

@@ -1,0 +1,155 @@
+"""Roles on every route: a Data Reader sees but changes nothing, a scoped role sees and touches only
+its devices, keys only for the roles that may rewrite identities, owner-only operations stay owner
+only; the audit names the person and issuer on calls and changes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from operator_helpers import API, PASSWORD, OperatorEnv
+
+from tether.api.operator_guard import classify
+from tether.security.principal import Permission
+from tether.security.roles import Access, Area, Role, RoleGrant, decide, parse_role, rights_of
+
+ID = 'tags.site = \'a\''
+
+
+async def seed(env: OperatorEnv) -> None:
+    body: dict[str, Any] = {"authentication": {"type": "sas"}}
+    for device_id, site in (("dev-a", "a"), ("dev-b", "b"), ("dev-a2", "a")):
+        await env.hub.registry.create(device_id, dict(body), actor="test")
+        await env.hub.twins.patch(device_id, {"tags": {"site": site}}, if_match=None, actor="test")
+
+
+async def signed_in(env: OperatorEnv, username: str, *roles: tuple[str, str | None]) -> httpx.AsyncClient:
+    await env.hub.operators.add(username, PASSWORD, actor="test")
+    for role, scope in roles:
+        await env.hub.roles.assign("local", username, role, scope, actor="test")
+    r = await env.login(username)
+    assert r.status_code == 200, r.text
+    return env.session_client(r)
+
+
+def test_roles_map_to_policy_rights() -> None:
+    assert rights_of(Role.owner) == frozenset(Permission)
+    assert rights_of(Role.data_reader) == {Permission.registry_read, Permission.service_connect}
+    assert rights_of(Role.twin_contributor) == {Permission.registry_read, Permission.registry_write}
+    assert Permission.service_connect not in rights_of(Role.registry_contributor)
+    assert parse_role("IoT Hub Registry Contributor") is Role.registry_contributor
+    grants = (RoleGrant(Role.twin_contributor, ID), RoleGrant(Role.data_reader))
+    assert decide(grants, Area.twins, Access.write).scopes == (ID,)
+    assert decide(grants, Area.twins, Access.read).scopes is None
+    assert not decide(grants, Area.service, Access.write).allowed
+
+
+async def test_data_reader_sees_but_cannot_change_anything(env: OperatorEnv) -> None:
+    await seed(env)
+    async with await signed_in(env, "reader", ("DataReader", None)) as c:
+        assert (await c.get(f"/devices{API}")).status_code == 200
+        device = (await c.get(f"/devices/dev-a{API}")).json()
+        assert device["authentication"]["symmetricKey"]["primaryKey"] is None  # keys hidden
+        assert (await c.get(f"/twins/dev-a{API}")).status_code == 200
+        everything = {"query": "SELECT * FROM devices"}
+        assert (await c.post(f"/devices/query{API}", json=everything)).status_code == 200
+        assert (await c.get(f"/tether/audit{API}")).status_code == 200
+        writes = [
+            c.put(f"/devices/new{API}", json={}), c.delete(f"/devices/dev-a{API}"),
+            c.patch(f"/twins/dev-a{API}", json={"tags": {"x": 1}}),
+            c.post(f"/tether/devices/dev-a/disable{API}", json={}),
+            c.post(f"/tether/devices/dev-a/regenerate-key{API}"),
+            c.post(f"/devices/dev-a/messages/deviceBound{API}", content=b"hi"),
+            c.post(f"/twins/dev-a/methods{API}", json={"methodName": "reboot"}),
+            c.post(f"/devices{API}", json=[{"id": "z", "importMode": "create"}]),
+            c.get(f"/tether/devices/export{API}"),
+            c.get(f"/tether/policies{API}&keys=true"),
+            c.put(f"/tether/policies/mine{API}", json={"rights": ["RegistryRead"]}),
+            c.post(f"/tether/admin/tls/reload{API}"),
+        ]
+        for request in writes:
+            r = await request
+            assert r.status_code == 403, (r.request.method, r.request.url, r.text)
+        refused = await env.audit("auth.rest", "refused", limit=30)
+        assert {r.reason for r in refused} <= {"missing-role", "missing-permission"}
+        assert all(r.principal == "user:reader" for r in refused)
+    devices = {d.device_id for d in await env.hub.registry.list(top=10)}
+    assert devices == {"dev-a", "dev-b", "dev-a2"}  # nothing changed
+
+
+async def test_scoped_role_cannot_read_or_touch_another_sites_device(env: OperatorEnv) -> None:
+    await seed(env)
+    async with await signed_in(env, "site-a", ("DataContributor", ID)) as c:
+        assert (await c.get(f"/devices/dev-a{API}")).status_code == 200
+        desired = {"properties": {"desired": {"v": 1}}}
+        assert (await c.patch(f"/twins/dev-a{API}", json=desired)).status_code == 200
+        for request in (c.get(f"/devices/dev-b{API}"), c.get(f"/twins/dev-b{API}"),
+                        c.patch(f"/twins/dev-b{API}", json={"tags": {"site": "a"}}),
+                        c.delete(f"/devices/dev-b{API}"), c.post(f"/tether/devices/dev-b/disable{API}"),
+                        c.post(f"/devices/dev-b/messages/deviceBound{API}", content=b"x"),
+                        c.post(f"/twins/dev-b/methods{API}", json={"methodName": "m"}),
+                        c.get(f"/tether/events/stream{API}&device=dev-b"),
+                        c.get(f"/tether/events/stream{API}"), c.get(f"/statistics/devices{API}"),
+                        c.get(f"/tether/audit{API}")):
+            r = await request
+            assert r.status_code == 403, (r.request.method, r.request.url, r.text)
+        assert (await env.last_refusal()).reason == "out-of-scope"
+        listed = {d["deviceId"] for d in (await c.get(f"/devices{API}")).json()}
+        assert listed == {"dev-a", "dev-a2"}
+        queried = (await c.post(f"/devices/query{API}", json={"query": "SELECT * FROM devices"})).json()
+        assert {d["deviceId"] for d in queried} == {"dev-a", "dev-a2"}
+        counted = (await c.post(f"/devices/query{API}",
+                                json={"query": "SELECT COUNT() AS n FROM devices"})).json()
+        assert counted == [{"n": 2}]
+    twin_b = await env.hub.twins.get("dev-b")
+    assert twin_b["tags"] == {"site": "b"}
+
+
+async def test_twin_contributor_writes_twins_not_identities_and_sees_no_keys(env: OperatorEnv) -> None:
+    await seed(env)
+    async with await signed_in(env, "twins", ("TwinContributor", None)) as c:
+        assert (await c.patch(f"/twins/dev-b{API}", json={"tags": {"floor": 2}})).status_code == 200
+        assert (await c.put(f"/devices/new{API}", json={})).status_code == 403
+        keys = (await c.get(f"/devices/dev-b{API}")).json()["authentication"]["symmetricKey"]
+        assert keys["primaryKey"] is None and keys["secondaryKey"] is None
+
+
+async def test_registry_contributor_sees_keys_and_changes_name_the_issuer(env: OperatorEnv) -> None:
+    await seed(env)
+    async with await signed_in(env, "registrar", ("RegistryContributor", None)) as c:
+        device = (await c.get(f"/devices/dev-a{API}")).json()
+        assert device["authentication"]["symmetricKey"]["primaryKey"]
+        assert (await c.post(f"/tether/devices/dev-a/disable{API}", json={})).status_code == 200
+        assert (await c.patch(f"/twins/dev-a{API}", json={"tags": {"x": 1}})).status_code == 403
+    change = (await env.audit("device.", limit=1))[0]
+    assert change.principal == "user:registrar"
+    assert change.details.get("issuer") == "local"
+
+
+async def test_data_contributor_cannot_read_policy_keys_or_manage_policies(env: OperatorEnv) -> None:
+    async with await signed_in(env, "contrib", ("DataContributor", None)) as c:
+        assert (await c.get(f"/tether/policies{API}")).status_code == 200
+        assert (await c.get(f"/tether/policies{API}&keys=true")).status_code == 403
+        assert (await c.delete(f"/tether/policies/service{API}")).status_code == 403
+    async with await signed_in(env, "boss", ("Owner", None)) as c:
+        listed = (await c.get(f"/tether/policies{API}&keys=true")).json()
+        assert all(p.get("primaryKey") for p in listed)
+
+
+async def test_console_me_tells_the_console_what_to_offer(env: OperatorEnv) -> None:
+    async with await signed_in(env, "viewer", ("DataReader", None)) as c:
+        me = (await c.get("/console/api/me")).json()
+        assert me["user"] == "user:viewer" and me["csrf"]
+        assert me["can"] == {"registryWrite": False, "twinsWrite": False, "service": False, "telemetry": True,
+                             "audit": True, "admin": False, "keys": False}
+
+
+def test_unclassified_routes_need_an_owner() -> None:
+    class Fake:
+        method = "POST"
+        path = "/tether/something/new"
+        query: dict[str, str] = {}
+        match_info: dict[str, str] = {}
+
+    op = classify(Fake())  # type: ignore[arg-type]
+    assert (op.area, op.access) == (Area.admin, Access.write)
