@@ -20,6 +20,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ AMQTT_VENV = Path(__file__).resolve().parent / ".venv-amqtt"
 BENCH_KEY = base64.b64encode(b"tether-bench-shared-device-key!!").decode()
 HOSTNAME = "localhost"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+READY_LINE = "Tether hub ready"  # what `tether run` prints once every listener is up
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -112,8 +114,10 @@ class TetherHub:
     """A `tether run` process on its own data dir: prepare once, start/kill/restart as often as needed."""
 
     def __init__(self, data_dir: Path, *, host: str = "127.0.0.1", limits: dict[str, Any] | None = None,
-                 plain: bool = True, stdlib_loop: bool = False, profile_out: Path | None = None) -> None:
+                 plain: bool = True, stdlib_loop: bool = False, profile_out: Path | None = None,
+                 preexec: Callable[[], None] | None = None) -> None:
         self.data_dir = data_dir.resolve()
+        self.preexec = preexec  # runs in the child before exec, e.g. to set resource limits
         self.host = host
         self.config = self.data_dir / "bench.toml"
         self.limits = {"device_messages_per_second": 1_000_000.0, **(limits or {})}
@@ -152,9 +156,10 @@ class TetherHub:
                     "primaryKey": key, "secondaryKey": key}}} for d in device_ids]
                 for i in range(0, len(records), 5000):
                     await hub.registry.import_devices(records[i : i + 5000], actor="bench")
+                # `tether run` never prints the owner key: read it here, as `tether init` would show it
+                self.service_connection_string = await hub.service_connection_string()
 
-        if device_ids:
-            asyncio.run(provision()) if not _loop_running() else _run_in_thread(provision)
+        asyncio.run(provision()) if not _loop_running() else _run_in_thread(provision)
 
     def command(self) -> list[str]:
         if self.profile_out is not None:
@@ -169,13 +174,14 @@ class TetherHub:
         out = (self.data_dir / "hub.out").open("wb")
         err = (self.data_dir / "hub.err").open("ab")
         env = dict(os.environ, TETHER_CONFIG=str(self.config))
-        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=err, env=env, cwd=str(self.data_dir))
+        self.proc = subprocess.Popen(self.command(), stdout=out, stderr=err, env=env, cwd=str(self.data_dir),
+                                     preexec_fn=self.preexec)
         out.close()
         err.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = (self.data_dir / "hub.out").read_text(errors="replace")
-            if "Service connection string:" in text and text.endswith("\n"):
+            if READY_LINE in text and text.endswith("\n"):
                 self._parse(text)
                 return
             if self.proc.poll() is not None:
@@ -189,8 +195,6 @@ class TetherHub:
             parts = line.split()
             if len(parts) == 4 and parts[1:3] == ["listening", "on"]:
                 self.ports[parts[0]] = int(parts[3].rsplit(":", 1)[1])
-            elif line.startswith("Service connection string:"):
-                self.service_connection_string = line.split(":", 1)[1].strip()
 
     def stderr_tail(self, n: int = 2000) -> str:
         with contextlib.suppress(OSError):

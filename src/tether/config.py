@@ -83,7 +83,17 @@ class LimitSettings(Section):
     max_d2c_message_bytes: int = Field(262_144, ge=1, description="Device-to-cloud message size limit.")
     max_mqtt_packet_bytes: int = Field(270_000, ge=1024)
     max_request_body_bytes: int = Field(1_048_576, ge=1024, description="REST body limit (bulk: x16).")
-    connect_timeout_s: float = Field(5.0, gt=0, description="Time a socket gets to send CONNECT.")
+    connect_timeout_s: float = Field(
+        5.0, gt=0, description="Time a socket gets for its TLS handshake (every listener) and MQTT CONNECT.")
+    http_idle_timeout_s: float = Field(
+        30.0, gt=0, description="An HTTPS connection with no request in progress (just connected, idle "
+        "keep-alive, or half a request head) is closed after this long.")
+    http_body_timeout_s: float = Field(
+        30.0, gt=0, description="Longest wait for the next bytes of a request body (then 408, closed).")
+    max_connections_per_peer: int = Field(
+        1000, ge=1, description="Sockets one peer address (IPv6: its /64) may hold across all listeners.")
+    fd_reserve: int = Field(
+        256, ge=16, description="File descriptors kept free of peer sockets for storage, files and pipes.")
     device_messages_per_second: float = Field(100.0, gt=0, description="Per-device telemetry rate limit.")
     sas_clock_skew_s: int = Field(300, ge=0, le=3600, description="Tolerated clock skew for tokens.")
     sas_max_lifetime_s: int = Field(
@@ -116,6 +126,19 @@ class C2DSettings(Section):
     max_delivery_count: int = Field(10, ge=1, le=100, description="Deliveries before dead-lettering.")
     lock_timeout_s: float = Field(60.0, ge=5, le=300, description="How long a received message is locked.")
     default_ttl_s: float = Field(3600.0, gt=0, le=172_800, description="TTL when the sender gives none.")
+
+
+class AuditSettings(Section):
+    """Audit log retention: what is older or beyond the size limit is exported, then deleted."""
+
+    retention_days: float = Field(
+        90.0, ge=0, description="Records older than this are exported and deleted; 0 = no age limit.")
+    max_records: int = Field(
+        1_000_000, ge=0, description="Keep at most this many records (the newest); 0 = no size limit.")
+    export_dir: Path | None = Field(
+        None, description="Where expired records are written (JSON lines) first; default {data_dir}/audit.")
+    retention_interval_s: float = Field(
+        3600.0, gt=0, description="How often the hub applies the retention (and once shortly after start).")
 
 
 class ClusterSettings(Section):
@@ -255,6 +278,7 @@ class Settings(BaseSettings):
     limits: LimitSettings = LimitSettings()
     storage: StorageSettings = StorageSettings()
     c2d: C2DSettings = C2DSettings()
+    audit: AuditSettings = AuditSettings()
     cluster: ClusterSettings = ClusterSettings()
     operators: OperatorSettings = OperatorSettings()
 
@@ -285,6 +309,10 @@ class Settings(BaseSettings):
     @property
     def stream_url(self) -> str:
         return self.storage.stream_url or f"file://{self.data_dir.resolve()}/stream"
+
+    @property
+    def audit_export_dir(self) -> Path:
+        return self.audit.export_dir or self.data_dir / "audit"
 
     @property
     def pki_dir(self) -> Path:

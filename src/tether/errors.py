@@ -57,6 +57,13 @@ class PreconditionFailed(TetherError):
     default_code = "PreconditionFailed"
 
 
+class RequestTimeout(TetherError):
+    """The client stopped sending its request (body) before it was complete."""
+
+    http_status = 408
+    default_code = "RequestTimeout"
+
+
 class PayloadTooLarge(TetherError):
     http_status = 413
     default_code = "MessageTooLarge"

@@ -28,8 +28,11 @@ from tether.messaging.query.scope import validate_scope
 from tether.messaging.telemetry import TelemetryPipeline
 from tether.messaging.twins import TwinService
 from tether.registry.models import utcnow
+from tether.registry.modules import ModuleService
 from tether.registry.service import RegistryService
+from tether.security.admission import ConnectionSlots, socket_capacity
 from tether.security.audit import AuditLog
+from tether.security.audit_retention import AuditRetention
 from tether.security.authenticator import Authenticator
 from tether.security.identity import OperatorIdentity
 from tether.security.oidc import OidcProvider
@@ -48,6 +51,7 @@ log = logging.getLogger("tether.hub")
 ACTIVITY_FLUSH_INTERVAL_S = 5.0
 THROTTLE_SWEEP_INTERVAL_S = 1.0
 SESSION_SWEEP_INTERVAL_S = 300.0
+RETENTION_FIRST_S = 60.0  # the first audit retention run after start (a hub restarted often still runs it)
 
 
 class Hub:
@@ -57,15 +61,23 @@ class Hub:
         self.settings = settings
         self.storage: SqlStorage = open_storage(settings)
         self.audit = AuditLog(self.storage.audit)
+        retention = settings.audit
+        self.audit_retention = AuditRetention(
+            self.storage.audit, self.audit, settings.audit_export_dir,
+            max_age_s=retention.retention_days * 86400 if retention.retention_days else None,
+            max_records=retention.max_records or None,
+        )
         self.policies = PolicyService(self.storage.policies, self.audit)
         self.registry = RegistryService(self.storage.devices, self.audit)
+        self.modules = ModuleService(self.storage.modules, self.registry, self.audit)
         self.stream: EventStream = open_stream(
             settings.stream_url,
             partitions=settings.storage.stream_partitions,
             retention_hours=settings.storage.stream_retention_hours,
             retention_bytes=settings.storage.stream_retention_bytes,
         )
-        self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit)
+        self.twins = TwinService(SqlTwinRepository(self.storage.db), self.registry, self.audit,
+                                 modules=self.modules)
         self.telemetry = TelemetryPipeline(self.stream, settings.limits)
         self.c2d = C2DService(
             self.storage.db, audit=self.audit, max_queue_depth=settings.c2d.max_queue_depth,
@@ -74,13 +86,18 @@ class Hub:
         )
         self.file_notifications = FileNotificationService()  # fed by file upload (not built yet)
         self.connections = ConnectionRegistry(settings.limits.max_connections)
+        # Every listener's sockets: descriptor budget, per-peer caps, shedding (re-measured at start).
+        self.slots = ConnectionSlots(socket_capacity(settings.limits.fd_reserve),
+                                     settings.limits.max_connections_per_peer)
         self.registry.add_status_listener(self.connections.status_listener())
-        self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit)
+        self.modules.add_listener(self.connections.module_deleted)
+        self.methods = MethodService(self.connections, registry=self.registry, audit=self.audit,
+                                     modules=self.modules)
         self.registry.add_status_listener(self.methods.status_listener())
         self.c2d_pumps = C2DPumps(self.c2d)
         self.device_sessions = DeviceSessions(
             connections=self.connections, twins=self.twins, methods=self.methods, c2d_pumps=self.c2d_pumps,
-            registry=self.registry,
+            registry=self.registry, modules=self.modules,
         )
         self.node_id = resolve_node_id(settings.cluster.node_id)
         self.cluster: ClusterBus | None = None
@@ -88,7 +105,8 @@ class Hub:
             self.cluster = ClusterBus(settings.cluster, node_id=self.node_id)
             self.cluster.attach(registry=self.registry, policies=self.policies, connections=self.connections,
                                 c2d=self.c2d,
-                                twins=self.twins, methods=self.methods, sessions=self.device_sessions)
+                                twins=self.twins, methods=self.methods, sessions=self.device_sessions,
+                                modules=self.modules)
             if settings.storage.database_url is None or settings.stream_url.startswith("file:"):
                 log.warning("cluster.nats_url is set but storage is embedded (SQLite / file stream): "
                             "hub nodes only share state through storage.database_url = postgresql+"
@@ -113,6 +131,7 @@ class Hub:
             clock_skew_s=settings.limits.sas_clock_skew_s,
             max_token_lifetime_s=settings.limits.sas_max_lifetime_s,
             cert_verifier=self.cert_verifier,
+            modules=self.modules,
             operators=self.identity,
             failure_rate=settings.limits.auth_failures_per_second,
         )
@@ -135,9 +154,20 @@ class Hub:
         self._tasks.append(asyncio.create_task(
             _every(ACTIVITY_FLUSH_INTERVAL_S, self.registry.flush_activity, "activity flush")))
         self._tasks.append(asyncio.create_task(
-            _every(THROTTLE_SWEEP_INTERVAL_S, self.authenticator.audit_throttled, "throttled-auth audit")))
+            _every(THROTTLE_SWEEP_INTERVAL_S, self._audit_refusals, "aggregated refusal audit")))
         self._tasks.append(asyncio.create_task(
             _every(SESSION_SWEEP_INTERVAL_S, self.sessions.sweep, "expired-session sweep")))
+        interval = self.settings.audit.retention_interval_s
+        self._tasks.append(asyncio.create_task(_every(
+            interval, self.audit_retention.run, "audit retention", first_s=min(interval, RETENTION_FIRST_S))))
+
+    async def _audit_refusals(self) -> None:
+        """Every second: the aggregated records of throttled peers that went quiet, and of sockets the
+        listeners refused or shed (one record per reason, naming the peers with the most)."""
+        await self.authenticator.audit_throttled()
+        for report in self.slots.take_report():
+            await self.audit.record("connection.refused", "refused", reason=report.reason,
+                                    details={"count": report.count, "peers": dict(report.peers)})
 
     def add_server(self, name: str, server: asyncio.AbstractServer, closer: Any = None) -> None:
         """Track a listener so `close()` stops it; records its bound port in `ports`."""
@@ -197,11 +227,14 @@ class Hub:
         await self.close()
 
 
-async def _every(interval_s: float, work: Callable[[], Awaitable[object]], what: str) -> None:
-    """Run `work` every `interval_s` until cancelled; a failure (a transient database or audit
-    error) is logged and the next round runs anyway."""
+async def _every(interval_s: float, work: Callable[[], Awaitable[object]], what: str, *,
+                 first_s: float | None = None) -> None:
+    """Run `work` every `interval_s` (the first time after `first_s`, default the interval) until
+    cancelled; a failure (a transient database or audit error) is logged and the next round runs."""
+    delay = interval_s if first_s is None else first_s
     while True:
-        await asyncio.sleep(interval_s)
+        await asyncio.sleep(delay)
+        delay = interval_s
         try:
             await work()
         except Exception:

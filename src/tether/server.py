@@ -3,7 +3,12 @@
 Listeners: MQTT over TLS (`listeners.mqtt_port`), AMQP over TLS (`listeners.amqp_port`), the HTTPS
 server carrying the service REST API, the device HTTPS surface, MQTT and AMQP over WebSockets and
 `/metrics` (`listeners.https_port`), and — only when configured — plain-TCP MQTT for loopback testing.
-All TLS goes through one TlsContextFactory.
+All TLS goes through one TlsContextFactory; every socket is admitted by the hub's `ConnectionSlots`,
+whose budget is the descriptor limit (raised to the hard limit at start) minus what is open minus
+`limits.fd_reserve`.
+
+The start-up output names the listeners, never a key: the owner connection string is printed by
+`tether init` and on request (`tether policy connection-string iothubowner`).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tether.config import Settings
 from tether.hub import Hub
 
 log = logging.getLogger("tether.server")
+READY_LINE = "Tether hub ready"
 
 
 def _is_loopback(host: str) -> bool:
@@ -33,8 +39,10 @@ def _is_loopback(host: str) -> bool:
 async def start_listeners(hub: Hub) -> None:
     """Start every configured listener on `hub`; fills `hub.ports` with the bound ports."""
     from tether.api.app import build_app
+    from tether.api.server import start_https
     from tether.protocols.mqtt.server import start_mqtt
-    from tether.security.tls import TlsContextFactory, start_tls_server
+    from tether.security.admission import socket_capacity
+    from tether.security.tls import TlsContextFactory
 
     settings = hub.settings
     host = settings.listeners.host
@@ -44,11 +52,11 @@ async def start_listeners(hub: Hub) -> None:
         log.warning("TLS %s enabled by tls.min_version: legacy protocol versions are insecure",
                     settings.tls.min_version)
 
+    hub.slots.capacity = socket_capacity(settings.limits.fd_reserve)  # what storage left us
     app = build_app(hub)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    assert runner.server is not None
-    https = await start_tls_server(runner.server, host, settings.listeners.https_port, tls)
+    https = await start_https(hub, runner, host, settings.listeners.https_port, tls)
     hub.add_server("https", https, closer=runner.cleanup)
 
     mqtts = await start_mqtt(hub, host=host, port=settings.listeners.mqtt_port, tls=True)
@@ -68,6 +76,11 @@ async def start_listeners(hub: Hub) -> None:
 async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> None:
     """Run the hub until a termination signal; SIGHUP reloads the TLS certificate."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tether.security.admission import raise_descriptor_limit
+
+    before, limit = raise_descriptor_limit()
+    if limit > before:
+        log.info("file descriptor limit raised from %d to %d (the hard limit)", before, limit)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -82,7 +95,11 @@ async def serve(settings: Settings, *, ready: asyncio.Event | None = None) -> No
             print(f"  {name:6s} listening on {settings.listeners.host}:{port}", flush=True)
         if hub.cluster is not None:
             print(f"Cluster node {hub.node_id} (NATS subjects {hub.cluster.names.prefix}.*)", flush=True)
-        print(f"Service connection string: {await hub.service_connection_string()}", flush=True)
+        print(f"  sockets: up to {hub.slots.capacity} (file descriptor limit {limit}, "
+              f"{settings.limits.fd_reserve} reserved), {settings.limits.max_connections_per_peer} per peer",
+              flush=True)
+        print(f"{READY_LINE} (owner connection string: tether policy connection-string iothubowner)",
+              flush=True)
         if ready is not None:
             ready.set()
         await stop.wait()

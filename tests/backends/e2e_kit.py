@@ -175,8 +175,11 @@ class MqttDevice:
 
     `connect(port)` may be called again after a drop (another node): a fresh paho client each time."""
 
-    def __init__(self, device_id: str, key: str, *, method_answers: dict[str, Any] | None = None) -> None:
-        self.device_id, self.key = device_id, key
+    def __init__(self, device_id: str, key: str, *, method_answers: dict[str, Any] | None = None,
+                 module_id: str | None = None) -> None:
+        self.device_id, self.key, self.module_id = device_id, key, module_id
+        self.identity = device_id if module_id is None else f"{device_id}/{module_id}"
+        self.resource = f"devices/{device_id}" + ("" if module_id is None else f"/modules/{module_id}")
         self.method_answers = method_answers or {}
         self.client: mqtt.Client | None = None
         self.connack: int | None = None
@@ -200,10 +203,10 @@ class MqttDevice:
         self._in_flight.clear()
         self._early_acks.clear()
         self._untracked.clear()
-        client = mqtt.Client(client_id=self.device_id, clean_session=False, protocol=mqtt.MQTTv311,
+        client = mqtt.Client(client_id=self.identity, clean_session=False, protocol=mqtt.MQTTv311,
                              reconnect_on_failure=False)
-        client.username_pw_set(f"{HOSTNAME}/{self.device_id}/?{API}", build_token(
-            f"{HOSTNAME}/devices/{self.device_id}", self.key, int(time.time()) + 3600))
+        client.username_pw_set(f"{HOSTNAME}/{self.identity}/?{API}", build_token(
+            f"{HOSTNAME}/{self.resource}", self.key, int(time.time()) + 3600))
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
@@ -259,9 +262,10 @@ class MqttDevice:
             self._cond.notify_all()
 
     def subscribe_all(self, timeout: float = 10) -> None:
-        """C2D, desired patches, twin responses and methods; returns after the SUBACK."""
+        """C2D (devices only), desired patches, twin responses and methods; returns after the SUBACK."""
         assert self.client is not None
-        _, mid = self.client.subscribe([(f"devices/{self.device_id}/messages/devicebound/#", 1),
+        c2d = [] if self.module_id is not None else [(f"devices/{self.device_id}/messages/devicebound/#", 1)]
+        _, mid = self.client.subscribe([*c2d,
                                         ("$iothub/twin/PATCH/properties/desired/#", 0),
                                         ("$iothub/twin/res/#", 0),
                                         ("$iothub/methods/POST/#", 0)])
@@ -271,7 +275,7 @@ class MqttDevice:
     def publish(self, body: str) -> int:
         client = self.client
         assert client is not None
-        info = client.publish(f"devices/{self.device_id}/messages/events/", body, qos=1)
+        info = client.publish(f"{self.resource}/messages/events/", body, qos=1)
         with self._cond:
             if (client, info.mid) in self._early_acks:
                 self._early_acks.discard((client, info.mid))

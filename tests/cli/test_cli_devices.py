@@ -107,8 +107,11 @@ def test_device_connection_string(cli: Cli, owner_cs: str) -> None:
     assert out == f"HostName=localhost;DeviceId=c1;SharedAccessKey={KEY_A}"
     cs = DeviceConnectionString.parse(out)
     assert cs.shared_access_key == KEY_A
+    missing = cli("device", "connection-string", "c1", "--module", "m1", ok=False)
+    assert missing.exit_code == 1 and "module m1 of device c1 not found" in missing.stderr
+    cli("module", "create", "c1", "m1", "--primary-key", KEY_B, "--secondary-key", KEY_A)
     module = cli("device", "connection-string", "c1", "--module", "m1").stdout.strip()
-    assert DeviceConnectionString.parse(module).module_id == "m1"
+    assert module == f"HostName=localhost;DeviceId=c1;ModuleId=m1;SharedAccessKey={KEY_B}"  # its own key
     x509 = cli("device", "connection-string", "c1", "--x509").stdout.strip()
     assert x509 == "HostName=localhost;DeviceId=c1;x509=true"
 

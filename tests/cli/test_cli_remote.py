@@ -139,3 +139,32 @@ def test_monitor_explains_the_embedded_stream_is_busy(cli: Cli, remote: tuple[st
     result = cli("monitor", "--timeout", "1", ok=False)
     assert result.exit_code == 1
     assert "another process" in result.stderr and "stop the hub" in result.stderr
+
+
+def test_remote_cli_cannot_obtain_a_key_with_more_rights_than_its_own(cli: Cli,
+                                                                     remote: tuple[str, str]) -> None:
+    """Issue 14: the CLI goes through REST, so a non-owner connection string cannot print the owner's
+    connection string, mint an owner token, or export device keys it could not use anyway."""
+    url, cs = remote
+    owner = ("--hub-url", url, "--connection-string", cs)
+    cli(*owner, "policy", "create", "almostOwner", "--rights",
+        "RegistryRead,RegistryReadWrite,ServiceConnect")
+    almost_cs = cli(*owner, "policy", "connection-string", "almostOwner").stdout.strip()
+    reader_cs = cli(*owner, "policy", "connection-string", "registryRead").stdout.strip()
+    almost = ("--hub-url", url, "--connection-string", almost_cs)
+    owner_key = ServiceConnectionString.parse(cs).shared_access_key
+    for command in (("policy", "connection-string", "iothubowner"), ("token", "policy", "iothubowner"),
+                    ("policy", "list", "--show-keys")):
+        result = cli(*almost, *command, ok=False)
+        assert owner_key not in result.stdout + result.stderr, command
+        if command[1] != "list":
+            assert result.exit_code == 1 and "DeviceConnect" in result.stderr, (command, result.stderr)
+    created = json.loads(cli(*owner, "device", "create", "kdev", "--show-keys").stdout)
+    device_key = created["authentication"]["symmetricKey"]["primaryKey"]
+    reader = ("--hub-url", url, "--connection-string", reader_cs)
+    for command in (("export",), ("device", "connection-string", "kdev"), ("token", "device", "kdev"),
+                    ("device", "show", "kdev", "--show-keys")):
+        result = cli(*reader, *command, ok=False)
+        assert device_key not in result.stdout + result.stderr, command
+        if command[0] != "device" or command[1] != "show":
+            assert result.exit_code == 1, (command, result.stdout)

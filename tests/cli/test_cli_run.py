@@ -1,4 +1,4 @@
-"""`tether run` as a real process: it serves, prints its listeners and connection string, answers the
+"""`tether run` as a real process: it serves, prints its listeners (never a key), answers the
 CLI's remote mode over HTTPS (verified with the data dir's dev root CA) and stops on SIGINT."""
 
 from __future__ import annotations
@@ -39,14 +39,16 @@ def test_run_serves_until_sigint(cli: Cli, owner_cs: str) -> None:
     seen: list[str] = []
     try:
         deadline = time.monotonic() + 60
-        while not any(line.startswith("Service connection string:") for line in seen):
+        while not any(line.startswith("Tether hub ready") for line in seen):
             assert proc.poll() is None, "".join(seen)
             try:
                 seen.append(lines.get(timeout=max(0.1, deadline - time.monotonic())))
             except queue.Empty:
                 raise AssertionError("hub did not start:\n" + "".join(seen)) from None
         output = "".join(seen)
-        assert f"Service connection string: {owner_cs}" in output
+        owner_key = owner_cs.split("SharedAccessKey=", 1)[1]
+        assert owner_key not in output and "SharedAccessKey" not in output  # only init prints it
+        assert "tether policy connection-string iothubowner" in output
         match = re.search(r"https\s+listening on 127\.0\.0\.1:(\d+)", output)
         assert match, output
         url = f"https://localhost:{match.group(1)}"

@@ -51,7 +51,7 @@ class HubProcess:
         threading.Thread(target=_reader, args=(self.proc.stdout, self.lines), daemon=True).start()
         seen: list[str] = []
         deadline = time.monotonic() + 60
-        while not any(line.startswith("Service connection string:") for line in seen):
+        while not any(line.startswith("Tether hub ready") for line in seen):
             assert self.proc.poll() is None, "hub exited:\n" + "".join(seen)
             try:
                 seen.append(self.lines.get(timeout=max(0.1, deadline - time.monotonic())))

@@ -177,3 +177,40 @@ def test_a_write_on_one_node_reaches_the_other_nodes_caches_at_once(pair: Pair) 
     pair.rest_b._ok(pair.rest_b.client.post("/tether/policies/registryRead/regenerate-key?key=primary"))
     wait_for(lambda: pair.a.hub.cluster.stats["received"] > before, what="policy change announced to A")
     assert pair.a.hub.policies._cached is None  # next lookup reads the database
+
+
+def test_modules_across_nodes(pair: Pair) -> None:
+    """A module connected to A: its desired patches, methods and deletion go through B."""
+    device_id, device_key, module_key = "dev.mod", new_key(), new_key()
+    pair.rest_a.create_device(device_id, device_key)
+    auth = {"type": "sas", "symmetricKey": {"primaryKey": module_key}}
+    pair.rest_b._ok(pair.rest_b.client.put(f"/devices/{device_id}/modules/edge.1?api-version=2021-04-12",
+                                           json={"moduleId": "edge.1", "authentication": auth}))
+    module = MqttDevice(device_id, module_key, module_id="edge.1",
+                        method_answers={"ping": {"from": "module"}})
+    try:
+        assert module.connect(pair.a.ports["mqtt"]) == 0
+        module.subscribe_all()
+        assert pair.b.hub.cluster is not None
+        wait_for(lambda: pair.b.call(pair.b.hub.cluster.locate(device_id, "edge.1")) == "node-a",
+                 what="module presence on node-a")
+        assert located(pair.b, device_id) is None  # the device itself is not connected
+
+        r = pair.rest_b.client.patch(f"/twins/{device_id}/modules/edge.1?api-version=2021-04-12",
+                                     json={"properties": {"desired": {"mode": "eco"}}})
+        assert r.status_code == 200, r.text
+        _, payload = module.wait_message(lambda t, p: t.startswith("$iothub/twin/PATCH/"), timeout=5)
+        assert json.loads(payload) == {"mode": "eco", "$version": 2}
+
+        answer = pair.rest_b.client.post(f"/twins/{device_id}/modules/edge.1/methods?api-version=2021-04-12",
+                                         json={"methodName": "ping", "responseTimeoutInSeconds": 10})
+        assert answer.status_code == 200 and answer.json() == {"status": 200, "payload": {"from": "module"}}
+
+        began = time.monotonic()
+        r = pair.rest_b.client.delete(f"/devices/{device_id}/modules/edge.1?api-version=2021-04-12")
+        assert r.status_code == 204, r.text
+        assert module.disconnected.wait(5), "node A kept the deleted module's connection"
+        assert time.monotonic() - began < 3
+        assert module.connect(pair.a.ports["mqtt"]) == 4  # and A's cache no longer knows it
+    finally:
+        module.close()

@@ -63,7 +63,7 @@ def test_launcher_starts_and_stops_nodes(tmp_path: Path) -> None:
                 if not line:
                     break
                 seen.append(line)
-                if line.startswith("Service connection string:"):
+                if line.startswith("Service connection string:"):  # the launcher prints it, once
                     break
             text = "".join(seen)
             assert "2 Tether nodes running" in text, text

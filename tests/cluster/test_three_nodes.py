@@ -46,7 +46,9 @@ def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, NodeProcess], Path]]:
             nodes[name] = NodeProcess(spec)
         settings = load_settings(hub={"hostname": HOSTNAME, "data_dir": tmp_path / "node-a"},
                                  storage=backend.storage)
-        asyncio.run(prepare_storage(settings, create_database=False))  # migrations + policies, once
+        owner = asyncio.run(prepare_storage(settings, create_database=False))  # migrations + policies, once
+        for node in nodes.values():
+            node.connection_string = owner  # nodes never print it
         try:
             for node in nodes.values():
                 node.start()

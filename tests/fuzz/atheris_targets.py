@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from . import test_fuzz_amqp as amqp
+from . import test_fuzz_http as http
 from . import test_fuzz_mqtt as mqtt
 from . import test_fuzz_rest as rest
 from . import test_fuzz_security as security
@@ -79,6 +80,14 @@ def rest_bodies(data: bytes) -> None:
     rest.check_model(body)
 
 
+def http_headers(data: bytes) -> None:
+    """Request header lines as aiohttp hands them over (`surrogateescape`), through the device
+    telemetry and the C2D send paths: guard, header → property mapping, stored encodings."""
+    headers = http.headers_from_bytes(data)
+    http.check_device_headers(headers)
+    http.check_c2d_headers(headers)
+
+
 def _planted_crash(data: bytes) -> None:
     """For the rig's own test: proves a failing check stops the run and saves the input."""
     if data.startswith(b"\x00crash"):
@@ -97,5 +106,6 @@ TARGETS = {
         Target("connstr.parse", "connstr", connection_string),
         Target("query.parse", "query", query),
         Target("rest.bodies", "device_json", rest_bodies),
+        Target("http.headers", "http_headers", http_headers),
     )
 }

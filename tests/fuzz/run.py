@@ -22,7 +22,7 @@ from .harness import Harness
 
 HARNESS_MODULES: list[str] = [
     "test_fuzz_mqtt", "test_fuzz_amqp",
-    "test_fuzz_security", "test_fuzz_rest",
+    "test_fuzz_security", "test_fuzz_rest", "test_fuzz_http",
 ]
 
 

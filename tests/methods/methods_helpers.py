@@ -61,10 +61,11 @@ def build_rest_app(hub: Hub) -> web.Application:
 
 class HubHarness:
     """A started hub with MQTT (plain TCP or TLS on `ip:mqtt_port`) and REST (plain HTTP on
-    127.0.0.1, or HTTPS on `ip` with `rest_tls`), both on ephemeral ports unless told otherwise."""
+    127.0.0.1, or HTTPS on `ip:rest_port` with `rest_tls`, also serving MQTT over WebSockets), both on
+    ephemeral ports unless told otherwise."""
 
     def __init__(self, data_dir: Path, *, ip: str = "127.0.0.1", mqtt_port: int = 0, tls: bool = False,
-                 hostname: str = HOST, rest_tls: bool = False) -> None:
+                 hostname: str = HOST, rest_tls: bool = False, rest_port: int = 0) -> None:
         self.ip, self.tls, self.hostname = ip, tls, hostname
         tls_section: dict[str, Any] = {}
         self.ca_file: Path | None = None
@@ -72,7 +73,7 @@ class HubHarness:
             self.ca_file, cert_file, key_file = make_certs(data_dir / "pki", ip)
             tls_section = {"cert_file": cert_file, "key_file": key_file}
         self.settings = load_settings(hub={"hostname": hostname, "data_dir": data_dir}, tls=tls_section)
-        self._mqtt_port, self._rest_tls = mqtt_port, rest_tls
+        self._mqtt_port, self._rest_tls, self._rest_port = mqtt_port, rest_tls, rest_port
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="hub-loop", daemon=True)
         self._thread.start()
@@ -100,7 +101,7 @@ class HubHarness:
 
                 s = self.settings
                 hub.tls = TlsContextFactory(s.tls, s.cert_file, s.key_file, s.tls.chain_file)
-            self._rest: Any = await start_tls_server(self._runner.server, self.ip, 0, hub.tls)
+            self._rest: Any = await start_tls_server(self._runner.server, self.ip, self._rest_port, hub.tls)
             port = self._rest.sockets[0].getsockname()[1]
             self.rest_url = f"https://{self.ip}:{port}"
         else:

@@ -73,6 +73,10 @@ def test_offline_device_is_404_device_not_online(harness: HubHarness, rest: http
     r = invoke(rest, "m-no-such-device")
     assert r.status_code == 404 and r.json()["errorCode"] == "DeviceNotFound"
     r = rest.post(f"/twins/m-offline/modules/mod1/methods{API}", json={"methodName": "x"})
+    assert r.status_code == 404 and r.json()["errorCode"] == "ModuleNotFound"
+    r = rest.put(f"/devices/m-offline/modules/mod1{API}", json={"moduleId": "mod1"})
+    assert r.status_code == 200, r.text
+    r = rest.post(f"/twins/m-offline/modules/mod1/methods{API}", json={"methodName": "x"})
     assert r.status_code == 404 and r.json()["errorCode"] == "DeviceNotOnline"
 
 

@@ -64,7 +64,7 @@ async def test_bad_rest_token_is_counted_with_surface_and_reason(hub: Hub,
     assert (await client.get(f"/devices{API}", headers={"Authorization": good})).status_code == 200
 
     text, after = await scrape(client)
-    labels = {"surface": "rest", "reason": "bad-signature"}
+    labels = {"surface": "rest", "reason": "invalid-credential"}  # a bad signature, publicly
     delta = value(after, "tether_auth_failures_total", **labels) - value(before, "tether_auth_failures_total",
                                                                           **labels)
     assert delta == 1
@@ -73,7 +73,7 @@ async def test_bad_rest_token_is_counted_with_surface_and_reason(hub: Hub,
             - value(before, "tether_auth_failures_total", **missing)) == 1
     # the exposition line itself, as Prometheus reads it
     expected = value(after, "tether_auth_failures_total", **labels)
-    assert f'tether_auth_failures_total{{reason="bad-signature",surface="rest"}} {expected}' in text
+    assert f'tether_auth_failures_total{{reason="invalid-credential",surface="rest"}} {expected}' in text
     # the accepted request counted nowhere
     total = sum(v for (name, _), v in after.items() if name == "tether_auth_failures_total")
     total_before = sum(v for (name, _), v in before.items() if name == "tether_auth_failures_total")
@@ -90,11 +90,50 @@ async def test_device_https_refusal_is_counted_on_the_https_surface(hub: Hub,
                           headers={"Authorization": forged})
     assert r.status_code == 401
     _, after = await scrape(client)
-    labels = {"surface": "https", "reason": "bad-signature"}
+    labels = {"surface": "https", "reason": "invalid-credential"}
     assert value(after, "tether_auth_failures_total", **labels) - value(
         before, "tether_auth_failures_total", **labels) == 1
-    assert value(after, "tether_auth_failures_total", surface="rest", reason="bad-signature") == value(
-        before, "tether_auth_failures_total", surface="rest", reason="bad-signature")
+    assert value(after, "tether_auth_failures_total", surface="rest", reason="invalid-credential") == value(
+        before, "tether_auth_failures_total", surface="rest", reason="invalid-credential")
+
+
+IDENTITY_REVEALING = ("unknown-device", "unknown-policy", "unknown-module", "bad-signature",
+                      "device-disabled", "wrong-auth-type", "thumbprint-mismatch")
+
+
+async def test_metrics_cannot_tell_an_unknown_identity_from_a_bad_signature(hub: Hub,
+                                                                          client: httpx.AsyncClient) -> None:
+    """The responses to an unknown device / policy and to a bad signature are identical; the public
+    `/metrics` must not tell them apart either (issue 14): both count as `invalid-credential`."""
+    await hub.registry.create("meter", {"authentication": {"type": "sas", "symmetricKey": {
+        "primaryKey": new_key(), "secondaryKey": new_key()}}}, actor="test")
+    later = int(time.time()) + 3600
+    probes = {
+        "rest": [build_token(HOST, new_key(), later, "registryRead"),  # exists, bad signature
+                 build_token(HOST, new_key(), later, "noSuchPolicy")],  # does not exist
+        "https": [build_token(f"{HOST}/devices/meter", new_key(), later),
+                  build_token(f"{HOST}/devices/ghost", new_key(), later)],
+    }
+    for surface, (existing, unknown) in probes.items():
+        counts = []
+        for token in (existing, unknown):
+            _, before = await scrape(client)
+            if surface == "rest":
+                r = await client.get(f"/devices{API}", headers={"Authorization": token})
+            else:
+                device = "meter" if token is existing else "ghost"
+                r = await client.post(f"/devices/{device}/messages/events{API}", content=b"x",
+                                      headers={"Authorization": token})
+            assert r.status_code == 401
+            _, after = await scrape(client)
+            counts.append({dict(labels)["reason"]: v - before.get((name, labels), 0.0)
+                           for (name, labels), v in after.items()
+                           if name == "tether_auth_failures_total" and dict(labels)["surface"] == surface
+                           and v != before.get((name, labels), 0.0)})
+        assert counts[0] == counts[1] == {"invalid-credential": 1.0}, counts
+    _, samples = await scrape(client)
+    public = {dict(labels)["reason"] for name, labels in samples if name == "tether_auth_failures_total"}
+    assert not public & set(IDENTITY_REVEALING), public
 
 
 async def test_device_https_telemetry_counts_messages_and_bytes(hub: Hub,

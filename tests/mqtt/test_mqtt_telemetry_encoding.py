@@ -56,7 +56,8 @@ def test_identity_cache_keeps_identities_apart(monkeypatch: pytest.MonkeyPatch) 
                     _, system = build_properties(who(f"d{n}", module, credential), {}, {}, now=0)
                     assert system["iothub-connection-device-id"] == f"d{n}"
                     assert system.get("iothub-connection-module-id") == module
-                    assert system["iothub-connection-auth-method"] == telemetry.auth_method(credential)
+                    assert system["iothub-connection-auth-method"] == telemetry.auth_method(
+                        credential, module=module is not None)
                     assert system.encoded == LOG_JSON.encode(dict(system)).encode()
 
 

@@ -47,6 +47,9 @@ def test_auth_method_per_credential() -> None:
     assert json.loads(auth_method(CredentialKind.policy_device_token))["scope"] == "hub"
     assert json.loads(auth_method(CredentialKind.x509_self_signed))["type"] == "x509Certificate"
     assert json.loads(auth_method(CredentialKind.x509_ca))["type"] == "x509CA"
+    assert json.loads(auth_method(CredentialKind.device_key, module=True)) == {
+        "scope": "module", "type": "sas", "issuer": "iothub"}  # a module's own key, as Azure says
+    assert json.loads(auth_method(CredentialKind.policy_device_token, module=True))["scope"] == "hub"
     assert enqueued_time(0) == "1970-01-01T00:00:00.000Z"
 
 

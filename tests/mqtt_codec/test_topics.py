@@ -203,6 +203,9 @@ def test_device_ids_with_special_characters_are_matched_literally() -> None:
         ("$iothub/methods/POST/#", None, "methods"),
         ("$iothub/methods/POST/#", "m1", "methods"),
         ("devices/dev1/modules/m1/inputs/#", "m1", "inputs"),
+        ("devices/dev1/modules/m1/#", "m1", "inputs"),  # the C SDK's module filter
+        ("devices/dev1/modules/m2/#", "m1", None),
+        ("devices/dev1/modules/m1/#", None, None),
         ("devices/dev2/messages/devicebound/#", None, None),
         ("devices/dev1/messages/events/#", None, None),
         ("devices/dev1/messages/devicebound/#", "m1", None),

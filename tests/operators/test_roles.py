@@ -153,3 +153,43 @@ def test_unclassified_routes_need_an_owner() -> None:
 
     op = classify(Fake())  # type: ignore[arg-type]
     assert (op.area, op.access) == (Area.admin, Access.write)
+
+
+async def test_module_routes_follow_the_device_rules(env: OperatorEnv) -> None:
+    """Module identities are registry (keys hidden as for devices), module twins are twins, and a
+    scoped role reaches only the modules of its devices."""
+    await seed(env)
+    for device_id in ("dev-a", "dev-b"):
+        await env.hub.modules.create(device_id, "edge", {}, actor="test")
+    async with await signed_in(env, "reader", ("DataReader", None)) as c:
+        module = (await c.get(f"/devices/dev-a/modules/edge{API}")).json()
+        assert module["moduleId"] == "edge" and module["authentication"]["symmetricKey"]["primaryKey"] is None
+        listed = (await c.get(f"/devices/dev-a/modules{API}")).json()
+        assert [m["authentication"]["symmetricKey"]["primaryKey"] for m in listed] == [None]
+        assert (await c.get(f"/twins/dev-a/modules/edge{API}")).status_code == 200
+        for request in (c.put(f"/devices/dev-a/modules/new{API}", json={}),
+                        c.delete(f"/devices/dev-a/modules/edge{API}"),
+                        c.patch(f"/twins/dev-a/modules/edge{API}", json={"tags": {"x": 1}}),
+                        c.post(f"/tether/devices/dev-a/modules/edge/regenerate-key{API}"),
+                        c.post(f"/twins/dev-a/modules/edge/methods{API}", json={"methodName": "m"})):
+            r = await request
+            assert r.status_code == 403, (r.request.method, r.request.url, r.text)
+    async with await signed_in(env, "twins", ("TwinContributor", ID)) as c:
+        r = await c.patch(f"/twins/dev-a/modules/edge{API}", json={"tags": {"floor": 1}})
+        assert r.status_code == 200, r.text
+        r = await c.patch(f"/twins/dev-b/modules/edge{API}", json={"tags": {"floor": 1}})
+        assert r.status_code == 403
+        assert (await env.last_refusal()).reason == "out-of-scope"
+        assert (await c.put(f"/devices/dev-a/modules/new{API}", json={})).status_code == 403
+    async with await signed_in(env, "registrar", ("RegistryContributor", None)) as c:
+        r = await c.put(f"/devices/dev-b/modules/new{API}", json={})
+        assert r.status_code == 200 and r.json()["authentication"]["symmetricKey"]["primaryKey"]
+    # A module twin tagged like another site does not widen a scope: the module's device decides.
+    await env.hub.twins.patch("dev-b", {"tags": {"site": "a"}}, module_id="edge", if_match=None, actor="test")
+    async with await signed_in(env, "site-a", ("DataReader", ID)) as c:
+        query = {"query": "SELECT * FROM devices.modules"}
+        twins = (await c.post(f"/devices/query{API}", json=query)).json()
+        seen = [(t["deviceId"], t["moduleId"]) for t in twins]
+        assert seen == [("dev-a", "edge")]
+        count = {"query": "SELECT COUNT() AS n FROM devices.modules WHERE tags.site = 'a'"}
+        assert (await c.post(f"/devices/query{API}", json=count)).json() == [{"n": 0}]

@@ -28,7 +28,14 @@ from cryptography.x509.oid import NameOID
 from tether.observability.metrics import REGISTRY
 from tether.registry.models import Device
 from tether.security.authenticator import Authenticator
-from tether.security.principal import AuthRefused, CredentialKind, Permission, Principal, PrincipalKind
+from tether.security.principal import (
+    AuthRefused,
+    CredentialKind,
+    Permission,
+    Principal,
+    PrincipalKind,
+    public_reason,
+)
 from tether.security.sas import build_token, generate_key, parse_token
 from tether.storage.base import PolicyRecord
 
@@ -132,8 +139,10 @@ def _device(device_id: str, *, status: str = "enabled", auth: dict[str, Any] | N
 
 
 def failures(surface: str, reason: str) -> float:
-    """Current `tether_auth_failures_total` sample (the registry is process-wide: compare deltas)."""
-    value = REGISTRY.get_sample_value("tether_auth_failures_total", {"surface": surface, "reason": reason})
+    """Current `tether_auth_failures_total` sample (the registry is process-wide: compare deltas), under
+    the public label of `reason` (reasons revealing whether an identity exists share one)."""
+    labels = {"surface": surface, "reason": public_reason(reason)}
+    value = REGISTRY.get_sample_value("tether_auth_failures_total", labels)
     return value or 0.0
 
 
@@ -166,6 +175,7 @@ class Hub:
         )
         self.audit = FakeAudit()
         module = _device("dev1", auth={"type": "sas", "symmetricKey": {"primaryKey": K3}})
+        sibling = _device("dev1", auth={"type": "sas", "symmetricKey": {"primaryKey": K2}})
         self.auth = Authenticator(
             hostname=HOST,
             devices=self.devices,
@@ -173,7 +183,7 @@ class Hub:
             audit=self.audit,
             now=now,
             cert_verifier=ThumbprintVerifier(),
-            modules=FakeModules({("dev1", "m1"): module}) if with_modules else None,
+            modules=FakeModules({("dev1", "m1"): module, ("dev1", "m2"): sibling}) if with_modules else None,
         )
 
     def one_record(self, outcome: str) -> dict[str, Any]:
@@ -260,7 +270,16 @@ DEVICE_REFUSALS: dict[str, tuple[str, str, str | None, str, bool]] = {
     "invalid device id": (tok(), "dev/1", None, "unknown-device", False),
     "x509 device with sas": (tok(f"{HOST}/devices/cam1"), "cam1", None, "wrong-auth-type", False),
     "device key for module": (tok(f"{HOST}/devices/dev1/modules/m1"), "dev1", "m1", "bad-signature", False),
-    "unknown module": (tok(f"{HOST}/devices/dev1/modules/m2", K3), "dev1", "m2", "unknown-module", False),
+    "unknown module": (tok(f"{HOST}/devices/dev1/modules/m9", K3), "dev1", "m9", "unknown-module", False),
+    "device token for module": (tok(f"{HOST}/devices/dev1"), "dev1", "m1", "wrong-scope", False),
+    "device-scoped token with the module key": (tok(f"{HOST}/devices/dev1", K3), "dev1", "m1", "wrong-scope",
+                                                False),
+    "another module's token": (tok(f"{HOST}/devices/dev1/modules/m2", K2), "dev1", "m1", "wrong-scope",
+                               False),
+    "module token of another device": (tok(f"{HOST}/devices/dev2/modules/m1", K3), "dev1", "m1",
+                                       "wrong-scope", False),
+    "module id prefix m1 vs m10": (tok(f"{HOST}/devices/dev1/modules/m1", K3), "dev1", "m10", "wrong-scope",
+                                   False),
     "module token for device": (
         tok(f"{HOST}/devices/dev1/modules/m1", K3),
         "dev1",
@@ -419,6 +438,26 @@ async def test_device_wide_policy_token_covers_a_module(hub: Hub) -> None:
     assert p.kind is PrincipalKind.module
 
 
+@pytest.mark.parametrize(("resource", "key", "module_id", "scope"), [
+    (f"{HOST}/devices/dev1", K1, "m1", "device"),
+    (f"{HOST}/devices/dev1/modules/m2", K2, "m1", "module"),
+    (f"{HOST}/devices/dev1/modules/m1", K3, None, "module"),
+])
+async def test_scope_refusals_record_what_the_token_was_for(hub: Hub, resource: str, key: str,
+                                                           module_id: str | None, scope: str) -> None:
+    with pytest.raises(AuthRefused, match="wrong-scope"):
+        await hub.auth.device_sas(tok(resource, key), "dev1", module_id, surface="mqtt", peer="p")
+    record = hub.one_record("refused")
+    assert record["details"] == {"tokenScope": scope}  # the kind of scope, never the ids in it
+    assert record["principal"] == ("device:dev1/m1" if module_id else "device:dev1")
+
+
+async def test_a_module_of_a_disabled_device_is_refused(hub: Hub) -> None:
+    hub.devices.items["dev1"] = _device("dev1", status="disabled")
+    with pytest.raises(AuthRefused, match="device-disabled"):
+        await hub.auth.device_sas(tok(f"{HOST}/devices/dev1/modules/m1", K3), "dev1", "m1", surface="mqtt")
+
+
 async def test_modules_are_refused_without_a_module_lookup() -> None:
     hub = Hub(with_modules=False)
     with pytest.raises(AuthRefused, match="unknown-module"):
@@ -553,14 +592,14 @@ async def test_throttled_refusals_are_all_counted_though_audited_in_aggregate() 
     base = Hub()
     auth = Authenticator(hostname=HOST, devices=base.devices, policies=base.policies, audit=base.audit,
                          now=lambda: float(NOW), failure_rate=1.0, throttle_clock=lambda: 100.0)
-    bad, throttled = failures("https", "bad-signature"), failures("https", "auth-rate-limited")
+    bad, throttled = failures("https", "invalid-credential"), failures("https", "auth-rate-limited")
     outcomes = []
     for _ in range(10):  # burst 2 (2 x rate), the clock stands still: 2 bad signatures, 8 throttled
         with pytest.raises(AuthRefused) as info:
             await auth.device_sas(tok(key=K3), "dev1", surface="https", peer="192.0.2.7:1")
         outcomes.append(info.value.reason)
     assert outcomes == ["bad-signature"] * 2 + ["auth-rate-limited"] * 8
-    assert failures("https", "bad-signature") == bad + 2
+    assert failures("https", "invalid-credential") == bad + 2
     assert failures("https", "auth-rate-limited") == throttled + 8
     assert len([r for r in base.audit.records if r["reason"] == "auth-rate-limited"]) < 8
 

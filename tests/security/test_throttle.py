@@ -157,6 +157,7 @@ def test_throttled_refusals_are_recorded_once_per_second_with_the_suppressed_cou
     assert throttle.admit("10.0.0.1:1", "auth.mqtt").allowed
     first = throttle.admit("10.0.0.1:2", "auth.mqtt")
     assert (first.allowed, first.record, first.suppressed) == (False, True, 0)
+    assert first.verdict.details() == {"suppressed": 0}
     quiet = [throttle.admit("10.0.0.1:3", "auth.https") for _ in range(50)]
     assert not any(a.record or a.allowed for a in quiet)
     clock.advance(0.5)
@@ -164,16 +165,60 @@ def test_throttled_refusals_are_recorded_once_per_second_with_the_suppressed_cou
     clock.advance(0.5)  # a second after the first record; the bucket is not yet at one token
     due = throttle.admit("10.0.0.1:4", "auth.mqtt")
     assert (due.allowed, due.record, due.suppressed) == (False, True, 51)
+    assert due.verdict.details() == {"suppressed": 51, "reasons": {RATE_LIMITED: 51}}
     throttle.admit("10.0.0.1:5", "auth.rest")
     throttle.admit("10.0.0.1:6", "auth.rest")
-    assert throttle.take_summaries() == []
-    clock.advance(1.0)  # one token at last
-    assert throttle.admit("10.0.0.1:7", "auth.mqtt").allowed  # the episode is over
-    summaries = throttle.take_summaries()
-    assert [(s.peer, s.action, s.suppressed) for s in summaries] == [("10.0.0.1:6", "auth.rest", 2)]
+    clock.advance(1.0)  # one token at last: the attempt is verified, but the episode goes on
+    admitted = throttle.admit("10.0.0.1:7", "auth.mqtt")
+    assert admitted.allowed
+    verdict = throttle.refused(admitted.key, "10.0.0.1:7", "auth.mqtt", "bad-signature")
+    assert verdict.record and verdict.details() == {"suppressed": 2, "reasons": {RATE_LIMITED: 2}}
     again = throttle.admit("10.0.0.1:8", "auth.mqtt")
-    assert (again.allowed, again.record, again.suppressed) == (False, True, 0)  # a new episode
-    assert not throttle.admit("10.0.0.1:9", "auth.mqtt").record
+    assert (again.allowed, again.record) == (False, False)  # still one record per second at most
+    assert throttle.take_summaries() == []
+
+
+def test_throttled_bad_signature_retries_cost_about_one_record_per_second() -> None:
+    """A client retrying a bad signature as fast as it can: the tokens that trickle back admit a
+    verified attempt each, and those refusals are aggregated with the throttled ones (not an episode
+    closed and reopened, ~3 records, per retry)."""
+    clock = Clock()
+    throttle = AuthThrottle(50, clock=clock)  # burst 100
+    records = verified = 0
+    for _ in range(10_000):  # 1,000 attempts per second for 10 s
+        clock.advance(0.001)
+        admission = throttle.admit("10.0.0.1:1", "auth.mqtt")
+        if admission.allowed:
+            verified += 1
+            records += throttle.refused(admission.key, "10.0.0.1:1", "auth.mqtt", "bad-signature").record
+        else:
+            records += admission.record
+    clock.advance(1.0)
+    throttle.sweep()
+    records += len(throttle.take_summaries())
+    assert 100 + 400 <= verified <= 100 + 50 * 10 + 1  # the burst, then the rate
+    # the burst's own records (plus the ~5 tokens refilled while it drains), then ~one per second
+    assert records <= 100 + 5 + 10 + 3, records
+
+
+def test_pre_authentication_refusals_are_charged_and_aggregated() -> None:
+    clock = Clock()
+    throttle = AuthThrottle(5, clock=clock)  # burst 10
+    verdicts = [throttle.charge("10.0.0.2:1", "mqtt.connect", "client-id-mismatch") for _ in range(1000)]
+    assert [v.record for v in verdicts[:11]] == [True] * 11  # the burst, then the episode's first
+    assert verdicts[10].details() == {"suppressed": 0}
+    assert not any(v.record for v in verdicts[11:])
+    assert not throttle.admit("10.0.0.2:2", "auth.mqtt").allowed  # the peer is throttled now
+    clock.advance(1.0)
+    throttle.sweep()
+    [summary] = throttle.take_summaries()
+    assert summary.suppressed == 990 and summary.details()["reasons"] == {"client-id-mismatch": 989,
+                                                                           RATE_LIMITED: 1}
+    assert summary.reason == "client-id-mismatch"
+    clock.advance(2.0)  # refilled: the episode is over and the peer forgotten
+    throttle.sweep()
+    assert len(throttle) == 0 and throttle.take_summaries() == []
+    assert throttle.charge("10.0.0.2:3", "mqtt.connect", "bad-username").details() == {}
 
 
 def test_a_flood_that_stops_is_summarised_by_the_sweep_without_another_attempt() -> None:
@@ -295,10 +340,12 @@ async def test_a_throttled_peer_is_refused_before_any_lookup_even_with_good_cred
         (f"{ATTACKER}:9", RATE_LIMITED, {"suppressed": 0}),
         (f"{BYSTANDER}:1", None, None),
         (None, None, None),
-        (f"{ATTACKER}:10", RATE_LIMITED, {"suppressed": 1, "summary": True}),
         (f"{ATTACKER}:11", None, None),
     ]
-    assert audit.records[2]["principal"] == "device:dev1" and audit.records[5].get("principal") is None
+    await auth.audit_throttled()  # the peer is quiet: the throttled refusal not written is summarised
+    assert (audit.records[-1]["peer"], audit.records[-1]["reason"], audit.records[-1]["details"]) == (
+        f"{ATTACKER}:10", RATE_LIMITED, {"suppressed": 1, "reasons": {RATE_LIMITED: 1}, "summary": True})
+    assert audit.records[2]["principal"] == "device:dev1" and audit.records[-1].get("principal") is None
 
 
 async def test_audit_throttled_writes_the_quiet_episodes() -> None:
@@ -310,7 +357,7 @@ async def test_audit_throttled_writes_the_quiet_episodes() -> None:
     assert len(audit.records) == 3
     clock.advance(1.0)
     await auth.audit_throttled()
-    assert audit.records[-1]["details"] == {"suppressed": 3, "summary": True}
+    assert audit.records[-1]["details"] == {"suppressed": 3, "reasons": {RATE_LIMITED: 3}, "summary": True}
     accounted = sum(1 for r in audit.records if not (r.get("details") or {}).get("summary"))
     assert accounted + audit.records[-1]["details"]["suppressed"] == 6
 
@@ -399,12 +446,17 @@ async def test_credential_stuffing_flood_through_the_real_audit_log(hub: Hub) ->
     assert await outcome_of(auth, wrong, "victim", f"{ATTACKER}:2") == "bad-signature"
     clock.advance(1.5)  # ...and the real device behind that address gets in
     assert await outcome_of(auth, victim_token, "victim", f"{ATTACKER}:3") == "allowed"
+    await auth.audit_throttled()  # the hub's sweep: the quiet episode's counts in one record
 
     rows = await auth_records(hub, ATTACKER)
-    limited = [r for r in rows if r.reason == RATE_LIMITED]
-    individually = [r for r in limited if not r.details.get("summary")]
-    refused = len(individually) + sum(int(r.details["suppressed"]) for r in limited)
+    individually = [r for r in rows if not r.details.get("summary")]
+    suppressed: dict[str, int] = {}
+    for r in rows:
+        for reason, count in r.details.get("reasons", {}).items():
+            suppressed[reason] = suppressed.get(reason, 0) + count
+    refused = sum(r.reason == RATE_LIMITED for r in individually) + suppressed.get(RATE_LIMITED, 0)
     assert refused == 401  # every rate-limited refusal is accounted for
+    assert suppressed.get("bad-signature") == 1  # the guess verified during the episode, aggregated
     assert [r.outcome for r in rows if r.reason is None] == ["allowed"]
     assert len(rows) < 110
 

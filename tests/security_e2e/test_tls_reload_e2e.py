@@ -156,7 +156,7 @@ async def tether_process(
             assert line, f"tether run exited: {log.read_text()}"
             if match := re.search(r"(\w+)\s+listening on [\d.]+:(\d+)", line):
                 ports[match[1]] = int(match[2])
-            if line.startswith("Service connection string"):
+            if line.startswith("Tether hub ready"):
                 break
         yield proc, ports, owner_key
     finally:

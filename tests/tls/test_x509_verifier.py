@@ -198,6 +198,26 @@ async def test_ca_signed_device_via_intermediate_is_accepted(
     assert await refused(X509Verifier(service), ca_device("dev-ca"), chain[:1]) == "untrusted-ca"
 
 
+async def test_ca_signed_module_needs_its_own_certificate(
+    server: EchoServer, dev_pki: DevPki, cas: tuple[CaService, RecordingAudit]
+) -> None:
+    """A CA-signed module's certificate names the module (CN `{device}/{module}`): the device's own
+    certificate, valid for the device, is not the module's."""
+    service, _ = cas
+    root, root_key = pki.issue_root_ca("Fleet Root")
+    await service.add("fleet", pem(root), verified=True)
+    verifier = X509Verifier(service)
+    module = ca_device("dev-ca").model_copy(update={"module_id": "edge"})
+    cert, key = pki.issue_device_cert("dev-ca/edge", ca_cert=root, ca_key=root_key)
+    chain = await presented_chain(server, dev_pki, cert, key)
+    assert await verifier.verify(module, chain) is CredentialKind.x509_ca
+    assert await refused(verifier, ca_device("dev-ca"), chain) == "cn-mismatch"  # nor the device's
+    cert, key = pki.issue_device_cert("dev-ca", ca_cert=root, ca_key=root_key)
+    device_chain = await presented_chain(server, dev_pki, cert, key)
+    assert await verifier.verify(ca_device("dev-ca"), device_chain) is CredentialKind.x509_ca
+    assert await refused(verifier, module, device_chain) == "cn-mismatch"
+
+
 async def test_ca_signed_device_refusals(
     server: EchoServer, dev_pki: DevPki, cas: tuple[CaService, RecordingAudit]
 ) -> None:

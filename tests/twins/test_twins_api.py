@@ -46,7 +46,7 @@ async def test_patch_then_replace_with_if_match(client: httpx.AsyncClient, hub_t
     await create_device(client, "dev1")
     notices: list[dict[str, Any]] = []
 
-    async def listener(device_id: str, patch: dict[str, Any]) -> None:
+    async def listener(device_id: str, module_id: str | None, patch: dict[str, Any]) -> None:
         notices.append(patch)
 
     hub_twins.add_desired_listener(listener)

@@ -168,7 +168,7 @@ async def test_replace_sets_tags_and_desired_and_keeps_reported(
     await make_device(registry)
     notices: list[tuple[str, dict[str, Any]]] = []
 
-    async def listener(device_id: str, patch: dict[str, Any]) -> None:
+    async def listener(device_id: str, module_id: str | None, patch: dict[str, Any]) -> None:
         notices.append((device_id, patch))
 
     twins.add_desired_listener(listener)
@@ -210,11 +210,11 @@ async def test_desired_listener_gets_patch_with_version(
     await make_device(registry)
     seen: list[tuple[str, dict[str, Any]]] = []
 
-    async def listener(device_id: str, patch: dict[str, Any]) -> None:
+    async def listener(device_id: str, module_id: str | None, patch: dict[str, Any]) -> None:
         seen.append((device_id, patch))
         patch["mutated"] = True  # each listener gets its own copy
 
-    async def broken(device_id: str, patch: dict[str, Any]) -> None:
+    async def broken(device_id: str, module_id: str | None, patch: dict[str, Any]) -> None:
         raise RuntimeError("listener bug")
 
     twins.add_desired_listener(broken)
@@ -239,7 +239,7 @@ async def test_listener_order_follows_version_under_concurrency(
     await make_device(registry)
     versions: list[int] = []
 
-    async def listener(device_id: str, patch: dict[str, Any]) -> None:
+    async def listener(device_id: str, module_id: str | None, patch: dict[str, Any]) -> None:
         versions.append(patch["$version"])
 
     twins.add_desired_listener(listener)

@@ -2,7 +2,9 @@
 
 Policy management (create, delete, regenerate keys) needs a policy holding all four rights — an
 owner such as `iothubowner` — because a policy key is a credential to the whole hub. Listing shows
-names and rights; keys only with `?keys=true` and RegistryReadWrite + ServiceConnect.
+names and rights; keys only with `?keys=true`, to a caller with RegistryReadWrite + ServiceConnect and
+every right of the policy (`tether.security.disclosure`): no caller is shown a key that grants more than
+it holds. Each key read is audited as `policy.keys.read` (allowed or refused, naming the policies).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from tether.api.auth import OWNER_RIGHTS, require_all
 from tether.api.bodies import query_bool, query_choice, query_datetime, query_int, read_json_object
-from tether.api.context import hub_of, principal_of
+from tether.api.context import hub_of, peer_of, principal_of
 from tether.api.devices import KEY_CHOICES, validation_error
+from tether.errors import Forbidden
 from tether.registry.models import validate_key
+from tether.security.disclosure import KEY_MANAGEMENT_RIGHTS, may_read_policy_keys, rights_of
 from tether.security.principal import Permission
 from tether.storage.base import AuditRecord, PolicyRecord
 
-KEY_READ_RIGHTS = frozenset({Permission.registry_write, Permission.service_connect})
+KEY_READ_RIGHTS = KEY_MANAGEMENT_RIGHTS
+KEYS_READ = "policy.keys.read"
 MAX_AUDIT = 1000
 
 
@@ -93,16 +98,45 @@ async def _wants_keys(request: web.Request) -> bool:
     return keys
 
 
+async def _audit_key_read(request: web.Request, outcome: str, shown: list[str], withheld: list[str]) -> None:
+    principal = principal_of(request)
+    details: dict[str, Any] = {"policies": shown}
+    if withheld:
+        details["withheld"] = withheld
+    await hub_of(request).audit.record(
+        KEYS_READ, outcome, principal=principal.name, credential=str(principal.credential),
+        reason="more-rights" if outcome == "refused" else None, peer=peer_of(request),
+        target=shown[0] if len(shown) == 1 else None, details=details)
+
+
 async def list_policies(request: web.Request) -> web.Response:
+    """With `?keys=true`: the keys of the policies whose rights the caller holds; the others are
+    listed without keys (and named under `withheld` in the audit record)."""
     keys = await _wants_keys(request)
     records = await hub_of(request).policies.list()
     records.sort(key=lambda r: r.name)
-    return web.json_response([Policy.of(r, keys=keys).to_wire() for r in records])
+    if not keys:
+        return web.json_response([Policy.of(r, keys=False).to_wire() for r in records])
+    principal = principal_of(request)
+    readable = {r.name for r in records if may_read_policy_keys(principal, r)}
+    await _audit_key_read(request, "allowed", sorted(readable),
+                          sorted(r.name for r in records if r.name not in readable))
+    return web.json_response([Policy.of(r, keys=r.name in readable).to_wire() for r in records])
 
 
 async def get_policy(request: web.Request) -> web.Response:
+    """With `?keys=true`: 403 (audited) when the policy has a right the caller lacks."""
     keys = await _wants_keys(request)
-    return _policy_response(await hub_of(request).policies.get(request.match_info["name"]), keys=keys)
+    record = await hub_of(request).policies.get(request.match_info["name"])
+    if keys:
+        principal = principal_of(request)
+        if not may_read_policy_keys(principal, record):
+            await _audit_key_read(request, "refused", [record.name], [])
+            missing = sorted(str(p) for p in rights_of(record.permissions) - principal.permissions)
+            raise Forbidden(f"the keys of policy {record.name!r} grant rights this caller does not hold: "
+                            f"{', '.join(missing)}", code="IotHubUnauthorizedAccess")
+        await _audit_key_read(request, "allowed", [record.name], [])
+    return _policy_response(record, keys=keys)
 
 
 async def _require_owner(request: web.Request, what: str) -> str:

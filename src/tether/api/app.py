@@ -2,8 +2,8 @@
 
 aiohttp rather than an ASGI server because the device HTTPS surface needs the TLS peer
 certificate (see docs/decisions/0001-http-stack-aiohttp.md). Serve it with
-`web.AppRunner(build_app(hub))` on a `TCPSite` (plain, tests) or through
-`tether.security.tls.start_tls_server(runner.server, …)`.
+`web.AppRunner(build_app(hub))` on a `TCPSite` (plain, tests) or, as `tether run` does, through
+`tether.api.server.start_https(hub, runner, …)` (deadlines, admission, total parsing).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from tether.api.errors import error_middleware
 from tether.api.openapi import spec_bytes
 from tether.api.operator_guard import operator_call
 from tether.api.routes import ROUTES, Route
+from tether.api.server import hide_server_banner, request_guard
 from tether.hub import Hub
 from tether.observability.metrics import metrics_handler
 from tether.protocols.amqp.websocket import SERVICEBUS_WEBSOCKET_PATHS, amqp_websocket_handler, wants_amqp
@@ -70,19 +71,22 @@ def build_app(hub: Hub) -> web.Application:
     from tether.api.device_routes import add_device_routes
     from tether.api.event_routes import add_event_routes
     from tether.api.method_routes import add_method_routes
+    from tether.api.module_routes import add_module_routes
     from tether.api.security_routes import add_security_routes
 
     # aiohttp's own cap is the largest body any route accepts (bulk import); each handler then
     # reads with its own limit, so ordinary routes still answer 413 above the normal limit.
     app = web.Application(
-        middlewares=[error_middleware],
+        middlewares=[error_middleware, request_guard],
         client_max_size=hub.settings.limits.max_request_body_bytes * BULK_FACTOR,
     )
+    app.on_response_prepare.append(hide_server_banner)
     app[HUB_KEY] = hub
     mount(app, ROUTES)
     add_c2d_routes(app, hub)
     add_device_routes(app, hub)
     add_method_routes(app, hub)
+    add_module_routes(app, hub)
     add_event_routes(app, hub)
     add_security_routes(app, hub)
     if hub.settings.operators.console:

@@ -6,6 +6,7 @@ touches storage — a request is fully parsed and validated before any handler w
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 from datetime import UTC, datetime
@@ -14,7 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from tether.api.context import hub_of
-from tether.errors import BadRequest, PayloadTooLarge
+from tether.errors import BadRequest, PayloadTooLarge, RequestTimeout
 
 API_VERSION_RE = re.compile(r"^\d{4}-\d{2}-\d{2}(-preview)?$")
 BULK_FACTOR = 16  # bulk import bodies may be this many times the normal limit
@@ -31,13 +32,24 @@ def _too_large(limit: int) -> PayloadTooLarge:
 
 
 async def read_body(request: web.Request, limit: int) -> bytes:
-    """Read at most `limit` bytes; refuse early on a declared Content-Length above it."""
+    """Read at most `limit` bytes; refuse early on a declared Content-Length above it. The client must
+    keep sending: more than `limits.http_body_timeout_s` without a byte is a 408 (a slow-loris body
+    does not hold the connection and the handler forever)."""
     declared = request.content_length
     if declared is not None and declared > limit:
         raise _too_large(limit)
+    timeout = hub_of(request).settings.limits.http_body_timeout_s
+    content = request.content
     chunks: list[bytes] = []
     size = 0
-    async for chunk in request.content.iter_chunked(READ_CHUNK):
+    while True:
+        try:
+            async with asyncio.timeout(timeout):
+                chunk = await content.read(READ_CHUNK)
+        except TimeoutError:
+            raise RequestTimeout(f"no request body bytes for {timeout:g} s", field="body") from None
+        if not chunk:
+            break
         size += len(chunk)
         if size > limit:
             raise _too_large(limit)
@@ -50,8 +62,12 @@ def _reject_constant(name: str) -> Any:
 
 
 def loads(raw: bytes | str) -> Any:
-    """Strict JSON: no NaN/Infinity; raises ValueError with a position on bad input."""
-    return json.loads(raw, parse_constant=_reject_constant)
+    """Strict JSON: no NaN/Infinity; raises ValueError (with a position where there is one) on any bad
+    input, absurd nesting included (the decoder's RecursionError would otherwise escape as a 500)."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError("JSON nests too deeply") from None
 
 
 def parse_json_object(raw: bytes, *, field: str = "body") -> dict[str, Any]:

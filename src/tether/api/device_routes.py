@@ -1,4 +1,5 @@
-"""Azure's device HTTPS surface: telemetry in, C2D messages out, authenticated as the DEVICE.
+"""Azure's device HTTPS surface: telemetry in, C2D messages out, authenticated as the DEVICE (module
+telemetry: `POST /devices/{id}/modules/{mid}/messages/events`, authenticated as that MODULE).
 
 A request carries `Authorization: SharedAccessSignature …` (device key, or a DeviceConnect policy
 token scoped to the device) or, without that header, the mutual-TLS client chain of the connection
@@ -87,8 +88,10 @@ _SYSTEM_HEADERS: Final[tuple[tuple[str, tuple[str, ...]], ...]] = (
 )
 
 
-async def authenticate_device(request: web.Request, device_id: str) -> Principal:
-    """The device principal for `device_id`: SAS from `Authorization`, else the TLS client chain."""
+async def authenticate_device(request: web.Request, device_id: str,
+                              module_id: str | None = None) -> Principal:
+    """The device (or module) principal for the path's identity: SAS from `Authorization`, else the
+    TLS client chain. A device's credential is not a module's, nor one module's another's."""
     hub = hub_of(request)
     peer = peer_of(request)
     authorization = request.headers.get("Authorization")
@@ -100,18 +103,19 @@ async def authenticate_device(request: web.Request, device_id: str) -> Principal
             ) or ()
             if chain:
                 principal = await hub.authenticator.device_certificate(
-                    list(chain), device_id, surface=SURFACE, peer=peer
+                    list(chain), device_id, module_id, surface=SURFACE, peer=peer
                 )
             else:  # audited as missing-credentials
-                principal = await hub.authenticator.device_sas("", device_id, surface=SURFACE, peer=peer)
+                principal = await hub.authenticator.device_sas("", device_id, module_id, surface=SURFACE,
+                                                               peer=peer)
         else:
             principal = await hub.authenticator.device_sas(
-                authorization, device_id, surface=SURFACE, peer=peer
+                authorization, device_id, module_id, surface=SURFACE, peer=peer
             )
     except AuthRefused as exc:
         raise refusal_error(exc) from None
-    if principal.device_id != device_id or principal.module_id is not None:  # defence in depth
-        raise Unauthorized("credential is not for this device", code="IotHubUnauthorizedAccess")
+    if principal.device_id != device_id or principal.module_id != module_id:  # defence in depth
+        raise Unauthorized("credential is not for this identity", code="IotHubUnauthorizedAccess")
     return principal
 
 
@@ -127,10 +131,11 @@ def _system_properties(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 async def send_event(request: web.Request) -> web.Response:
-    """Device-to-cloud telemetry; 204 once the event is durable in the stream."""
+    """Device-to-cloud (or module-to-cloud) telemetry; 204 once the event is durable in the stream."""
     hub = hub_of(request)
     device_id = request.match_info["id"]
-    principal = await authenticate_device(request, device_id)
+    module_id = request.match_info.get("mid")
+    principal = await authenticate_device(request, device_id, module_id)
     telemetry = hub.telemetry
     try:
         body = await read_body(request, telemetry.max_message_bytes)  # 413 MessageTooLarge above 256 KB
@@ -143,7 +148,7 @@ async def send_event(request: web.Request) -> web.Response:
         raise Throttled("device message rate exceeded", code="ThrottlingException")
     system = _system_properties(request.headers)
     await telemetry.append(principal, body, system, app_properties(request.headers), protocol=SURFACE)
-    await hub.registry.touch(device_id)
+    await hub.registry.touch(device_id, module_id)
     return web.Response(status=204)
 
 
@@ -163,7 +168,7 @@ async def _audit_refusal(request: web.Request, principal: Principal, reason: str
         credential=principal.credential.value,
         reason=reason,
         peer=peer_of(request),
-        target=principal.device_id,
+        target=principal.name.removeprefix("device:"),
         details=fields or None,
     )
 
@@ -236,16 +241,23 @@ async def abandon_c2d(request: web.Request) -> web.Response:
 
 _DEVICE_AUTH = ("Device credential: `Authorization: SharedAccessSignature sr={host}/devices/{id}&…` "
                 "or a TLS client certificate.")
+_EVENT_HEADERS = (Param("iothub-messageid", "header", "Message id."),
+                  Param("iothub-correlationid", "header", "Correlation id."),
+                  Param("iothub-contenttype", "header", "Content type (else Content-Type)."),
+                  Param("iothub-contentencoding", "header", "Content encoding (else Content-Encoding)."))
+_EVENT_RULES = ("Body ≤ 256 KB (else 413); `iothub-app-{name}` headers are application properties. "
+                "429 over the per-identity rate.")
 
 DEVICE_ROUTES: tuple[Route, ...] = (
     Route("POST", "/devices/{id}/messages/events", send_event, "Device: send telemetry", DEVICE,
-          "device-https", request_required=False, status=204,
-          params=(Param("iothub-messageid", "header", "Message id."),
-                  Param("iothub-correlationid", "header", "Correlation id."),
-                  Param("iothub-contenttype", "header", "Content type (else Content-Type)."),
-                  Param("iothub-contentencoding", "header", "Content encoding (else Content-Encoding).")),
-          description=f"{_DEVICE_AUTH} Body ≤ 256 KB (else 413); `iothub-app-{{name}}` headers are "
-                      "application properties. 429 over the per-device rate.", self_auth=True),
+          "device-https", request_required=False, status=204, params=_EVENT_HEADERS,
+          description=f"{_DEVICE_AUTH} {_EVENT_RULES}", self_auth=True),
+    Route("POST", "/devices/{id}/modules/{mid}/messages/events", send_event, "Module: send telemetry",
+          DEVICE, "device-https", request_required=False, status=204, params=_EVENT_HEADERS,
+          description="Module credential: `Authorization: SharedAccessSignature "
+                      "sr={host}/devices/{id}/modules/{mid}&…` (a device's token is refused) or the "
+                      "module's TLS client certificate. Events carry `iothub-connection-module-id`. "
+                      + _EVENT_RULES, self_auth=True),
     Route("GET", "/devices/{id}/messages/deviceBound", receive_c2d, "Device: receive a C2D message",
           DEVICE, "device-https",
           response_headers=("ETag", "iothub-messageid", "iothub-sequencenumber", "iothub-to", "iothub-expiry",

@@ -25,10 +25,18 @@ from tether.api.bodies import (
     read_json_object,
     read_optional_json_object,
 )
-from tether.api.context import hub_of, principal_of
-from tether.errors import BadRequest, TetherError
-from tether.registry.models import Authentication, Capabilities, Device, DeviceStatus, validate_device_id
+from tether.api.context import hub_of, peer_of, principal_of
+from tether.errors import BadRequest, Forbidden, TetherError
+from tether.registry.models import (
+    Authentication,
+    Capabilities,
+    Device,
+    DeviceStatus,
+    SymmetricKey,
+    validate_device_id,
+)
 from tether.registry.service import BULK_MODES, MAX_BULK, BulkError, BulkOperation
+from tether.security.disclosure import may_read_device_keys
 
 MAX_TOP = 1000
 CONTINUATION = "x-ms-continuation"
@@ -168,9 +176,19 @@ async def with_queue_depth(request: web.Request, device: Device) -> Device:
     return device.model_copy(update={"cloud_to_device_message_count": depth})
 
 
+def _shown(request: web.Request, device: Device) -> Device:
+    """The device as this caller may see it: without its keys for a caller that could not act as the
+    device anyway (RegistryRead only; `tether.security.disclosure`)."""
+    keys = device.authentication.symmetric_key
+    if may_read_device_keys(principal_of(request)) or not (keys.primary_key or keys.secondary_key):
+        return device
+    authentication = device.authentication.model_copy(update={"symmetric_key": SymmetricKey()})
+    return device.model_copy(update={"authentication": authentication})
+
+
 async def get_device(request: web.Request) -> web.Response:
     device = await hub_of(request).registry.get(path_device_id(request))
-    return device_response(await with_queue_depth(request, device))
+    return device_response(_shown(request, await with_queue_depth(request, device)))
 
 
 async def delete_device(request: web.Request) -> web.Response:
@@ -197,7 +215,7 @@ async def list_devices(request: web.Request) -> web.Response:
     headers = {"x-ms-item-type": "Device"}
     if len(devices) == top:
         headers[CONTINUATION] = devices[-1].device_id
-    return web.json_response([d.to_wire() for d in devices], headers=headers)
+    return web.json_response([_shown(request, d).to_wire() for d in devices], headers=headers)
 
 
 async def device_statistics(request: web.Request) -> web.Response:
@@ -270,7 +288,18 @@ def _renumber(exc: TetherError, lines: list[int]) -> TetherError:
 
 
 async def export_devices(request: web.Request) -> web.StreamResponse:
-    """Every device, keys included, one JSON object per line, streamed in ~64 KiB writes."""
+    """Every device, keys included, one JSON object per line, streamed in ~64 KiB writes. The keys make
+    it a credential dump: only for callers that may read device keys (403 otherwise); audited as
+    `device.keys.read` either way."""
+    principal = principal_of(request)
+    allowed = may_read_device_keys(principal)
+    await hub_of(request).audit.record(
+        "device.keys.read", "allowed" if allowed else "refused", principal=principal.name,
+        credential=str(principal.credential), reason=None if allowed else "missing-permission",
+        peer=peer_of(request), details={"operation": "export"})
+    if not allowed:
+        raise Forbidden("the export contains every device key: it needs RegistryReadWrite or DeviceConnect",
+                        code="IotHubUnauthorizedAccess")
     response = web.StreamResponse(headers={"Content-Type": NDJSON})
     buffer: list[bytes] = []
     size = 0

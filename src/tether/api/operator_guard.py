@@ -72,6 +72,8 @@ def classify(request: web.Request) -> Operation:
         return Operation(Area.audit, _R)
     if path == "/devices/query":
         return Operation(Area.twins, _R, lists=True)
+    if path == "/twins/{id}/modules/{mid}":  # module twins: the device's scope decides
+        return Operation(Area.twins, write, device=True)
     if path.startswith("/twins/{id}/"):  # direct methods (device or module)
         return Operation(Area.service, _W, device=True)
     if path == "/twins/{id}":
@@ -82,7 +84,7 @@ def classify(request: web.Request) -> Operation:
         return Operation(Area.service, _W)
     if path == "/devices":
         return Operation(Area.registry, write, lists=method == "GET")
-    if path == "/devices/{id}" or path.startswith("/tether/devices/{id}/"):
+    if path == "/devices/{id}" or path.startswith(("/tether/devices/{id}/", "/devices/{id}/modules")):
         return Operation(Area.registry, write, device=True)
     if path in ("/statistics/devices", "/tether/devices/import"):
         return Operation(Area.registry, write)

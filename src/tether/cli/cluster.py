@@ -35,7 +35,7 @@ __all__ = ["NodeProcess", "NodeSpec", "cluster_command", "prepare_storage", "ren
 
 DEFAULT_DATABASE_URL = "postgresql+asyncpg://postgres@127.0.0.1:5432/tether_cluster"
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
-READY_LINE = "Service connection string:"
+READY_LINE = "Tether hub ready"  # tether.server.READY_LINE (not imported: the CLI stays light)
 
 
 @dataclass
@@ -94,9 +94,10 @@ def node_specs(base: Settings, root: Path, count: int, *, base_port: int | None,
     return specs
 
 
-async def prepare_storage(settings: Settings, *, create_database: bool = True) -> None:
+async def prepare_storage(settings: Settings, *, create_database: bool = True) -> str:
     """Create the PostgreSQL database if missing, run the migrations and create the default policies
-    once, before several nodes start on it."""
+    once, before several nodes start on it; returns the owner (iothubowner) connection string, which
+    the nodes themselves never print."""
     from sqlalchemy.engine import make_url
 
     from tether.cli.local import LocalServices
@@ -113,9 +114,15 @@ async def prepare_storage(settings: Settings, *, create_database: bool = True) -
                 await conn.execute(f'CREATE DATABASE "{url.database}"')
         finally:
             await conn.close()
+    from tether.cli.policies import service_connection_string
+
     services = LocalServices(settings)
     await services.open(ensure_defaults=True)
-    await services.close()
+    try:
+        owner = await services.policies.get("iothubowner")
+    finally:
+        await services.close()
+    return service_connection_string(settings.hub.hostname, owner)
 
 
 def _child_env(config: Path) -> dict[str, str]:
@@ -143,7 +150,7 @@ class NodeProcess:
         return self.spec.data_dir / "node.err"
 
     def start(self) -> None:
-        self.ports, self.connection_string = {}, ""
+        self.ports = {}
         with self.out_file.open("wb") as out, self.err_file.open("ab") as err:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "tether.cli.main", "--config", str(self.spec.config), "run"],
@@ -151,15 +158,13 @@ class NodeProcess:
                 start_new_session=True)  # Ctrl-C reaches the launcher only; it stops the nodes in order
 
     def ready(self) -> bool:
-        """True once the node printed its ports and connection string; raises if it exited."""
+        """True once the node printed its ports and that it is ready; raises if it exited."""
         text = self.out_file.read_text(errors="replace") if self.out_file.exists() else ""
         if READY_LINE in text and text.endswith("\n"):
             for line in text.splitlines():
                 parts = line.split()
                 if len(parts) == 4 and parts[1:3] == ["listening", "on"]:
                     self.ports[parts[0]] = int(parts[3].rsplit(":", 1)[1])
-                elif line.startswith(READY_LINE):
-                    self.connection_string = line.split(":", 1)[1].strip()
             return True
         if self.proc is not None and self.proc.poll() is not None:
             raise RuntimeError(f"{self.spec.node_id} exited with {self.proc.returncode}: "
@@ -249,8 +254,8 @@ def cluster_command(
         for spec in specs:
             write_node_config(spec)
         first = load_settings(**{k: v for k, v in specs[0].tables.items() if k in ("hub", "storage")})
-        asyncio.run(prepare_storage(first))
-    _run_nodes([NodeProcess(spec) for spec in specs], base)
+        owner = asyncio.run(prepare_storage(first))
+    _run_nodes([NodeProcess(spec, connection_string=owner) for spec in specs], base)
 
 
 def _run_nodes(procs: list[NodeProcess], base: Settings) -> None:

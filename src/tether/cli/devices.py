@@ -10,11 +10,11 @@ from typing import Annotated, Any
 
 import typer
 
-from tether.cli.backend import Backend
+from tether.cli.backend import KEYS_WITHHELD, Backend
 from tether.cli.context import state_of, with_backend
 from tether.cli.output import device_json, echo_json, table
 from tether.errors import BadRequest
-from tether.registry.models import AuthType, Device, validate_device_id
+from tether.registry.models import AuthType, Device, Module, validate_device_id
 
 app = typer.Typer(help="Manage device identities (works locally and against a running hub).")
 
@@ -44,7 +44,7 @@ Etag = Annotated[
 ]
 
 
-def _auth_section(
+def auth_section(
     auth: AuthChoice | None,
     primary_key: str | None,
     secondary_key: str | None,
@@ -101,7 +101,7 @@ def create(
     async def body(backend: Backend) -> Device:
         validate_device_id(device_id)
         doc: dict[str, Any] = {"deviceId": device_id, "status": "disabled" if disabled else "enabled"}
-        section = _auth_section(auth, primary_key, secondary_key, primary_thumbprint, secondary_thumbprint)
+        section = auth_section(auth, primary_key, secondary_key, primary_thumbprint, secondary_thumbprint)
         doc["authentication"] = section or {"type": "sas"}
         return await backend.create_device(device_id, doc)
 
@@ -195,7 +195,7 @@ def update(
             if doc["deviceId"] != device_id:
                 raise BadRequest(f"--json has deviceId {doc['deviceId']!r}, not {device_id!r}")
         else:
-            section = _auth_section(
+            section = auth_section(
                 auth, primary_key, secondary_key, primary_thumbprint, secondary_thumbprint
             )
             if status is None and status_reason is None and section is None:
@@ -270,19 +270,22 @@ def regenerate_key(
 
 
 def device_connection_string(
-    hostname: str, device: Device, *, module_id: str | None = None, x509: bool = False
+    hostname: str, device: Device | Module, *, x509: bool = False
 ) -> str:
-    """Azure's device connection string; X.509 devices get `x509=true` instead of a key."""
+    """Azure's device (or module: `ModuleId=`) connection string; X.509 identities get `x509=true`
+    instead of a key."""
     parts = [f"HostName={hostname}", f"DeviceId={device.device_id}"]
-    if module_id:
-        parts.append(f"ModuleId={module_id}")
+    if isinstance(device, Module):
+        parts.append(f"ModuleId={device.module_id}")
     auth = device.authentication
     if x509 or auth.type in (AuthType.self_signed, AuthType.certificate_authority):
         parts.append("x509=true")
     else:
         key = auth.symmetric_key.primary_key
         if not key:
-            raise BadRequest(f"device {device.device_id} has no symmetric key (auth {auth.type.value})")
+            what = "module" if isinstance(device, Module) else "device"
+            raise BadRequest(f"{what} {device.device_id} has no symmetric key (auth {auth.type.value}; "
+                             f"{KEYS_WITHHELD})")
         parts.append(f"SharedAccessKey={key}")
     return ";".join(parts)
 
@@ -291,15 +294,15 @@ def device_connection_string(
 def connection_string(
     ctx: typer.Context,
     device_id: DeviceId,
-    module: Annotated[str | None, typer.Option("--module", help="Add ModuleId=M.")] = None,
+    module: Annotated[str | None, typer.Option(
+        "--module", help="The connection string of this module of the device (its own key).")] = None,
     x509: Annotated[bool, typer.Option("--x509", help="X.509 form (x509=true, no key).")] = False,
 ) -> None:
-    """Print the device connection string (contains the primary key unless --x509)."""
+    """Print the device (or module) connection string (contains the primary key unless --x509)."""
 
     async def body(backend: Backend) -> str:
-        if module is not None:
-            validate_device_id(module, "moduleId")
-        device = await backend.get_device(device_id)
-        return device_connection_string(backend.hostname, device, module_id=module, x509=x509)
+        identity: Device | Module = (await backend.get_device(device_id) if module is None
+                                     else await backend.get_module(device_id, module))
+        return device_connection_string(backend.hostname, identity, x509=x509)
 
     typer.echo(with_backend(state_of(ctx), body))

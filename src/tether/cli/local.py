@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING, Any
 
 from tether.cli.context import LOCAL_ACTOR
 from tether.config import ConfigError, Settings
-from tether.registry.models import Device
+from tether.registry.models import Device, Module
 from tether.storage.base import AuditRecord, PolicyRecord
 
 if TYPE_CHECKING:
+    from tether.registry.modules import ModuleService
     from tether.registry.service import RegistryService
     from tether.security.audit import AuditLog
     from tether.security.policies import PolicyService
@@ -31,6 +32,7 @@ class LocalServices:
         self._audit: AuditLog | None = None
         self._policies: PolicyService | None = None
         self._registry: RegistryService | None = None
+        self._modules: ModuleService | None = None
 
     def check_data_dir(self) -> None:
         """Embedded storage needs the data dir; say how to create it instead of a SQLite error."""
@@ -41,6 +43,7 @@ class LocalServices:
             )
 
     async def open(self, *, ensure_defaults: bool = True) -> None:
+        from tether.registry.modules import ModuleService
         from tether.registry.service import RegistryService
         from tether.security.audit import AuditLog
         from tether.security.policies import PolicyService
@@ -52,6 +55,7 @@ class LocalServices:
         self._audit = AuditLog(storage.audit)
         self._policies = PolicyService(storage.policies, self._audit)
         self._registry = RegistryService(storage.devices, self._audit)
+        self._modules = ModuleService(storage.modules, self._registry, self._audit)
         if ensure_defaults:
             await self._policies.ensure_defaults()
 
@@ -63,6 +67,7 @@ class LocalServices:
         if self._storage is not None:
             await self._storage.close()
         self._storage = self._audit = self._policies = self._registry = None
+        self._modules = None
 
     @property
     def storage(self) -> SqlStorage:
@@ -83,6 +88,11 @@ class LocalServices:
     def registry(self) -> RegistryService:
         assert self._registry is not None, "services not open"
         return self._registry
+
+    @property
+    def modules(self) -> ModuleService:
+        assert self._modules is not None, "services not open"
+        return self._modules
 
 
 class LocalBackend:
@@ -138,6 +148,27 @@ class LocalBackend:
     async def export_devices(self) -> AsyncIterator[Device]:
         async for device in self.services.registry.export_devices():
             yield device
+
+    # modules ---------------------------------------------------------------------------------
+    async def create_module(self, device_id: str, module_id: str, body: dict[str, Any]) -> Module:
+        return await self.services.modules.create(device_id, module_id, body, actor=LOCAL_ACTOR)
+
+    async def get_module(self, device_id: str, module_id: str) -> Module:
+        return await self.services.modules.get(device_id, module_id)
+
+    async def list_modules(self, device_id: str) -> list[Module]:
+        return await self.services.modules.list(device_id)
+
+    async def replace_module(self, device_id: str, module_id: str, body: dict[str, Any],
+                             etag: str | None) -> Module:
+        return await self.services.modules.replace(device_id, module_id, body, if_match=etag or "*",
+                                                   actor=LOCAL_ACTOR)
+
+    async def delete_module(self, device_id: str, module_id: str, etag: str | None) -> None:
+        await self.services.modules.delete(device_id, module_id, if_match=etag or "*", actor=LOCAL_ACTOR)
+
+    async def regenerate_module_key(self, device_id: str, module_id: str, which: str) -> Module:
+        return await self.services.modules.regenerate_key(device_id, module_id, which, actor=LOCAL_ACTOR)
 
     # policies --------------------------------------------------------------------------------
     async def list_policies(self, *, keys: bool = False) -> list[PolicyRecord]:

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from tether.cli import audit, cluster, devices, operators, pki, policies, tokens, transfer, trust
+from tether.cli import audit, cluster, devices, modules, operators, pki, policies, tokens, transfer, trust
 from tether.cli.context import CONFIG_FILE_NAME, CliState, cli_errors, run, state_of
 from tether.cli.local import LocalServices
 from tether.cli.monitor import monitor_command
@@ -167,6 +167,7 @@ def run_hub(ctx: typer.Context) -> None:
 
 
 app.add_typer(devices.app, name="device")
+app.add_typer(modules.app, name="module")
 app.add_typer(policies.app, name="policy")
 app.add_typer(tokens.app, name="token")
 app.command("import")(transfer.import_command)

@@ -8,7 +8,7 @@ from typing import Any
 
 import typer
 
-from tether.registry.models import Device
+from tether.registry.models import Device, Module
 from tether.storage.base import PolicyRecord
 
 HIDDEN = "<hidden>"
@@ -21,8 +21,8 @@ def echo_json(value: Any, *, compact: bool = False) -> None:
         typer.echo(json.dumps(value, indent=2, sort_keys=False, default=str))
 
 
-def device_json(device: Device, *, show_keys: bool = False) -> dict[str, Any]:
-    """Azure wire JSON of a device; symmetric keys replaced by a marker unless asked for."""
+def device_json(device: Device | Module, *, show_keys: bool = False) -> dict[str, Any]:
+    """Azure wire JSON of a device or module; symmetric keys replaced by a marker unless asked for."""
     wire = device.to_wire()
     if not show_keys:
         sym = wire.get("authentication", {}).get("symmetricKey", {})

@@ -28,7 +28,7 @@ from tether.errors import (
     Throttled,
     Unauthorized,
 )
-from tether.registry.models import Device
+from tether.registry.models import Device, Module
 from tether.security.connstr import ServiceConnectionString
 from tether.security.sas import build_token
 from tether.storage.base import AuditRecord, PolicyRecord
@@ -202,6 +202,37 @@ class RemoteBackend:
             async for line in response.aiter_lines():
                 if line.strip():
                     yield Device.model_validate_json(line)
+
+    # modules ---------------------------------------------------------------------------------
+    async def _module(self, method: str, device_id: str, module_id: str, **kwargs: Any) -> Module:
+        path = f"/devices/{_seg(device_id)}/modules/{_seg(module_id)}"
+        response = await self._request(method, path, **kwargs)
+        return Module.model_validate(response.json())
+
+    async def create_module(self, device_id: str, module_id: str, body: dict[str, Any]) -> Module:
+        return await self._module("PUT", device_id, module_id, json=body)
+
+    async def get_module(self, device_id: str, module_id: str) -> Module:
+        return await self._module("GET", device_id, module_id)
+
+    async def list_modules(self, device_id: str) -> list[Module]:
+        response = await self._request("GET", f"/devices/{_seg(device_id)}/modules")
+        return [Module.model_validate(m) for m in response.json()]
+
+    async def replace_module(self, device_id: str, module_id: str, body: dict[str, Any],
+                             etag: str | None) -> Module:
+        return await self._module("PUT", device_id, module_id, json=body,
+                                  headers={"If-Match": _if_match(etag)})
+
+    async def delete_module(self, device_id: str, module_id: str, etag: str | None) -> None:
+        await self._request("DELETE", f"/devices/{_seg(device_id)}/modules/{_seg(module_id)}",
+                            headers={"If-Match": _if_match(etag)})
+
+    async def regenerate_module_key(self, device_id: str, module_id: str, which: str) -> Module:
+        response = await self._request(
+            "POST", f"/tether/devices/{_seg(device_id)}/modules/{_seg(module_id)}/regenerate-key",
+            params={"key": which})
+        return Module.model_validate(response.json())
 
     # policies --------------------------------------------------------------------------------
     @staticmethod

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from tether.cli.backend import Backend
+from tether.cli.backend import KEYS_WITHHELD, Backend
 from tether.cli.context import state_of, with_backend
 from tether.errors import BadRequest
 from tether.registry.models import validate_device_id
@@ -31,31 +31,40 @@ def device_token(
         str | None,
         typer.Option("--policy", help="Sign with this DeviceConnect policy's key (adds skn) instead."),
     ] = None,
-    module: Annotated[str | None, typer.Option("--module", help="Scope the token to this module.")] = None,
+    module: Annotated[str | None, typer.Option(
+        "--module", help="A token for this module of the device (signed with the module's key).")] = None,
 ) -> None:
-    """Print a device SAS token signed with the device's primary key (or a policy key with --policy)."""
+    """Print a device (or module) SAS token signed with its primary key (or a policy key with --policy)."""
 
     async def body(backend: Backend) -> str:
-        validate_device_id(device_id)
-        resource = f"{backend.hostname}/devices/{device_id}"
-        if module is not None:
-            resource += f"/modules/{validate_device_id(module, 'moduleId')}"
-        expiry = int(time.time()) + ttl
-        if policy is not None:
-            record = await backend.get_policy(policy)
-            if Permission.device_connect.value not in record.permissions:
-                raise BadRequest(f"policy {policy} lacks DeviceConnect; it cannot sign device tokens")
-            return build_token(resource, record.primary_key, expiry, policy_name=record.name)
-        device = await backend.get_device(device_id)
-        key = device.authentication.symmetric_key.primary_key
-        if not key:
-            raise BadRequest(
-                f"device {device_id} has no symmetric key (auth {device.authentication.type.value}); "
-                "use --policy with a DeviceConnect policy"
-            )
-        return build_token(resource, key, expiry)
+        return await identity_token(backend, device_id, module, ttl=ttl, policy=policy)
 
     typer.echo(with_backend(state_of(ctx), body))
+
+
+async def identity_token(backend: Backend, device_id: str, module_id: str | None, *, ttl: int,
+                         policy: str | None) -> str:
+    """A device or module SAS token: signed with the identity's own primary key, or with a
+    DeviceConnect policy's key (`skn`). A module's token is scoped to the module, so it is never a
+    device's token (nor a device's a module's)."""
+    validate_device_id(device_id)
+    resource = f"{backend.hostname}/devices/{device_id}"
+    if module_id is not None:
+        resource += f"/modules/{validate_device_id(module_id, 'moduleId')}"
+    expiry = int(time.time()) + ttl
+    if policy is not None:
+        record = await backend.get_policy(policy)
+        if Permission.device_connect.value not in record.permissions:
+            raise BadRequest(f"policy {policy} lacks DeviceConnect; it cannot sign device tokens")
+        return build_token(resource, record.primary_key, expiry, policy_name=record.name)
+    identity = (await backend.get_device(device_id) if module_id is None
+                else await backend.get_module(device_id, module_id))
+    key = identity.authentication.symmetric_key.primary_key
+    if not key:
+        what = f"device {device_id}" if module_id is None else f"module {device_id}/{module_id}"
+        raise BadRequest(f"{what} has no symmetric key (auth {identity.authentication.type.value}; "
+                         f"{KEYS_WITHHELD}); use --policy with a DeviceConnect policy")
+    return build_token(resource, key, expiry)
 
 
 @app.command("policy")

@@ -7,13 +7,15 @@ which never call relays: an event crosses the bus once. Every message also carri
 and a node ignores its own (the connection is `no_echo` as well).
 
 - disable/delete → broadcast `{p}.ctl.device.{id}.drop` → every node drops the device's connections
-  (and bumps its presence epoch, so a connect that is authenticating right now is refused);
+  (and bumps its presence epoch, so a connect that is authenticating right now is refused); a module
+  delete is the same broadcast with `"module"` → every node runs its module listeners (closes the
+  module's connection, forgets its session);
 - C2D enqueue / desired patch for a device not connected here → look it up in the presence map →
   `{p}.node.{holder}.c2d|desired` → the holder wakes the device's pump / pushes the patch;
 - direct method for an identity not online here → `{p}.rpc.{holder}.method` (request/reply) → the
   holder invokes it locally and answers `{status, payload}`, `{offline}` or `{error}`;
-- a registry or policy write here → broadcast `{p}.ctl.registry.changed` / `{p}.ctl.policies.changed`
-  → the other nodes drop those entries from their authentication caches at once;
+- a registry (device or module) or policy write here → broadcast `{p}.ctl.registry.changed` /
+  `{p}.ctl.policies.changed` → the other nodes drop those entries from their authentication caches;
 - a connect here → claim the identity in the presence map; the previous holder gets
   `{p}.node.{holder}.takeover` and closes its connection (the newest connection wins).
 
@@ -57,8 +59,10 @@ if TYPE_CHECKING:
     from tether.messaging.methods import MethodService
     from tether.messaging.presence import ConnectionRegistry
     from tether.messaging.twins import TwinService
+    from tether.registry.modules import ModuleService
     from tether.registry.service import RegistryService
     from tether.security.policies import PolicyService
+    from tether.storage.base import ModuleKey
 
 __all__ = ["SHARDS", "ClusterBus"]
 
@@ -115,6 +119,7 @@ class ClusterBus:
         self._connect_error: Exception | None = None
         self._last_drop_warning = 0.0
         self._registry: RegistryService | None = None
+        self._modules: ModuleService | None = None
         self._policies: PolicyService | None = None
         self._background: set[asyncio.Task[None]] = set()  # fire-and-forget publications
         self._connections: ConnectionRegistry | None = None
@@ -124,12 +129,17 @@ class ClusterBus:
 
     # --- wiring ---------------------------------------------------------------------------------
     def attach(self, *, registry: RegistryService, policies: PolicyService, connections: ConnectionRegistry,
-               c2d: C2DService, twins: TwinService, methods: MethodService, sessions: DeviceSessions) -> None:
+               c2d: C2DService, twins: TwinService, methods: MethodService, sessions: DeviceSessions,
+               modules: ModuleService | None = None) -> None:
         """Relay the hub's local hooks to the other nodes (called once, by `Hub`)."""
         self._registry, self._connections, self._c2d = registry, connections, c2d
         self._twins, self._methods, self._policies = twins, methods, policies
         registry.add_status_relay(self._on_status)
         registry.add_write_relay(self._on_devices_written)
+        if modules is not None:
+            self._modules = modules
+            modules.add_relay(self._on_module_deleted)
+            modules.add_write_relay(self._on_modules_written)
         policies.add_write_relay(self._on_policies_written)
         c2d.add_enqueue_relay(self._on_enqueue)
         twins.add_desired_relay(self._on_desired)
@@ -379,6 +389,21 @@ class ClusterBus:
         if self.started and device_ids:
             self._spawn_publish(self.names.registry_changed, {"devices": device_ids})
 
+    async def _on_module_deleted(self, device_id: str, module_id: str) -> None:
+        """Module relay: a module was deleted through this node → every node closes its connection."""
+        if not self.started:
+            return
+        try:
+            await self._publish(self.names.drop(device_id),
+                                {"device": device_id, "module": module_id, "deleted": True})
+        except Exception as exc:
+            log.warning("could not broadcast the delete of module %s/%s: %r", device_id, module_id, exc)
+
+    def _on_modules_written(self, keys: list[ModuleKey]) -> None:
+        """Module write relay: other nodes forget their cached copies of these modules."""
+        if self.started and keys:
+            self._spawn_publish(self.names.registry_changed, {"modules": [list(k) for k in keys]})
+
     def _on_policies_written(self) -> None:
         """Policy write relay: other nodes forget their cached policies."""
         if self.started:
@@ -401,15 +426,17 @@ class ClusterBus:
             return
         self._submit(identity_key(device_id, None), lambda: self._forward(device_id, "c2d", {}))
 
-    async def _on_desired(self, device_id: str, patch: dict[str, Any]) -> None:
-        """Twin relay (called in `$version` order): push the patch through the device's node."""
-        if self._connections is not None and self._connections.get(device_id) is not None:
+    async def _on_desired(self, device_id: str, module_id: str | None, patch: dict[str, Any]) -> None:
+        """Twin relay (called in `$version` order): push the patch through the identity's node."""
+        if self._connections is not None and self._connections.get(device_id, module_id) is not None:
             return
-        self._submit(identity_key(device_id, None),
-                     lambda: self._forward(device_id, "desired", {"patch": patch}))
+        doc: dict[str, Any] = {"patch": patch} if module_id is None else {"patch": patch, "module": module_id}
+        self._submit(identity_key(device_id, module_id),
+                     lambda: self._forward(device_id, "desired", doc, module_id))
 
-    async def _forward(self, device_id: str, kind: str, doc: dict[str, Any]) -> None:
-        node = await self.locate(device_id)
+    async def _forward(self, device_id: str, kind: str, doc: dict[str, Any],
+                       module_id: str | None = None) -> None:
+        node = await self.locate(device_id, module_id)
         if node is not None and node != self.node_id:
             await self._publish(self.names.node(node, kind), {"device": device_id, **doc})
 
@@ -417,6 +444,11 @@ class ClusterBus:
     async def _on_drop(self, msg: Any) -> None:
         doc = self._accept(msg)
         if doc is None or self._registry is None or not isinstance(doc.get("device"), str):
+            return
+        module_id = doc.get("module")
+        if module_id is not None:
+            if isinstance(module_id, str) and self._modules is not None:
+                await self._modules.deleted_elsewhere(doc["device"], module_id)
             return
         status = DeviceStatus.enabled if doc.get("deleted") else DeviceStatus.disabled
         try:
@@ -427,12 +459,17 @@ class ClusterBus:
 
     async def _on_registry_changed(self, msg: Any) -> None:
         doc = self._accept(msg)
-        devices = None if doc is None else doc.get("devices")
-        if self._registry is None or not isinstance(devices, list):
+        if doc is None:
             return
-        for device_id in devices:
-            if isinstance(device_id, str):
-                self._registry.invalidate(device_id)
+        devices, modules = doc.get("devices"), doc.get("modules")
+        if self._registry is not None and isinstance(devices, list):
+            for device_id in devices:
+                if isinstance(device_id, str):
+                    self._registry.invalidate(device_id)
+        if self._modules is not None and isinstance(modules, list):
+            for key in modules:
+                if isinstance(key, list) and len(key) == 2 and all(isinstance(k, str) for k in key):
+                    self._modules.invalidate(key[0], key[1])
 
     async def _on_policies_changed(self, msg: Any) -> None:
         if self._accept(msg) is not None and self._policies is not None:
@@ -448,7 +485,7 @@ class ClusterBus:
         if kind == "c2d" and self._c2d is not None:
             self._c2d.fire_from_peer(device_id)
         elif kind == "desired" and self._twins is not None and isinstance(doc.get("patch"), dict):
-            await self._twins.notify_from_peer(device_id, doc["patch"])
+            await self._twins.notify_from_peer(device_id, module_id, doc["patch"])
         elif kind == "takeover" and self._connections is not None:
             held = self._held.get((device_id, module_id))
             at = doc.get("at")

@@ -237,7 +237,10 @@ def _check_properties(properties: Mapping[str, str]) -> dict[str, str]:
                              "values have no control characters", field="properties")
         if key.startswith("$.") or key.lower().startswith("iothub-"):
             raise BadRequest(f"property name {key!r} is reserved", field="properties")
-        size += len(key.encode()) + len(value.encode())
+        try:
+            size += len(key.encode()) + len(value.encode())
+        except UnicodeEncodeError:  # a lone surrogate (undecodable bytes, \udcxx): not text
+            raise BadRequest(f"property {key[:64]!r}: not valid Unicode text", field="properties") from None
     if size > MAX_PROPERTIES_BYTES:
         raise BadRequest(f"application properties exceed {MAX_PROPERTIES_BYTES} bytes", field="properties")
     return dict(properties)

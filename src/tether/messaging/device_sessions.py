@@ -23,8 +23,10 @@ A device protocol (MQTT today, AMQP next) authenticates a connection, registers 
   shared, so a device that reconnects to another node (its node died, the load balancer moved it)
   keeps receiving methods, desired patches and C2D without subscribing again.
 
-Module twins are not stored by `TwinService` yet, so modules get the answers of a hub without twins
-(`NullDeviceHooks`): the empty twin, and 503 for reported patches.
+Module identities are sessions of their own, keyed (device id, module id): their twin traffic goes to
+the module twin, desired patches of the module twin go to the module's connection, and methods are
+the module's; modules get no C2D (a module's "c2d" subscription starts nothing). Deleting a module (or
+its device) ends its sessions.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionHandle, ConnectionRegistry
 from tether.messaging.twins import TwinService
 from tether.registry.models import Device
+from tether.registry.modules import ModuleService
 from tether.registry.service import RegistryService
 from tether.security.principal import Principal
 
@@ -157,6 +160,7 @@ class DeviceSessions:
         methods: MethodService,
         c2d_pumps: C2DPumps,
         registry: RegistryService,
+        modules: ModuleService | None = None,
     ) -> None:
         self.connections = connections
         self.twins = twins
@@ -168,6 +172,8 @@ class DeviceSessions:
         self._shared: dict[Key, frozenset[str]] = {}  # what `_store` holds, for identities seen here
         twins.add_desired_listener(self._on_desired)
         registry.add_status_listener(self._on_status)
+        if modules is not None:
+            modules.add_listener(self._on_module_deleted)
 
     def set_store(self, store: SessionStore | None) -> None:
         """Share persistent sessions through `store` (the cluster bus, with several hub nodes)."""
@@ -181,17 +187,17 @@ class DeviceSessions:
     # --- twin and method traffic ----------------------------------------------------------------
     async def twin_get(self, principal: Principal) -> tuple[int, bytes]:
         device_id = principal.device_id
-        if device_id is None or principal.module_id:
+        if device_id is None:
             return await self._null.twin_get(principal)
-        return await self.twins.device_get(device_id)
+        return await self.twins.device_get(device_id, principal.module_id)
 
     async def twin_patch_reported(
         self, principal: Principal, body: bytes
     ) -> tuple[int, bytes, int | None]:
         device_id = principal.device_id
-        if device_id is None or principal.module_id:
+        if device_id is None:
             return await self._null.twin_patch_reported(principal, body)
-        return await self.twins.device_patch_reported(device_id, body)
+        return await self.twins.device_patch_reported(device_id, body, principal.module_id)
 
     async def method_response(self, principal: Principal, rid: str, status: int, body: bytes) -> None:
         if principal.device_id is not None:
@@ -266,17 +272,17 @@ class DeviceSessions:
             self._store.remember(device_id, module_id, self._shared[key])
 
     # --- desired patches ------------------------------------------------------------------------
-    async def _on_desired(self, device_id: str, patch: dict[str, Any]) -> None:
+    async def _on_desired(self, device_id: str, module_id: str | None, patch: dict[str, Any]) -> None:
         """TwinService listener (runs under the twin's write lock: one non-blocking send, no waiting)."""
-        session = self._sessions.get((device_id, None))
+        session = self._sessions.get((device_id, module_id))
         if session is None or "desired-patches" not in session.kinds:
             return
-        handle = self.connections.get(device_id)
+        handle = self.connections.get(device_id, module_id)
         if handle is None or handle.closed or handle.family != session.family:
             return  # offline: the device reads the whole twin when it connects again
         version = patch.get("$version")
         if not isinstance(version, int):
-            log.error("desired patch for %s without $version", device_id)
+            log.error("desired patch for %s/%s without $version", device_id, module_id)
             return
         handle.send_desired_patch(json.dumps(patch, separators=(",", ":")).encode(), version)
 
@@ -292,3 +298,12 @@ class DeviceSessions:
             del self._shared[key]
             if self._store is not None:
                 self._store.remember(key[0], key[1], frozenset())
+
+    async def _on_module_deleted(self, device_id: str, module_id: str) -> None:
+        """A deleted module's session goes with it (its connection is closed by the presence
+        registry; a module re-created with the same id starts a fresh session)."""
+        key = (device_id, module_id)
+        self._sessions.pop(key, None)
+        self.methods.unsubscribed(device_id, module_id)
+        if self._shared.pop(key, None) is not None and self._store is not None:
+            self._store.remember(device_id, module_id, frozenset())

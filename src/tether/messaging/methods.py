@@ -32,6 +32,7 @@ from typing import Any, Final, NamedTuple, Protocol
 from tether.errors import BadRequest, GatewayTimeout, NotFound, TetherError
 from tether.messaging.presence import ConnectionHandle, ConnectionRegistry
 from tether.registry.models import Device, validate_device_id
+from tether.registry.modules import ModuleService, module_not_found
 from tether.registry.service import RegistryService
 from tether.security.authenticator import AuditSink
 
@@ -141,9 +142,11 @@ class MethodService:
         *,
         registry: RegistryService | None = None,
         audit: AuditSink | None = None,
+        modules: ModuleService | None = None,
     ) -> None:
         self._connections = connections
         self._registry = registry
+        self._modules = modules
         self._audit = audit
         self._subscribed: dict[Key, str] = {}  # identity → the protocol family it subscribed on
         self._pending: dict[tuple[str, str | None, str], asyncio.Future[MethodResult]] = {}
@@ -226,7 +229,8 @@ class MethodService:
         """Call `method_name` on the device (or module) and return its (status, payload).
 
         400 for a bad name, timeout or payload (> 128 KB); 404 DeviceNotFound / DeviceNotOnline;
-        504 GatewayTimeout when no answer comes within `response_timeout_s`."""
+        504 GatewayTimeout when no answer comes within `response_timeout_s`; 404 ModuleNotFound for
+        an unknown module."""
         validate_device_id(device_id)
         if module_id is not None:
             validate_device_id(module_id, field="moduleId")
@@ -250,7 +254,7 @@ class MethodService:
             raise _not_online(device_id, module_id, "the hub is stopping")
         route = self.online(device_id, module_id)
         if route is None:
-            await self._check_exists(device_id)
+            await self._check_exists(device_id, module_id)
             if self._remote is not None:
                 return await self._invoke_anywhere(self._remote, device_id, module_id, name, body,
                                                    response_s, connect_s)
@@ -324,9 +328,12 @@ class MethodService:
                 with contextlib.suppress(asyncio.CancelledError):
                     await closed
 
-    async def _check_exists(self, device_id: str) -> None:
+    async def _check_exists(self, device_id: str, module_id: str | None) -> None:
         if self._registry is not None and await self._registry.find(device_id) is None:
             raise NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
+        if (module_id is not None and self._modules is not None
+                and await self._modules.find_module(device_id, module_id) is None):
+            raise module_not_found(device_id, module_id)
 
     async def _wait_online(
         self, device_id: str, module_id: str | None, connect_s: int

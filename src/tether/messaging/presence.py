@@ -92,6 +92,7 @@ class ConnectionRegistry:
         self._by_device: dict[str, dict[str | None, ConnectionHandle]] = {}
         self._count = 0
         self._epochs: dict[str, int] = {}
+        self._module_epochs: dict[Key, int] = {}
         self._on_connect: list[IdentityCallback] = []
         self._on_disconnect: list[IdentityCallback] = []
 
@@ -153,10 +154,12 @@ class ConnectionRegistry:
             _call_each(self._on_disconnect, device_id, module_id)
         return True
 
-    def epoch(self, device_id: str) -> int:
-        """Bumped by every `drop()`: a session that authenticated while its device was being
-        disabled sees a changed epoch after registering and closes itself."""
-        return self._epochs.get(device_id, 0)
+    def epoch(self, device_id: str, module_id: str | None = None) -> int:
+        """Bumped by every `drop()` (and, for a module, by `module_deleted`): a session that
+        authenticated while its device was being disabled (or its module deleted) sees a changed
+        epoch after registering and closes itself."""
+        epoch = self._epochs.get(device_id, 0)
+        return epoch if module_id is None else epoch + self._module_epochs.get((device_id, module_id), 0)
 
     async def drop(self, device_id: str, reason: str) -> int:
         """Close every connection of the device and its modules; returns how many were closed."""
@@ -176,6 +179,13 @@ class ConnectionRegistry:
             return False
         await _close_quietly(handle, reason)
         return True
+
+    async def module_deleted(self, device_id: str, module_id: str) -> None:
+        """For `ModuleService.add_listener`: a deleted module's connection is closed at once (and
+        one authenticating right now is refused, see `epoch`)."""
+        key = (device_id, module_id)
+        self._module_epochs[key] = self._module_epochs.get(key, 0) + 1
+        await self.close_identity(device_id, module_id, "module-deleted")
 
     async def close_all(self, reason: str = "hub-stopping") -> None:
         handles = [h for mods in self._by_device.values() for h in mods.values()]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 from tether.config import LimitSettings
+from tether.errors import BadRequest
 from tether.messaging.events import EventData, EventStream
 from tether.observability.metrics import MESSAGES_IN, MESSAGES_IN_BYTES
 from tether.security.principal import CredentialKind, Principal
@@ -75,9 +76,15 @@ _AUTH_METHODS: Mapping[CredentialKind, str] = {
 }
 
 
-def auth_method(credential: CredentialKind) -> str:
-    """Azure's `iothub-connection-auth-method` JSON for a credential kind."""
-    return _AUTH_METHODS[credential]
+_MODULE_AUTH_METHODS: Mapping[CredentialKind, str] = {
+    kind: text.replace('"scope":"device"', '"scope":"module"') for kind, text in _AUTH_METHODS.items()
+}
+
+
+def auth_method(credential: CredentialKind, *, module: bool = False) -> str:
+    """Azure's `iothub-connection-auth-method` JSON for a credential kind; a module's own key or
+    certificate has scope "module" (a policy token stays "hub")."""
+    return (_MODULE_AUTH_METHODS if module else _AUTH_METHODS)[credential]
 
 
 _MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
@@ -128,7 +135,8 @@ def _connection(principal: Principal) -> _Connection:
     if found is None:
         if len(_connections) >= CONNECTION_CACHE:
             _connections.clear()
-        device, module, auth = principal.device_id or "", principal.module_id or None, auth_method(key[2])
+        device, module = principal.device_id or "", principal.module_id or None
+        auth = auth_method(key[2], module=module is not None)
         items = [(CONNECTION_DEVICE_ID, device), *([(CONNECTION_MODULE_ID, module)] if module else []),
                  (CONNECTION_AUTH_METHOD, auth), (ENQUEUED_TIME, "")]
         encoded = ",".join(f"{_json_str(k)}:{_json_str(v)}" for k, v in items)
@@ -174,8 +182,24 @@ def build_properties(
     system[ENQUEUED_TIME] = stamp = enqueued_time(now)
     system[MESSAGE_SOURCE] = "Telemetry"
     parts.append(conn.json + stamp + _TIME_TAIL)
-    system.encoded = ("{" + ",".join(parts)).encode("utf-8")
+    try:
+        system.encoded = ("{" + ",".join(parts)).encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("message properties must be Unicode text (no lone surrogates)",
+                         field="properties") from None
+    for key, value in app.items():  # encoded later by the stream: refuse now what it could not encode
+        if not (key.isascii() and value.isascii()):
+            _check_encodable(key, value)
     return app, system
+
+
+def _check_encodable(*texts: str) -> None:
+    try:
+        for text in texts:
+            text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise BadRequest("message properties must be Unicode text (no lone surrogates)",
+                         field="properties") from None
 
 
 @dataclass(slots=True)

@@ -1,5 +1,9 @@
-"""Device twins: tags (service only), desired properties (service writes, device reads) and reported
-properties (device writes), in Azure IoT Hub's JSON shape and with Azure's semantics.
+"""Device and module twins: tags (service only), desired properties (service writes, device reads) and
+reported properties (device writes), in Azure IoT Hub's JSON shape and with Azure's semantics.
+
+A module twin is the same document for a module identity (`module_id` on every call): its own
+versions, etag and `$metadata`, `moduleId` in the JSON, no `capabilities`; deleting the module (or
+its device) deletes it.
 
 Promises:
 - every write gets a new opaque `etag` and `version + 1`; each properties section has its own
@@ -43,13 +47,14 @@ from tether.messaging.twin_docs import (
     without_reserved,
 )
 from tether.registry.models import EPOCH, Device, utcnow, validate_device_id
+from tether.registry.modules import ModuleService, module_not_found
 from tether.registry.service import RegistryService, new_etag, parse_if_match
 from tether.security.audit import AuditLog
 from tether.storage.sql.twins import TwinRecord, TwinRepository
 
 log = logging.getLogger(__name__)
 
-DesiredListener = Callable[[str, dict[str, Any]], Awaitable[None]]
+DesiredListener = Callable[[str, str | None, dict[str, Any]], Awaitable[None]]  # (device, module, patch)
 
 INITIAL_ETAG = "AAAAAAAAAAE="  # Azure's etag of a twin that was never written
 _WRITE_RETRIES = 16
@@ -64,11 +69,12 @@ READ_ONLY_FIELDS = frozenset(
 Mutation = Callable[[TwinRecord], "tuple[TwinRecord, dict[str, Any] | None] | None"]
 
 
-def blank_record(device_id: str) -> TwinRecord:
-    """The twin of a device that was never written."""
+def blank_record(device_id: str, module_id: str | None = None) -> TwinRecord:
+    """The twin of a device (or module) that was never written."""
     epoch = iso(EPOCH)
     return TwinRecord(
         device_id=device_id,
+        module_id=module_id,
         etag=INITIAL_ETAG,
         version=1,
         tags={},
@@ -84,14 +90,19 @@ def blank_record(device_id: str) -> TwinRecord:
 
 
 def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
-    """Azure's twin JSON: registry fields of the device merged with the stored sections.
+    """Azure's twin JSON: registry fields of the device (or of a module's identity view,
+    `Module.identity()`: then with `moduleId` and without `capabilities`) merged with the stored
+    sections.
 
     The document shares the record's dicts (no copy: this is the query scan's hot path); every record
     the service hands in is freshly loaded or freshly built, and nothing else holds it."""
     metadata = record.metadata
     thumbprints = device.authentication.x509_thumbprint
-    return {
-        "deviceId": device.device_id,
+    identity: dict[str, Any] = {"deviceId": device.device_id}
+    if device.module_id is not None:
+        identity["moduleId"] = device.module_id
+    twin = {
+        **identity,
         "etag": record.etag,
         "deviceEtag": device.etag,
         "version": record.version,
@@ -121,14 +132,21 @@ def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
             },
         },
     }
+    if device.module_id is not None:
+        del twin["capabilities"]
+    return twin
 
 
 def _not_found(device_id: str) -> NotFound:
     return NotFound(f"device {device_id} not found", code="DeviceNotFound", field="deviceId")
 
 
+def _name(device_id: str, module_id: str | None) -> str:
+    return device_id if module_id is None else f"{device_id}/{module_id}"
+
+
 def _parse_service_body(
-    device_id: str, body: object, *, replace: bool
+    device_id: str, body: object, *, replace: bool, module_id: str | None = None
 ) -> tuple[dict[str, Any] | None, dict[str, Any] | None]:
     """(tags, desired) from a service PATCH/PUT body; None means "not given". Read-only twin fields
     echoed from a GET are ignored; anything else outside tags/properties.desired is refused."""
@@ -141,6 +159,9 @@ def _parse_service_body(
             if key == "deviceId" and value not in (None, device_id):
                 raise BadRequest(f"deviceId {value!r} in the body does not match {device_id!r}",
                                  field="deviceId")
+            if key == "moduleId" and value not in (None, module_id):
+                raise BadRequest(f"moduleId {value!r} in the body does not match {module_id!r}",
+                                 field="moduleId")
             continue
         raise BadRequest(f"{key} cannot be written: a service writes tags and properties.desired",
                          field=str(key))
@@ -186,7 +207,7 @@ def _error_body(exc: TetherError) -> bytes:
 
 
 class TwinService:
-    """Validated, versioned, durable device twins over a `TwinRepository`."""
+    """Validated, versioned, durable device and module twins over a `TwinRepository`."""
 
     def __init__(
         self,
@@ -194,23 +215,28 @@ class TwinService:
         registry: RegistryService,
         audit: AuditLog,
         *,
+        modules: ModuleService | None = None,
         clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self._repo = repo
         self._registry = registry
+        self._modules = modules
         self._audit = audit
         self._clock = clock
         self._listeners: list[DesiredListener] = []
         self._relays: list[DesiredListener] = []
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         registry.add_status_listener(self._on_device_status)
+        if modules is not None:
+            modules.add_listener(self._on_module_deleted)
 
     def add_desired_listener(self, cb: DesiredListener) -> None:
-        """`cb(device_id, patch)` runs after every committed change of a device's desired properties.
+        """`cb(device_id, module_id, patch)` runs after every committed change of a device's
+        (`module_id` None) or a module's desired properties.
 
         `patch` is a merge-patch (removed keys are null) plus `"$version"`: the new desired version,
         exactly the body and `$version` of `$iothub/twin/PATCH/properties/desired/?$version=n`. Each
-        call gets its own copy. Within this process calls for one device come in `$version` order
+        call gets its own copy. Within this process calls for one identity come in `$version` order
         (the twin's write lock is held while listeners run, so keep them quick: enqueue, don't wait on
         the network); other hub nodes' writes arrive through `notify_from_peer` when a cluster bus
         is configured. Exceptions are logged and ignored."""
@@ -221,20 +247,20 @@ class TwinService:
         process's desired changes to the other hub nodes with it (called in `$version` order)."""
         self._relays.append(cb)
 
-    async def notify_from_peer(self, device_id: str, patch: dict[str, Any]) -> None:
+    async def notify_from_peer(self, device_id: str, module_id: str | None, patch: dict[str, Any]) -> None:
         """A desired change committed by another hub node: run this process's desired listeners
-        (which push it to the device if it is connected here)."""
-        await self._notify(device_id, patch, relay=False)
+        (which push it to the device or module if it is connected here)."""
+        await self._notify(device_id, module_id, patch, relay=False)
 
     # Reads -----------------------------------------------------------------------------------
-    async def get(self, device_id: str) -> dict[str, Any]:
-        """The full twin (Azure's twin JSON); 404 DeviceNotFound for an unknown device."""
-        device, record = await self._load(device_id)
-        return twin_document(device, record)
+    async def get(self, device_id: str, module_id: str | None = None) -> dict[str, Any]:
+        """The full twin (Azure's twin JSON); 404 DeviceNotFound / ModuleNotFound."""
+        identity, record = await self._load(device_id, module_id)
+        return twin_document(identity, record)
 
-    async def get_for_device(self, device_id: str) -> dict[str, Any]:
+    async def get_for_device(self, device_id: str, module_id: str | None = None) -> dict[str, Any]:
         """The MQTT twin GET body: `{"desired": {…, "$version": n}, "reported": {…, "$version": m}}`."""
-        _, record = await self._load(device_id)
+        _, record = await self._load(device_id, module_id)
         return {
             "desired": {**record.desired, "$version": record.desired_version},
             "reported": {**record.reported, "$version": record.reported_version},
@@ -246,13 +272,24 @@ class TwinService:
         records = await self._repo.get_many([d.device_id for d in devices])
         return [twin_document(d, records.get(d.device_id) or blank_record(d.device_id)) for d in devices]
 
+    async def scan_modules(self, *, after: tuple[str, str] | None = None,
+                           limit: int = 500) -> list[dict[str, Any]]:
+        """Module twins of up to `limit` modules in (device id, module id) order after `after`
+        (`FROM devices.modules`)."""
+        if self._modules is None:
+            return []
+        modules = await self._modules.scan(after=after, limit=limit)
+        records = await self._repo.get_module_twins([m.key for m in modules])
+        return [twin_document(m.identity(), records.get(m.key) or blank_record(*m.key)) for m in modules]
+
     # Service writes --------------------------------------------------------------------------
     async def patch(
-        self, device_id: str, patch: dict[str, Any], *, if_match: str | None, actor: str
+        self, device_id: str, patch: dict[str, Any], *, if_match: str | None, actor: str,
+        module_id: str | None = None,
     ) -> dict[str, Any]:
         """Service PATCH: merge `tags` and/or `properties.desired` (null removes a key)."""
-        validate_device_id(device_id)
-        tags_patch, desired_patch = _parse_service_body(device_id, patch, replace=False)
+        self._check_ids(device_id, module_id)
+        tags_patch, desired_patch = _parse_service_body(device_id, patch, replace=False, module_id=module_id)
         tags_patch = tags_patch or None
         desired_patch = desired_patch or None
         now = self._clock()
@@ -279,15 +316,17 @@ class TwinService:
             return updated, notice
 
         sections = [name for name, part in (("tags", tags_patch), ("desired", desired_patch)) if part]
-        return await self._service_write(device_id, if_match, mutate, "twin.update", actor, sections)
+        return await self._service_write(device_id, module_id, if_match, mutate, "twin.update", actor,
+                                         sections)
 
     async def replace(
-        self, device_id: str, twin: dict[str, Any], *, if_match: str | None, actor: str
+        self, device_id: str, twin: dict[str, Any], *, if_match: str | None, actor: str,
+        module_id: str | None = None,
     ) -> dict[str, Any]:
         """Service PUT: `tags` and `properties.desired` become exactly the body's (absent = empty);
         the rest of the body (reported, registry fields) is ignored. Devices get the difference."""
-        validate_device_id(device_id)
-        tags_body, desired_body = _parse_service_body(device_id, twin, replace=True)
+        self._check_ids(device_id, module_id)
+        tags_body, desired_body = _parse_service_body(device_id, twin, replace=True, module_id=module_id)
         new_tags: dict[str, Any] = strip_nulls(tags_body or {})
         new_desired: dict[str, Any] = strip_nulls(desired_body or {})
         check_size("tags", new_tags, TAGS_LIMIT)
@@ -309,13 +348,14 @@ class TwinService:
                                  metadata=metadata, desired_version=desired_version)
             return updated, notice
 
-        return await self._service_write(device_id, if_match, mutate, "twin.replace", actor,
+        return await self._service_write(device_id, module_id, if_match, mutate, "twin.replace", actor,
                                          ["tags", "desired"])
 
     # Device writes ---------------------------------------------------------------------------
-    async def update_reported(self, device_id: str, patch: dict[str, Any]) -> int:
-        """Device reported-properties PATCH (null removes a key); returns the new reported `$version`.
-        Not audited: it is device traffic, like telemetry."""
+    async def update_reported(self, device_id: str, patch: dict[str, Any],
+                              module_id: str | None = None) -> int:
+        """Device (or module) reported-properties PATCH (null removes a key); returns the new reported
+        `$version`. Not audited: it is device traffic, like telemetry."""
         reported_patch = check_section("properties.reported", patch)
         now = self._clock()
 
@@ -328,51 +368,70 @@ class TwinService:
                                  reported_version=current.reported_version + 1)
             return updated, None
 
-        async with self._lock(device_id):
-            _, record, _, _ = await self._write(device_id, None, mutate)
+        async with self._lock(device_id, module_id):
+            _, record, _, _ = await self._write(device_id, module_id, None, mutate)
         return record.reported_version
 
     # Wire helpers for device protocols (MQTT twin topics) -------------------------------------
-    async def device_get(self, device_id: str) -> tuple[int, bytes]:
+    async def device_get(self, device_id: str, module_id: str | None = None) -> tuple[int, bytes]:
         """(status, body) answering `$iothub/twin/GET`: 200 and the desired/reported JSON, or the
         error's HTTP status and `{"errorCode", "message"}`."""
         try:
-            body = await self.get_for_device(device_id)
+            body = await self.get_for_device(device_id, module_id)
         except TetherError as exc:
             return exc.http_status, _error_body(exc)
         return 200, json.dumps(body, separators=(",", ":")).encode()
 
-    async def device_patch_reported(self, device_id: str, payload: bytes) -> tuple[int, bytes, int | None]:
+    async def device_patch_reported(self, device_id: str, payload: bytes,
+                                    module_id: str | None = None) -> tuple[int, bytes, int | None]:
         """(status, body, new reported version) answering a reported-properties PATCH publish:
         204 with an empty body and the new `$version`, or 400/404/412… with an error body."""
         try:
             patch = _parse_device_json(payload)
-            version = await self.update_reported(device_id, patch)
+            version = await self.update_reported(device_id, patch, module_id)
         except TetherError as exc:
             return exc.http_status, _error_body(exc), None
         return 204, b"", version
 
     # Internals -------------------------------------------------------------------------------
-    def _lock(self, device_id: str) -> asyncio.Lock:
-        """One lock per device while anyone holds it: serialises this process's writes of a twin
+    @staticmethod
+    def _check_ids(device_id: str, module_id: str | None) -> None:
+        validate_device_id(device_id)
+        if module_id is not None:
+            validate_device_id(module_id, field="moduleId")
+
+    def _lock(self, device_id: str, module_id: str | None) -> asyncio.Lock:
+        """One lock per twin while anyone holds it: serialises this process's writes of a twin
         (fewer retries) and keeps desired notifications in order."""
-        lock = self._locks.get(device_id)
+        name = _name(device_id, module_id)  # ids never contain "/"
+        lock = self._locks.get(name)
         if lock is None:
             lock = asyncio.Lock()
-            self._locks[device_id] = lock
+            self._locks[name] = lock
         return lock
 
-    async def _load(self, device_id: str) -> tuple[Device, TwinRecord]:
-        validate_device_id(device_id)
+    async def _identity(self, device_id: str, module_id: str | None) -> Device:
+        """The device, or the module's identity view (cached lookups); 404 when unknown."""
         device = await self._registry.find(device_id)
         if device is None:
             raise _not_found(device_id)
-        record = await self._repo.get(device_id)
-        return device, record or blank_record(device_id)
+        if module_id is None:
+            return device
+        module = None if self._modules is None else await self._modules.find_module(device_id, module_id)
+        if module is None:
+            raise module_not_found(device_id, module_id)
+        return module
+
+    async def _load(self, device_id: str, module_id: str | None) -> tuple[Device, TwinRecord]:
+        self._check_ids(device_id, module_id)
+        identity = await self._identity(device_id, module_id)
+        record = await self._repo.get(device_id, module_id)
+        return identity, record or blank_record(device_id, module_id)
 
     async def _service_write(
         self,
         device_id: str,
+        module_id: str | None,
         if_match: str | None,
         mutate: Mutation,
         action: str,
@@ -380,35 +439,34 @@ class TwinService:
         sections: list[str],
     ) -> dict[str, Any]:
         _, expected = parse_if_match(if_match)
-        async with self._lock(device_id):
-            device, record, notice, written = await self._write(device_id, expected, mutate)
+        async with self._lock(device_id, module_id):
+            identity, record, notice, written = await self._write(device_id, module_id, expected, mutate)
             if notice is not None:
-                await self._notify(device_id, notice)
+                await self._notify(device_id, module_id, notice)
         if written:
-            await self._audit.record(action, "ok", principal=actor, target=device_id,
+            await self._audit.record(action, "ok", principal=actor, target=_name(device_id, module_id),
                                      details={"sections": sections, "version": record.version})
-        return twin_document(device, record)
+        return twin_document(identity, record)
 
     async def _write(
-        self, device_id: str, expected_etag: str | None, mutate: Mutation
+        self, device_id: str, module_id: str | None, expected_etag: str | None, mutate: Mutation
     ) -> tuple[Device, TwinRecord, dict[str, Any] | None, bool]:
         """Read-modify-write with compare-and-set on the stored version; `mutate` returns the new
         record and the desired notice, or None for "nothing to write".
-        Returns (device, record, notice, written)."""
+        Returns (identity, record, notice, written)."""
+        name = _name(device_id, module_id)
         for attempt in range(_WRITE_RETRIES):
-            device = await self._registry.find(device_id)
-            if device is None:
-                raise _not_found(device_id)
-            stored = await self._repo.get(device_id)
-            current = stored or blank_record(device_id)
+            identity = await self._identity(device_id, module_id)
+            stored = await self._repo.get(device_id, module_id)
+            current = stored or blank_record(device_id, module_id)
             if expected_etag is not None and current.etag != expected_etag:
                 raise PreconditionFailed(
-                    f"twin {device_id}: If-Match etag does not match the current version",
+                    f"twin {name}: If-Match etag does not match the current version",
                     code="PreconditionFailed",
                 )
             result = mutate(current)
             if result is None:
-                return device, current, None, False
+                return identity, current, None, False
             updated, notice = result
             updated = dc_replace(updated, etag=new_etag(), version=current.version + 1)
             if stored is None:
@@ -416,25 +474,30 @@ class TwinService:
             else:
                 written = await self._repo.update(updated, stored.version)
             if written:
-                return device, updated, notice, True
+                return identity, updated, notice, True
             # Another writer (a device, a service, another hub node) got in first: read again.
             await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
-        raise PreconditionFailed(f"twin {device_id} is changing too fast, try again",
-                                 code="PreconditionFailed")
+        raise PreconditionFailed(f"twin {name} is changing too fast, try again", code="PreconditionFailed")
 
-    async def _notify(self, device_id: str, notice: dict[str, Any], *, relay: bool = True) -> None:
+    async def _notify(self, device_id: str, module_id: str | None, notice: dict[str, Any], *,
+                      relay: bool = True) -> None:
         callbacks = [*self._listeners, *self._relays] if relay else list(self._listeners)
         for cb in callbacks:
             try:
-                await cb(device_id, copy.deepcopy(notice))
+                await cb(device_id, module_id, copy.deepcopy(notice))
             except Exception:
-                log.exception("desired listener failed for device %s", device_id)
+                log.exception("desired listener failed for %s", _name(device_id, module_id))
 
     async def _on_device_status(self, device: Device) -> None:
         """Registry status listener: when the device is gone, so is its twin (the foreign key
-        cascade already did it in SQL; this keeps any other repository honest)."""
+        cascade already did it in SQL, module twins included; this keeps any other repository
+        honest)."""
         if await self._registry.find(device.device_id) is None:
             await self._repo.delete(device.device_id)
+
+    async def _on_module_deleted(self, device_id: str, module_id: str) -> None:
+        """Module listener: the module's twin goes with it (cascade in SQL, as above)."""
+        await self._repo.delete(device_id, module_id)
 
 
 __all__ = ["INITIAL_ETAG", "DesiredListener", "TwinService", "blank_record", "twin_document"]

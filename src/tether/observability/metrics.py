@@ -22,12 +22,15 @@ from prometheus_client.registry import Collector
 from tether.storage.stream.base import StreamStats
 
 __all__ = [
+    "ACCEPT_BACKOFFS",
     "AUTH_FAILURES",
     "CONNECTED_DEVICES",
+    "CONNECTIONS_REFUSED",
     "DISCONNECTS",
     "MESSAGES_IN",
     "MESSAGES_IN_BYTES",
     "REGISTRY",
+    "SOCKETS",
     "metrics_handler",
     "render",
     "watch_stream",
@@ -56,8 +59,30 @@ MESSAGES_IN_BYTES = Counter(
 AUTH_FAILURES = Counter(
     "tether_auth_failures",
     "Refused authentication attempts on every surface (mqtt, mqttws, https, rest, ...) by reason slug; "
-    "counted by the Authenticator, plus MQTT CONNECT refusals that happen before it is called.",
+    "counted by the Authenticator, plus refusals before it is called (MQTT CONNECT checks, malformed "
+    "HTTP requests). Reasons that would tell an unknown identity from a bad signature are merged into "
+    "invalid-credential.",
     ["surface", "reason"],
+    registry=REGISTRY,
+)
+ACCEPT_BACKOFFS = Counter(
+    "tether_accept_backoffs",
+    "Times a listener paused accepting because accept() failed for lack of resources (EMFILE: out of "
+    "file descriptors, ENFILE, ENOBUFS, ENOMEM), by listener and error.",
+    ["listener", "error"],
+    registry=REGISTRY,
+)
+CONNECTIONS_REFUSED = Counter(
+    "tether_connections_refused",
+    "Sockets closed at accept (per-peer-limit, no-free-descriptor) or shed to make room for a new one "
+    "(shed-idle: the longest-unproductive connection), by listener and reason.",
+    ["listener", "reason"],
+    registry=REGISTRY,
+)
+SOCKETS = Gauge(
+    "tether_sockets",
+    "Accepted sockets held by all listeners (open) and how many the descriptor budget allows (capacity).",
+    ["state"],
     registry=REGISTRY,
 )
 DISCONNECTS = Counter(

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
-from tether.registry.models import Device, DeviceStatus, RegistryStatistics
+from tether.registry.models import Device, DeviceStatus, Module, RegistryStatistics
 from tether.storage.base import ActivityUpdate, DeviceRepository
 
 DEFAULT_TTL_S = 2.0
@@ -34,10 +34,11 @@ DEFAULT_NEGATIVE_TTL_S = 1.0
 DEFAULT_MAX_NEGATIVE = 10_000
 
 Clock = Callable[[], float]
+Identity = TypeVar("Identity", Device, Module)
 
 
-def with_activity(device: Device, update: ActivityUpdate) -> Device:
-    """`device` as it reads once `update` is written (same rules as `apply_activity`)."""
+def with_activity(device: Identity, update: ActivityUpdate) -> Identity:
+    """`device` (or module) as it reads once `update` is written (same rules as `apply_activity`)."""
     fields: dict[str, Any] = {"last_activity_time": max(update.at, device.last_activity_time)}
     if update.connection_state is not None and update.connection_state != device.connection_state:
         fields["connection_state"] = update.connection_state
@@ -53,7 +54,7 @@ def merge_activity(older: ActivityUpdate | None, newer: ActivityUpdate | None) -
     if newer is None:
         return older
     state = newer.connection_state if newer.connection_state is not None else older.connection_state
-    return ActivityUpdate(newer.device_id, state, max(older.at, newer.at))
+    return ActivityUpdate(newer.device_id, state, max(older.at, newer.at), newer.module_id)
 
 
 class DeviceCache:
@@ -143,6 +144,8 @@ class DeviceCache:
         connection state does not go back in time once the registry's pending overlay is flushed."""
         self._epoch += 1  # a load that read the rows before this write must not be stored
         for update in updates:
+            if update.module_id is not None:  # modules are not in this cache
+                continue
             entry = self._found.get(update.device_id)
             if entry is not None:
                 self._found[update.device_id] = (with_activity(entry[0], update), entry[1])

@@ -36,6 +36,13 @@ def validate_device_id(value: str, field: str = "deviceId") -> str:
     return value
 
 
+def checked_id(value: str) -> str:
+    """A device or module id by Azure's rules (a pydantic validator: raises ValueError)."""
+    if not DEVICE_ID_RE.fullmatch(value):
+        raise ValueError("must be 1-128 characters of letters, digits and -.%_*?!(),:=@$'")
+    return value
+
+
 def validate_key(value: str) -> str:
     """A supplied symmetric key must be base64 of 16..64 bytes."""
     try:
@@ -119,13 +126,49 @@ class Device(Camel):
     @field_validator("device_id")
     @classmethod
     def _id_ok(cls, v: str) -> str:
-        if not DEVICE_ID_RE.fullmatch(v):
-            raise ValueError("must be 1-128 characters of letters, digits and -.%_*?!(),:=@$'")
-        return v
+        return checked_id(v)
 
     @property
     def enabled(self) -> bool:
         return self.status is DeviceStatus.enabled
+
+    def to_wire(self) -> dict[str, Any]:
+        return self.model_dump(mode="json", by_alias=True)
+
+
+class Module(Camel):
+    """A module identity of a device (Azure's `Module`): its own keys or certificate, its own twin and
+    connection. Modules have no status of their own: they can connect while their device is enabled.
+    Server-managed fields are ignored on input and set by the registry."""
+
+    module_id: str = Field(alias="moduleId")
+    device_id: str = Field(alias="deviceId")
+    managed_by: str | None = Field(None, alias="managedBy", max_length=128)
+    generation_id: str = Field("", alias="generationId")
+    etag: str = ""
+    connection_state: ConnectionState = Field(ConnectionState.disconnected, alias="connectionState")
+    connection_state_updated_time: datetime = Field(EPOCH, alias="connectionStateUpdatedTime")
+    last_activity_time: datetime = Field(EPOCH, alias="lastActivityTime")
+    cloud_to_device_message_count: int = Field(0, alias="cloudToDeviceMessageCount")
+    authentication: Authentication = Field(default_factory=Authentication)
+
+    @field_validator("device_id", "module_id")
+    @classmethod
+    def _id_ok(cls, v: str) -> str:
+        return checked_id(v)
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.device_id, self.module_id
+
+    def identity(self) -> Device:
+        """The module as the authenticator and the certificate verifier see an identity: its own
+        authentication, `module_id` set, always enabled (the device's status decides)."""
+        return Device(device_id=self.device_id, module_id=self.module_id, generation_id=self.generation_id,
+                      etag=self.etag, authentication=self.authentication,
+                      connection_state=self.connection_state,
+                      connection_state_updated_time=self.connection_state_updated_time,
+                      last_activity_time=self.last_activity_time)
 
     def to_wire(self) -> dict[str, Any]:
         return self.model_dump(mode="json", by_alias=True)

@@ -19,7 +19,6 @@ validation, server-managed fields, optimistic concurrency and auditing are imple
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import logging
 import secrets
@@ -32,6 +31,7 @@ from pydantic import ValidationError
 
 from tether.errors import BadRequest, Conflict, NotFound, PreconditionFailed, TetherError
 from tether.registry import cache as dcache
+from tether.registry.activity import ActivityBuffer
 from tether.registry.batch import CoalescingLoader
 from tether.registry.models import (
     DEVICE_ID_RE,
@@ -48,7 +48,7 @@ from tether.registry.models import (
 )
 from tether.security.audit import AuditLog
 from tether.security.keys import generate_key
-from tether.storage.base import ActivityUpdate, DeviceRepository
+from tether.storage.base import DeviceRepository
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +71,6 @@ KEY_CHOICES = ("primary", "secondary", "both")
 BULK_MODES = ("create", "update", "updateIfMatchETag", "delete", "deleteIfMatchETag")
 MAX_BULK = 100  # Azure's limit per bulk registry call
 MAX_LIST_TOP = 100_000
-MAX_PENDING_ACTIVITY = 10_000  # flush early rather than let the activity buffer grow without bound
 _WRITE_RETRIES = 8  # server-side read-modify-write attempts before giving up on a busy device
 
 
@@ -161,8 +160,7 @@ class RegistryService:
         self._loader = CoalescingLoader(self._repo.get_many)  # concurrent misses share one query
         self._audit = audit
         self._listeners, self._relays = list[StatusListener](), list[StatusListener]()
-        self._pending: dict[str, ActivityUpdate] = {}
-        self._flush_lock = asyncio.Lock()  # batches are written in order
+        self.activity = ActivityBuffer(self._repo)  # connection state / last activity, batched
 
     def add_status_listener(self, cb: StatusListener) -> None:
         self._listeners.append(cb)
@@ -268,7 +266,7 @@ class RegistryService:
         if expected is not None and current.etag != expected:
             raise _stale(device_id)
         await self._repo.delete(device_id, expected)
-        self._pending.pop(device_id, None)
+        self.activity.forget(device_id)
         await self._record("device.delete", device_id, actor)
         await self._notify(current)
 
@@ -300,18 +298,7 @@ class RegistryService:
             raise BadRequest(f"key must be one of {', '.join(KEY_CHOICES)}", field="which")
 
         def change(current: Device) -> Device:
-            if current.authentication.type is not AuthType.sas:
-                raise BadRequest(
-                    f"device {device_id} uses {current.authentication.type.value} authentication, "
-                    "it has no symmetric keys",
-                    field="authentication.type",
-                )
-            keys = current.authentication.symmetric_key
-            new_keys = SymmetricKey(
-                primary_key=generate_key() if which in ("primary", "both") else keys.primary_key,
-                secondary_key=generate_key() if which in ("secondary", "both") else keys.secondary_key,
-            )
-            auth = current.authentication.model_copy(update={"symmetric_key": new_keys})
+            auth = regenerated_keys(current.authentication, which, f"device {device_id}")
             return current.model_copy(update={"authentication": auth})
 
         _, device = await self._update(device_id, None, change)
@@ -379,7 +366,7 @@ class RegistryService:
             action = "create" if before is None else "delete" if after is None else "update"
             await self._record(f"device.{action}", op_id(before, after), actor, {"bulk": True})
             if before is not None and after is None:
-                self._pending.pop(before.device_id, None)
+                self.activity.forget(before.device_id)
                 await self._notify(before)
             elif before is not None and after is not None and before.enabled and not after.enabled:
                 await self._notify(after)
@@ -416,54 +403,31 @@ class RegistryService:
         return ""
 
     # Activity --------------------------------------------------------------------------------
-    async def touch(self, device_id: str, *, connected: bool | None = None) -> None:
-        """Note activity (and a connect/disconnect when `connected` is given); written by the next
-        `flush_activity()`, not per call."""
-        state = None if connected is None else (
-            ConnectionState.connected if connected else ConnectionState.disconnected
-        )
-        update = ActivityUpdate(device_id, state, utcnow())
-        self._pending[device_id] = dcache.merge_activity(self._pending.get(device_id), update)
-        if len(self._pending) >= MAX_PENDING_ACTIVITY:
-            await self.flush_activity()
+    async def touch(self, device_id: str, module_id: str | None = None, *,
+                    connected: bool | None = None) -> None:
+        """Note activity of a device or, with `module_id`, of one of its modules (and a connect /
+        disconnect when `connected` is given); written by the next `flush_activity()`, not per call."""
+        await self.activity.touch(device_id, module_id, connected=connected)
 
     async def flush_activity(self) -> None:
-        async with self._flush_lock:
-            if not self._pending:
-                return
-            batch, self._pending = self._pending, {}
-            try:
-                await self._repo.apply_activity(list(batch.values()))
-            except BaseException:
-                for device_id, older in batch.items():  # kept for the next flush; newer entries win
-                    self._pending[device_id] = dcache.merge_activity(older, self._pending.get(device_id))
-                raise
+        await self.activity.flush()
 
     # Internals -------------------------------------------------------------------------------
     def _parse(self, device_id: str, body: dict[str, Any]) -> Device:
         """Validate a client body against the path id; server-managed fields are dropped."""
         if not isinstance(body, dict):
             raise BadRequest("device body must be a JSON object", field="body")
-        try:
-            data = {k: v for k, v in _strip_nulls(body).items() if k not in SERVER_MANAGED}
-        except RecursionError:  # json.loads accepts deeper nesting than this walk can take
-            raise BadRequest("device body nests too deeply", field="body") from None
+        data = client_fields(body, "device")
         body_id = data.pop("deviceId", data.pop("device_id", device_id))
         if body_id != device_id:
             raise BadRequest(
                 f"deviceId {body_id!r} in the body does not match {device_id!r}", field="deviceId"
             )
-        auth = data.get("authentication")
-        if isinstance(auth, dict):  # "" means unset for keys and thumbprints (portal/SDK habit)
-            data["authentication"] = {
-                k: {kk: vv for kk, vv in v.items() if vv != ""} if isinstance(v, dict) else v
-                for k, v in auth.items()
-            }
         try:
             device = Device.model_validate({**data, "deviceId": device_id})
         except ValidationError as exc:
             raise _bad(exc) from None
-        _check_authentication(device)
+        check_authentication(device.authentication, "devices")
         return device
 
     def _new_device(self, device_id: str, body: dict[str, Any]) -> Device:
@@ -471,7 +435,7 @@ class RegistryService:
         device = self._parse(device_id, body)
         return device.model_copy(
             update={
-                "authentication": _with_keys(device, None),
+                "authentication": complete_keys(device.authentication, None),
                 "generation_id": new_generation_id(),
                 "etag": new_etag(),
                 "status_updated_time": EPOCH,
@@ -501,7 +465,7 @@ class RegistryService:
         status_time = utcnow() if wanted.status != current.status else current.status_updated_time
         return wanted.model_copy(
             update={
-                "authentication": _with_keys(wanted, current),
+                "authentication": complete_keys(wanted.authentication, current.authentication),
                 "generation_id": current.generation_id,
                 "status_updated_time": status_time,
                 "connection_state": current.connection_state,
@@ -537,8 +501,7 @@ class RegistryService:
 
     def _overlay(self, device: Device) -> Device:
         """Show activity not yet flushed, so reads are as fresh as the hub's own view."""
-        update = self._pending.get(device.device_id)
-        return device if update is None else dcache.with_activity(device, update)
+        return self.activity.overlay(device)
 
     async def _notify(self, device: Device, *, relay: bool = True) -> None:
         callbacks = [*self._relays, *self._listeners] if relay else list(self._listeners)
@@ -554,37 +517,67 @@ class RegistryService:
         await self._audit.record(action, "ok", principal=actor, target=target, details=details)
 
 
-def _check_authentication(device: Device) -> None:
-    auth = device.authentication
+def client_fields(body: dict[str, Any], what: str) -> dict[str, Any]:
+    """A device or module body without nulls (the SDKs send `null` for every unset field) and
+    without server-managed fields; `""` means unset for keys and thumbprints (portal/SDK habit)."""
+    try:
+        data = {k: v for k, v in _strip_nulls(body).items() if k not in SERVER_MANAGED}
+    except RecursionError:  # json.loads accepts deeper nesting than this walk can take
+        raise BadRequest(f"{what} body nests too deeply", field="body") from None
+    auth = data.get("authentication")
+    if isinstance(auth, dict):
+        data["authentication"] = {
+            k: {kk: vv for kk, vv in v.items() if vv != ""} if isinstance(v, dict) else v
+            for k, v in auth.items()
+        }
+    return data
+
+
+def check_authentication(auth: Authentication, noun: str) -> None:
+    """The authentication section is consistent with its type (`noun`: "devices" or "modules")."""
     has_keys = bool(auth.symmetric_key.primary_key or auth.symmetric_key.secondary_key)
     thumbprints = auth.x509_thumbprint
     has_thumbprints = bool(thumbprints.primary_thumbprint or thumbprints.secondary_thumbprint)
     kind = auth.type.value
     if auth.type is AuthType.sas and has_thumbprints:
-        raise BadRequest("sas devices take no x509 thumbprints", field="authentication.x509Thumbprint")
+        raise BadRequest(f"sas {noun} take no x509 thumbprints", field="authentication.x509Thumbprint")
     if auth.type is not AuthType.sas and has_keys:
-        raise BadRequest(f"{kind} devices take no symmetric keys", field="authentication.symmetricKey")
+        raise BadRequest(f"{kind} {noun} take no symmetric keys", field="authentication.symmetricKey")
     if auth.type is AuthType.self_signed and not thumbprints.primary_thumbprint:
         raise BadRequest(
-            "selfSigned devices need a primary thumbprint",
+            f"selfSigned {noun} need a primary thumbprint",
             field="authentication.x509Thumbprint.primaryThumbprint",
         )
     if auth.type in (AuthType.certificate_authority, AuthType.none) and has_thumbprints:
-        raise BadRequest(f"{kind} devices take no thumbprints", field="authentication.x509Thumbprint")
+        raise BadRequest(f"{kind} {noun} take no thumbprints", field="authentication.x509Thumbprint")
 
 
-def _with_keys(device: Device, current: Device | None) -> Authentication:
-    """sas devices always have both keys: missing ones are kept from `current` or generated."""
-    auth = device.authentication
+def complete_keys(auth: Authentication, current: Authentication | None) -> Authentication:
+    """sas identities always have both keys: missing ones are kept from `current` or generated."""
     if auth.type is not AuthType.sas:
         return auth
     keys = auth.symmetric_key
-    old = current.authentication.symmetric_key if current is not None else SymmetricKey()
-    if current is not None and current.authentication.type is not AuthType.sas:
+    old = current.symmetric_key if current is not None else SymmetricKey()
+    if current is not None and current.type is not AuthType.sas:
         old = SymmetricKey()
     new_keys = SymmetricKey(
         primary_key=keys.primary_key or old.primary_key or generate_key(),
         secondary_key=keys.secondary_key or old.secondary_key or generate_key(),
+    )
+    return auth.model_copy(update={"symmetric_key": new_keys})
+
+
+def regenerated_keys(auth: Authentication, which: str, what: str) -> Authentication:
+    """New random primary, secondary or both keys of a sas identity (`what` names it in errors)."""
+    if which not in KEY_CHOICES:
+        raise BadRequest(f"key must be one of {', '.join(KEY_CHOICES)}", field="which")
+    if auth.type is not AuthType.sas:
+        raise BadRequest(f"{what} uses {auth.type.value} authentication, it has no symmetric keys",
+                         field="authentication.type")
+    keys = auth.symmetric_key
+    new_keys = SymmetricKey(
+        primary_key=generate_key() if which in ("primary", "both") else keys.primary_key,
+        secondary_key=generate_key() if which in ("secondary", "both") else keys.secondary_key,
     )
     return auth.model_copy(update={"symmetric_key": new_keys})
 
@@ -595,5 +588,6 @@ def _stale(device_id: str) -> PreconditionFailed:
     )
 
 
-__all__ = ["BULK_MODES", "KEY_CHOICES", "MAX_BULK", "BulkError", "BulkOperation", "RegistryService",
-           "new_etag", "new_generation_id", "parse_if_match"]
+__all__ = ["BULK_MODES", "KEY_CHOICES", "MAX_BULK", "SERVER_MANAGED", "BulkError", "BulkOperation",
+           "RegistryService", "check_authentication", "client_fields", "complete_keys", "new_etag",
+           "new_generation_id", "parse_if_match", "regenerated_keys"]

@@ -5,13 +5,18 @@ A surface hands over the raw credential and the claimed identity and gets back a
 (`auth.{surface}`, outcome `allowed` | `refused`) — except throttled refusals, written in aggregate
 (below); tokens and keys never reach the audit log. Every refusal, throttled ones included, also
 increments `tether_auth_failures{surface,reason}` (`observability.metrics.AUTH_FAILURES`), so the
-metric covers MQTT, MQTT over WebSockets, device HTTPS and the REST API alike.
+metric covers MQTT, MQTT over WebSockets, device HTTPS and the REST API alike; that metric is public,
+so reasons that would tell an unknown identity from a bad signature share one label
+(`invalid-credential`, see `tether.security.principal.PUBLIC_REASONS`); the audit log keeps the exact
+reason. Refusals before authentication (malformed CONNECTs, bad HTTP requests) go through `refuse()`:
+counted, charged and audited like failed authentications.
 
 Rules (Azure's):
 
 * Device SAS without `skn` is signed with the device's (or module's) own primary or secondary key,
   the identity must use `sas` authentication, and the token may not be broader than
-  `{host}/devices/{id}`.
+  `{host}/devices/{id}` — for a module not broader than `{host}/devices/{id}/modules/{mid}`: a device's
+  token never authenticates one of its modules, nor one module's token another (`wrong-scope`).
 * Device SAS with `skn` is signed with a shared access policy's key; the policy needs
   `DeviceConnect`; a device-scoped or a hub-level (`sr={host}`) resource is accepted.
 * Service tokens always come from a policy (`skn`), are hub-level, and the policy must hold the
@@ -19,14 +24,15 @@ Rules (Azure's):
   (`not_authorized=True`), every other refusal a 401.
 * The token's host must name this hub: compared case-insensitively, and a `:port` on either side
   is ignored (the service SDK signs `localhost:8443` while devices sign `localhost`).
-* Modules authenticate only when a `ModuleLookup` is supplied (the registry has no module
-  identities yet); otherwise a module claim is refused with `unknown-module`.
+* Modules authenticate only when a `ModuleLookup` is supplied (the hub passes its `ModuleService`);
+  otherwise a module claim is refused with `unknown-module`. A module principal has
+  `kind=PrincipalKind.module` and both `device_id` and `module_id`; its device must be enabled.
 
 With `failure_rate` set (the hub passes `limits.auth_failures_per_second`), every refusal (401 and 403
 alike; not internal errors) is charged to the peer's address (`tether.security.throttle`): a peer over
 its budget is refused with `auth-rate-limited` (`AuthThrottled`, carrying `retry_after`) before any
-lookup or HMAC, whatever it presents, and those refusals are audited in aggregate. Internal calls
-(`peer=None`) are never throttled.
+lookup or HMAC, whatever it presents; while a peer is over budget all its refusals are audited in
+aggregate (at most one record per second). Internal calls (`peer=None`) are never throttled.
 """
 
 from __future__ import annotations
@@ -40,6 +46,7 @@ from cryptography import x509
 from tether.observability.metrics import AUTH_FAILURES
 from tether.registry.models import DEVICE_ID_RE, AuthType, Device
 from tether.security.audit import AuditSink
+from tether.security.disclosure import rights_of
 from tether.security.principal import (
     AuthAttempt,
     AuthRefused,
@@ -82,7 +89,8 @@ class DeviceLookup(Protocol):
 
 
 class ModuleLookup(Protocol):
-    """Module identities (own keys/certificates); optional until the registry stores modules."""
+    """Module identities (own keys/certificates) as identity views (`Module.identity()`, with
+    `module_id` set), from `tether.registry.modules.ModuleService`."""
 
     async def find_module(self, device_id: str, module_id: str) -> Device | None: ...
 
@@ -112,14 +120,6 @@ _Attempt = AuthAttempt
 
 def _label(text: str) -> str:
     return text if len(text) <= _LABEL_MAX else text[:_LABEL_MAX] + "…"
-
-
-def _policy_permissions(policy: PolicyRecord) -> frozenset[Permission]:
-    known = {p.value for p in Permission}
-    perms = {Permission(p) for p in policy.permissions if p in known}
-    if Permission.registry_write in perms:
-        perms.add(Permission.registry_read)
-    return frozenset(perms)
 
 
 class Authenticator:
@@ -243,8 +243,11 @@ class Authenticator:
         try:
             principal = await work()
         except AuthRefused as exc:  # the peer's token stays spent (so does a cancelled attempt's)
-            _count_failure(surface, exc.reason)
-            await self._refused(action, peer, attempt, exc.reason)
+            _count_failure(surface, exc.public_reason)
+            verdict = (self.throttle.refused(held, peer, action, exc.reason)
+                       if held is not None and self.throttle is not None and peer is not None else None)
+            if verdict is None or verdict.record:
+                await self._refused(action, peer, attempt, exc.reason, verdict.details() if verdict else None)
             raise
         except Exception:
             self._refund(held)  # our failure, not the peer's
@@ -277,12 +280,41 @@ class Authenticator:
             return admission.key
         _count_failure(surface, RATE_LIMITED)
         if admission.record:
-            await self._refused(action, peer, attempt, RATE_LIMITED, {"suppressed": admission.suppressed})
+            await self._refused(action, peer, attempt, RATE_LIMITED, admission.verdict.details())
         raise AuthThrottled(admission.retry_after)
 
+    async def refuse(
+        self,
+        action: str,
+        reason: str,
+        *,
+        surface: str,
+        peer: str | None,
+        principal: str | None = None,
+        target: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> None:
+        """A refusal before any authentication ran — a malformed or mismatched MQTT CONNECT, no
+        CONNECT in time, an HTTP request that does not parse: counted in `tether_auth_failures`,
+        charged to the peer's failure budget like a failed authentication (a peer that floods them is
+        then throttled) and audited the same way: individually until the peer is over budget, then in
+        aggregate (`tether.security.throttle`)."""
+        _count_failure(surface, reason)
+        throttle = self.throttle
+        if throttle is not None and peer is not None:
+            verdict = throttle.charge(peer, action, reason)
+            await self._write_summaries(throttle)
+            if not verdict.record:
+                return
+            extra = verdict.details()
+            if extra:
+                details = {**(details or {}), **extra}
+        await self._audit.record(action, "refused", principal=principal, reason=reason, peer=peer,
+                                 target=target, details=details or None)
+
     async def audit_throttled(self) -> None:
-        """Audit the suppressed counts of throttled floods that went quiet (the hub calls this every
-        second; otherwise the last episode of a peer would be written only when it tries again)."""
+        """Audit the suppressed counts of floods that went quiet (the hub calls this every second;
+        otherwise the last episode of a peer would be written only when it tries again)."""
         if self.throttle is not None:
             self.throttle.sweep()
             await self._write_summaries(self.throttle)
@@ -292,9 +324,9 @@ class Authenticator:
             await self._audit.record(
                 summary.action,
                 "refused",
-                reason=RATE_LIMITED,
+                reason=summary.reason,
                 peer=summary.peer,
-                details={"suppressed": summary.suppressed, "summary": True},
+                details=summary.details(),
             )
 
     def _refund(self, held: str | None) -> None:
@@ -338,12 +370,16 @@ class Authenticator:
         device_root = f"{host}/devices/{device_id}"
         target = f"{device_root}/modules/{module_id}" if module_id else device_root
         if not scope_covers(sas.resource, target):
+            attempt.details["tokenScope"] = _scope_kind(sas.resource)
             raise AuthRefused("wrong-scope", "token resource does not cover the identity")
         self._check_time(sas)
 
         if sas.policy_name is None:
             if not scope_covers(device_root, sas.resource):
                 raise AuthRefused("wrong-scope", "a device key cannot sign a hub-level token")
+            if module_id and not scope_covers(target, sas.resource):
+                attempt.details["tokenScope"] = _scope_kind(sas.resource)
+                raise AuthRefused("wrong-scope", "a device token cannot authenticate a module")
             device, identity = await self._identity(device_id, module_id)
             if identity.authentication.type is not AuthType.sas:
                 raise AuthRefused("wrong-auth-type", "identity does not use SAS keys")
@@ -353,7 +389,7 @@ class Authenticator:
         else:
             policy = await self._policy(sas.policy_name)
             self._check_signature(sas, [policy.primary_key, policy.secondary_key])
-            if Permission.device_connect not in _policy_permissions(policy):
+            if Permission.device_connect not in rights_of(policy.permissions):
                 raise AuthRefused("missing-permission", "policy lacks DeviceConnect", not_authorized=True)
             device, identity = await self._identity(device_id, module_id)
             credential, policy_name = CredentialKind.policy_device_token, policy.name
@@ -417,7 +453,7 @@ class Authenticator:
         self._check_time(sas)
         policy = await self._policy(sas.policy_name)
         self._check_signature(sas, [policy.primary_key, policy.secondary_key])
-        permissions = _policy_permissions(policy)
+        permissions = rights_of(policy.permissions)
         if required is not None and required not in permissions:
             raise AuthRefused("missing-permission", f"policy lacks {required.value}", not_authorized=True)
         return Principal(
@@ -477,8 +513,18 @@ class Authenticator:
 
 def _count_failure(surface: str, reason: str) -> None:
     """One refusal in `tether_auth_failures{surface,reason}` (both are slugs chosen by Tether code,
-    never by the peer, so the label sets stay small)."""
+    never by the peer, so the label sets stay small; authentication outcomes that depend on which
+    identities exist are merged first: `AuthRefused.public_reason`)."""
     AUTH_FAILURES.labels(surface, reason).inc()
+
+
+def _scope_kind(resource: str) -> str:
+    """What a refused token was scoped to, for the audit record: "hub", "device" or "module" (never
+    the ids in it, which the peer chose)."""
+    parts = resource.rstrip("/").split("/")[1:]
+    if len(parts) >= 4 and parts[0] == "devices" and parts[2] == "modules":
+        return "module"
+    return "device" if parts[:1] == ["devices"] else "hub"
 
 
 def _device_name(device_id: str, module_id: str | None) -> str:

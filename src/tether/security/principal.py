@@ -87,3 +87,24 @@ class AuthRefused(Exception):
         self.reason = reason
         self.detail = detail
         self.not_authorized = not_authorized
+
+    @property
+    def public_reason(self) -> str:
+        """The reason as unauthenticated observers (metric labels, disconnect counters) may see it."""
+        return public_reason(self.reason)
+
+
+INVALID_CREDENTIAL = "invalid-credential"
+# Refusal reasons that tell nothing about which identities exist or how they are configured: they are
+# decided from the presented token alone (or are told to the client anyway). Every other reason of the
+# authenticator — unknown device, module or policy, bad signature, disabled device, wrong kind of
+# credential, every certificate mismatch — depends on a registry lookup, so public counters merge them
+# into `invalid-credential`, as the responses already do (docs/security.md, "Refusals reveal little").
+PUBLIC_REASONS = frozenset({
+    "missing-credentials", "malformed", "expired", "lifetime-too-long", "device-token-not-allowed",
+    "wrong-scope", "wrong-hub", "missing-permission", "auth-rate-limited", "internal-error",
+})
+
+
+def public_reason(reason: str) -> str:
+    return reason if reason in PUBLIC_REASONS else INVALID_CREDENTIAL

@@ -1,4 +1,5 @@
-"""Per-peer throttling of authentication failures (`limits.auth_failures_per_second`).
+"""Per-peer throttling of authentication failures and pre-authentication refusals
+(`limits.auth_failures_per_second`), and the aggregation of their audit records.
 
 A client guessing credentials (or replaying a stolen token list) costs the hub a database lookup, an
 HMAC and an audit record per attempt. `AuthThrottle` keeps one token bucket per peer address: every
@@ -7,19 +8,25 @@ is empty its attempts are refused at once (`auth-rate-limited`) without any of t
 credentials included, so a guessing peer cannot slip a correct guess in — until the bucket refills at
 `rate` per second (burst `2 × rate`). Holding the token during the attempt makes concurrent guesses
 count too: a peer cannot open a thousand connections and have them all verified before the first
-refusal is charged.
+refusal is charged. Refusals that happen before any authentication (a malformed CONNECT, a client id
+that does not match the username, garbage instead of a request) are charged the same way (`charge()`).
 
 Keys are the peer's IP address, IPv4-mapped IPv6 folded to IPv4, and IPv6 grouped by its /64 (one
 host usually owns a whole /64, so per-address buckets would be free to evade). Only peers with a
 deficit are remembered, in an LRU bounded by `max_peers`, so a flood from many sources cannot
 exhaust memory; an evicted peer merely starts over with a full bucket.
 
-Throttled refusals are audited in aggregate so the audit table cannot become the amplifier: the first
-refusal of an episode is recorded, then at most one per peer per `audit_interval_s`, each carrying
-`suppressed` = refusals not written since the previous record. Counts still pending when the episode
-ends (the peer is admitted again), when the peer is evicted, or when `sweep()` finds them quiet for
-`audit_interval_s` (the hub sweeps every second) come back from `take_summaries()` for a closing
-record. Total refused = records that are not summaries + the sum of `suppressed`.
+Audit aggregation, so the audit table cannot become the amplifier. A peer's refusals are recorded one
+by one while its bucket has tokens. The first refusal that finds the bucket empty starts an *episode*:
+that refusal is recorded, and from then on every refusal of the peer — throttled ones, refusals of
+attempts admitted on a refilled token, pre-authentication refusals — is counted instead of written,
+with at most one record per `audit_interval_s` carrying `suppressed` (refusals not written since the
+previous record) and `reasons` (their count per reason slug). Counts still pending when the peer has
+been quiet for `audit_interval_s` come back from `sweep()` + `take_summaries()` (the hub sweeps every
+second) for one closing record, as do those of an evicted peer. The episode ends once the bucket has
+refilled to its burst (the peer stayed quiet for `burst / rate` seconds). So one peer costs at most
+`burst` records plus about one per second while it floods, and never more than `rate` records per
+second on average. Total refused = records that are not summaries + the sum of `suppressed`.
 """
 
 from __future__ import annotations
@@ -30,7 +37,8 @@ import math
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from tether.security.principal import AuthRefused
 
@@ -41,6 +49,7 @@ __all__ = [
     "AuthThrottle",
     "AuthThrottled",
     "Summary",
+    "Verdict",
     "peer_key",
 ]
 
@@ -91,35 +100,85 @@ def _host_key(host: str, ipv6_prefix: int) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class Verdict:
+    """Whether to write the audit record of one refusal, and the refusals it stands for.
+
+    `episode`: the peer is over its budget, so the record carries `suppressed` (possibly 0) and,
+    when some were suppressed, `reasons` (suppressed count per reason slug)."""
+
+    record: bool
+    episode: bool = False
+    suppressed: int = 0
+    reasons: tuple[tuple[str, int], ...] = ()
+
+    def details(self) -> dict[str, Any]:
+        """What the record adds to its `details` (nothing outside an episode)."""
+        if not self.episode:
+            return {}
+        if not self.suppressed:
+            return {"suppressed": 0}
+        return {"suppressed": self.suppressed, "reasons": dict(self.reasons)}
+
+
+_RECORD = Verdict(True)
+_SKIP = Verdict(False, episode=True)
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """`admit()`'s answer. Allowed: the attempt holds one token of bucket `key` (call `refund(key)`
-    when it succeeds). Refused: `record` says whether to audit this refusal, with `suppressed`."""
+    when it succeeds, `refused(key, …)` when it is refused). Refused: `verdict` says whether to audit
+    this refusal."""
 
     key: str
     allowed: bool
     retry_after: float = 0.0
-    record: bool = False
-    suppressed: int = 0
+    verdict: Verdict = _RECORD
+
+    @property
+    def record(self) -> bool:
+        return self.verdict.record
+
+    @property
+    def suppressed(self) -> int:
+        return self.verdict.suppressed
 
 
 @dataclass(frozen=True, slots=True)
 class Summary:
-    """Throttled refusals never written individually, to be closed with one audit record."""
+    """Refusals of a peer never written individually, to be closed with one audit record."""
 
     peer: str
     action: str
     suppressed: int
+    reasons: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def reason(self) -> str:
+        """The most frequent suppressed reason (the record's `reason`)."""
+        return max(self.reasons, key=lambda item: item[1])[0] if self.reasons else RATE_LIMITED
+
+    def details(self) -> dict[str, Any]:
+        return {"suppressed": self.suppressed, "reasons": dict(self.reasons), "summary": True}
 
 
 @dataclass(slots=True)
 class _Bucket:
     tokens: float
     stamp: float
-    limited: bool = False  # in a throttled episode
+    limited: bool = False  # in an episode (see the module docstring)
     last_record: float = 0.0
+    last_refusal: float = 0.0
     suppressed: int = 0
+    reasons: dict[str, int] = field(default_factory=dict)
     action: str = ""  # of the last suppressed refusal, for a summary record
     peer: str = ""
+
+    def take(self) -> tuple[int, tuple[tuple[str, int], ...]]:
+        counts = (self.suppressed, tuple(sorted(self.reasons.items())))
+        self.suppressed = 0
+        self.reasons = {}
+        return counts
 
 
 class AuthThrottle:
@@ -147,7 +206,7 @@ class AuthThrottle:
         self._clock = clock
         self._buckets: OrderedDict[str, _Bucket] = OrderedDict()
         self._summaries: list[Summary] = []
-        self._suppressing: set[str] = set()  # keys of buckets holding a suppressed count
+        self._episodes: set[str] = set()  # keys of buckets in an episode
 
     def __len__(self) -> int:
         """Peers remembered (those with a deficit or a throttled episode)."""
@@ -170,22 +229,29 @@ class AuthThrottle:
         bucket = self._bucket(key, now)
         if bucket.tokens >= 1.0:
             bucket.tokens -= 1.0
-            if bucket.limited:  # the episode is over
-                bucket.limited = False
-                self._close(bucket)
-                self._suppressing.discard(key)
             return Admission(key, True)
         retry_after = (1.0 - bucket.tokens) / self.rate
-        if not bucket.limited:
-            bucket.limited, bucket.last_record, bucket.suppressed = True, now, 0
-            return Admission(key, False, retry_after, record=True)
-        if now - bucket.last_record >= self.audit_interval_s:
-            suppressed, bucket.suppressed, bucket.last_record = bucket.suppressed, 0, now
-            return Admission(key, False, retry_after, record=True, suppressed=suppressed)
-        bucket.suppressed += 1
-        bucket.action, bucket.peer = action, peer
-        self._suppressing.add(key)
-        return Admission(key, False, retry_after)
+        return Admission(key, False, retry_after, self._note(key, bucket, now, peer, action, RATE_LIMITED,
+                                                             exhausted=True))
+
+    def refused(self, key: str, peer: str, action: str, reason: str) -> Verdict:
+        """An admitted attempt was refused (its token stays spent): record it, or count it when the
+        peer is in an episode."""
+        bucket = self._buckets.get(key)
+        if bucket is None:
+            return _RECORD
+        return self._note(key, bucket, self._clock(), peer, action, reason, exhausted=False)
+
+    def charge(self, peer: str, action: str, reason: str) -> Verdict:
+        """A refusal before any authentication (no `admit()`): charged to the peer's budget like a
+        failed authentication, audited like one."""
+        now = self._clock()
+        key = self.key(peer)
+        bucket = self._bucket(key, now)
+        exhausted = bucket.tokens < 1.0
+        if not exhausted:
+            bucket.tokens -= 1.0
+        return self._note(key, bucket, now, peer, action, reason, exhausted=exhausted)
 
     def refund(self, key: str) -> None:
         """Give back the token of an attempt that succeeded (or failed through no fault of the peer)."""
@@ -199,31 +265,58 @@ class AuthThrottle:
             del self._buckets[key]  # full again: nothing worth remembering
 
     def sweep(self) -> None:
-        """Close the suppressed counts that went quiet for `audit_interval_s`, so a flood that stops
-        is accounted for in the audit log within seconds, not when the peer next tries (or never)."""
+        """Close the suppressed counts of peers quiet for `audit_interval_s` (a flood that stops is
+        accounted for in the audit log within seconds, not when the peer next tries, or never), and
+        end the episodes of peers whose bucket is full again."""
         now = self._clock()
-        for key in list(self._suppressing):
+        for key in list(self._episodes):
             bucket = self._buckets.get(key)
             if bucket is None:
-                self._suppressing.discard(key)
-            elif now - bucket.last_record >= self.audit_interval_s:
+                self._episodes.discard(key)
+                continue
+            if now - bucket.last_refusal < self.audit_interval_s:
+                continue
+            if bucket.suppressed and now - bucket.last_record >= self.audit_interval_s:
                 bucket.last_record = now
                 self._close(bucket)
-                self._suppressing.discard(key)
+            self._refill(bucket, now)
+            if bucket.tokens >= self.burst:
+                self._close(bucket)
+                bucket.limited = False
+                self._episodes.discard(key)
+                del self._buckets[key]
 
     def take_summaries(self) -> list[Summary]:
-        """Suppressed counts of finished episodes and evicted peers, to be audited once each."""
+        """Suppressed counts of quiet floods and evicted peers, to be audited once each."""
         summaries, self._summaries = self._summaries, []
         return summaries
 
     # internals ----------------------------------------------------------------------------------
+    def _note(self, key: str, bucket: _Bucket, now: float, peer: str, action: str, reason: str, *,
+              exhausted: bool) -> Verdict:
+        bucket.last_refusal = now
+        if not bucket.limited:
+            if not exhausted:
+                return _RECORD
+            bucket.limited, bucket.last_record = True, now  # an episode starts with this record
+            self._episodes.add(key)
+            return Verdict(True, episode=True)
+        if now - bucket.last_record >= self.audit_interval_s:
+            bucket.last_record = now
+            suppressed, reasons = bucket.take()
+            return Verdict(True, episode=True, suppressed=suppressed, reasons=reasons)
+        bucket.suppressed += 1
+        bucket.reasons[reason] = bucket.reasons.get(reason, 0) + 1
+        bucket.action, bucket.peer = action, peer
+        return _SKIP
+
     def _bucket(self, key: str, now: float) -> _Bucket:
         bucket = self._buckets.get(key)
         if bucket is None:
             while len(self._buckets) >= self.max_peers:
                 evicted_key, evicted = self._buckets.popitem(last=False)
                 self._close(evicted)
-                self._suppressing.discard(evicted_key)
+                self._episodes.discard(evicted_key)
             bucket = self._buckets[key] = _Bucket(self.burst, now)
         else:
             self._buckets.move_to_end(key)
@@ -237,5 +330,6 @@ class AuthThrottle:
 
     def _close(self, bucket: _Bucket) -> None:
         if bucket.suppressed > 0:
-            self._summaries.append(Summary(bucket.peer, bucket.action, bucket.suppressed))
-            bucket.suppressed = 0
+            peer, action = bucket.peer, bucket.action
+            suppressed, reasons = bucket.take()
+            self._summaries.append(Summary(peer, action, suppressed, reasons))

@@ -28,6 +28,8 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from tether.config import DEFAULT_TLS12_CIPHERS, TlsSettings
+from tether.security.admission import ConnectionSlots, Slot
+from tether.security.listener import Listener, start_listener
 
 __all__ = [
     "LEGACY_TLS10_CIPHERS",
@@ -217,8 +219,10 @@ class TlsProtocol(asyncio.Protocol):
         *,
         handshake_timeout: float = 10.0,
         stats: TlsStats | None = None,
+        slot: Slot | None = None,
     ) -> None:
         self._factory = protocol_factory
+        self._slot = slot
         self.context = context
         self._handshake_timeout = handshake_timeout
         self.stats = stats if stats is not None else TlsStats()
@@ -248,6 +252,8 @@ class TlsProtocol(asyncio.Protocol):
         conn.set_accept_state()
         self._conn = conn
         self._timer = self._loop.call_later(self._handshake_timeout, self._on_handshake_timeout)
+        if self._slot is not None:
+            self._slot.attach(self._shed)
 
     def data_received(self, data: bytes) -> None:
         if self._closing:
@@ -272,6 +278,8 @@ class TlsProtocol(asyncio.Protocol):
         self._lost = True
         self._closing = True
         self._cancel_timer()
+        if self._slot is not None:
+            self._slot.release()
         self._pending.clear()
         app, self._app = self._app, None
         if app is not None:
@@ -325,6 +333,12 @@ class TlsProtocol(asyncio.Protocol):
         if self._writing_paused and self._app is app:
             app.pause_writing()
         return not self._closing
+
+    def _shed(self) -> None:
+        """Closed to make room for a new connection (`tether.security.admission`)."""
+        self._closing = True
+        if self._raw is not None:
+            self._raw.abort()
 
     def _fail(self, exc: Exception) -> None:
         if self._raw is not None:
@@ -477,6 +491,8 @@ class TlsProtocol(asyncio.Protocol):
             return conn.get_protocol_version_name()
         if name == "compression":
             return None
+        if name == "connection_slot":
+            return self._slot
         if self._raw is None:
             return default
         return self._raw.get_extra_info(name, default)
@@ -556,16 +572,17 @@ async def start_tls_server(
     handshake_timeout: float = 10.0,
     backlog: int = 1024,
     reuse_port: bool | None = None,
-) -> asyncio.Server:
+    slots: ConnectionSlots | None = None,
+    name: str = "tls",
+) -> Listener:
     """Listen on host:port; every accepted socket gets a TlsProtocol with the factory's current context.
 
     Works with any protocol factory, e.g. aiohttp: `runner = web.AppRunner(app); await runner.setup();
-    await start_tls_server(runner.server, host, port, factory)`."""
-    loop = asyncio.get_running_loop()
+    await start_tls_server(runner.server, host, port, factory)`. With `slots`, every socket is admitted
+    by them first and the inner protocol finds its slot as `get_extra_info("connection_slot")`."""
 
-    def make() -> TlsProtocol:
-        return TlsProtocol(
-            protocol_factory, factory.context, handshake_timeout=handshake_timeout, stats=factory.stats
-        )
+    def make(slot: Slot | None) -> TlsProtocol:
+        return TlsProtocol(protocol_factory, factory.context, handshake_timeout=handshake_timeout,
+                           stats=factory.stats, slot=slot)
 
-    return await loop.create_server(make, host, port, backlog=backlog, reuse_port=reuse_port)
+    return await start_listener(name, make, host, port, slots=slots, backlog=backlog, reuse_port=reuse_port)

@@ -423,11 +423,10 @@ class X509Verifier:
         self, device: Device, leaf: x509.Certificate, intermediates: list[x509.Certificate], now: datetime
     ) -> None:
         cn = _cn(leaf)
-        allowed = {device.device_id}
-        if device.module_id:
-            allowed.add(f"{device.device_id}/{device.module_id}")
-        if cn not in allowed:
-            raise AuthRefused("cn-mismatch", "certificate CN is not the device id")
+        # A module's certificate names the module, so a device's certificate is not a module's.
+        expected = f"{device.device_id}/{device.module_id}" if device.module_id else device.device_id
+        if cn != expected:
+            raise AuthRefused("cn-mismatch", "certificate CN is not the identity's id")
         snap = await self._cas.trust() if self._cas is not None else None
         if snap is None or snap.store is None:
             raise AuthRefused("untrusted-ca", "no verified certificate authority is registered")

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol
 
-from tether.registry.models import ConnectionState, Device, RegistryStatistics
+from tether.registry.models import ConnectionState, Device, Module, RegistryStatistics
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,11 +40,17 @@ class AuditRecord:
 
 @dataclass(frozen=True, slots=True)
 class ActivityUpdate:
-    """Coalesced connection-state/activity change, written in batches (not per message)."""
+    """Coalesced connection-state/activity change, written in batches (not per message); with
+    `module_id` it is the module identity's (a module has its own connection state)."""
 
     device_id: str
     connection_state: ConnectionState | None
     at: datetime
+    module_id: str | None = None
+
+    @property
+    def identity(self) -> tuple[str, str | None]:
+        return self.device_id, self.module_id
 
 
 class DeviceRepository(Protocol):
@@ -63,8 +69,27 @@ class DeviceRepository(Protocol):
     async def list(self, *, top: int, after: str | None = None) -> list[Device]: ...
     def iter_all(self) -> AsyncIterator[Device]: ...
     async def statistics(self) -> RegistryStatistics: ...
+    # Activity of devices and of their modules (`ActivityUpdate.module_id`), in one transaction.
     async def apply_activity(self, updates: Sequence[ActivityUpdate]) -> None: ...
     async def reset_connection_states(self, at: datetime) -> int: ...  # all Connected → Disconnected
+
+
+ModuleKey = tuple[str, str]  # (device id, module id)
+
+
+class ModuleRepository(Protocol):
+    """Module identities. A module belongs to a stored device: deleting the device deletes its modules
+    (and their twins); their activity columns are written by `DeviceRepository.apply_activity`."""
+
+    async def get(self, device_id: str, module_id: str) -> Module | None: ...
+    async def get_many(self, keys: Sequence[ModuleKey]) -> dict[ModuleKey, Module]: ...  # unknown absent
+    async def for_device(self, device_id: str) -> list[Module]: ...  # its modules by module id
+    async def scan(self, *, after: ModuleKey | None, limit: int) -> list[Module]: ...  # by (device, module)
+    # NotFound (DeviceNotFound) without the device, Conflict if it exists, QuotaExceeded (403)
+    # when the device already has `max_per_device` modules.
+    async def insert(self, module: Module, *, max_per_device: int) -> None: ...
+    async def replace(self, module: Module, expected_etag: str | None) -> None: ...  # NotFound / 412
+    async def delete(self, device_id: str, module_id: str, expected_etag: str | None) -> None: ...
 
 
 class PolicyRepository(Protocol):
@@ -85,6 +110,12 @@ class AuditRepository(Protocol):
         action_prefix: str | None = None,
         principal: str | None = None,
     ) -> list[AuditRecord]: ...
+
+    # retention (tether.security.audit_retention): read oldest first, deleted by id once exported
+    async def first_beyond(self, keep: int) -> int | None: ...
+    async def expired(self, *, before: datetime | None, through_id: int | None, limit: int
+                      ) -> list[AuditRecord]: ...
+    async def delete(self, ids: Sequence[int]) -> int: ...
 
 
 class Storage(Protocol):

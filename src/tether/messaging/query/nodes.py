@@ -90,13 +90,14 @@ SelectItem = Field | Count
 
 @dataclass(frozen=True, slots=True)
 class Query:
-    """`SELECT [TOP n] (* | items) FROM devices [WHERE condition] [GROUP BY paths]`."""
+    """`SELECT [TOP n] (* | items) FROM devices|devices.modules [WHERE condition] [GROUP BY paths]`."""
 
     star: bool
     items: tuple[SelectItem, ...]
     top: int | None
     where: Condition | None
     group_by: tuple[Path, ...]
+    source: str = "devices"  # or "devices.modules" (module twins)
 
     @property
     def aggregate(self) -> bool:

@@ -2,7 +2,7 @@
 
 Supported (keywords case-insensitive, property names case-sensitive):
 
-    SELECT [TOP n] * | item [, item]* FROM devices [WHERE condition] [GROUP BY path [, path]*]
+    SELECT [TOP n] * | item [, item]* FROM devices|devices.modules [WHERE condition] [GROUP BY path [, path]*]
     item      := path [AS name] | COUNT() [AS name]
     condition := condition OR condition | condition AND condition | NOT condition | ( condition )
                | operand (= | != | <> | < | <= | > | >=) operand
@@ -47,6 +47,8 @@ from tether.messaging.query.nodes import (
     Truth,
 )
 
+SOURCES: dict[tuple[str, ...], str] = {("devices",): "devices", ("devices", "modules"): "devices.modules"}
+"""The collections a query may read: device twins, module twins."""
 MAX_QUERY_CHARS = 32_768
 MAX_NESTING = 64
 MAX_TOP = 1_000_000
@@ -161,16 +163,17 @@ class _Build(Transformer[Token, Any]):
 
     def start(self, children: list[Any]) -> Query:
         top, projection, source, where, group = children
-        if source.segments != ("devices",):
-            raise _bad(f"FROM {source.text} is not supported: only FROM devices")
+        collection = SOURCES.get(source.segments)
+        if collection is None:
+            raise _bad(f"FROM {source.text} is not supported: only FROM devices or FROM devices.modules")
         group_by: tuple[Path, ...] = group or ()
         if projection is None:  # SELECT *
             if group_by:
                 raise _bad("GROUP BY needs a projection list, not SELECT *")
-            return Query(True, (), top, where, ())
+            return Query(True, (), top, where, (), collection)
         items: tuple[SelectItem, ...] = tuple(projection)
         _check_items(items, group_by)
-        return Query(False, items, top, where, group_by)
+        return Query(False, items, top, where, group_by, collection)
 
     def group_by(self, children: list[Path]) -> tuple[Path, ...]:
         return tuple(children)
@@ -298,7 +301,7 @@ def _name_counts(query: Query) -> Query:
                 name = f"${unnamed}"
             item = Count(name)
         items.append(item)
-    return Query(query.star, tuple(items), query.top, query.where, query.group_by)
+    return Query(query.star, tuple(items), query.top, query.where, query.group_by, query.source)
 
 
 def _nesting(condition: Condition | None) -> int:

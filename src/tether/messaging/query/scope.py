@@ -42,4 +42,5 @@ def narrowed(query: Query, scopes: tuple[str, ...]) -> Query:
     scope: Condition = scope_condition(scopes[0]) if len(scopes) == 1 else \
         Or(tuple(scope_condition(s) for s in scopes))
     where: Condition = scope if query.where is None else And((scope, query.where))
-    return Query(star=query.star, items=query.items, top=query.top, where=where, group_by=query.group_by)
+    return Query(star=query.star, items=query.items, top=query.top, where=where, group_by=query.group_by,
+                 source=query.source)

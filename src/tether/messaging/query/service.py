@@ -7,9 +7,10 @@ exactly Azure's on both SQLite and PostgreSQL. The path to SQL pushdown: transla
 JSON-path predicates (`json_extract` on SQLite, `jsonb` operators on PostgreSQL) for the common
 shapes, keeping this evaluator as the final filter so results never change.
 
-Paging: a plain query's token holds the last returned device id, so the next page resumes right after
-it in id order: every matching device that exists throughout the paging is returned exactly once,
-even if others are added or removed in between. Aggregates are computed whole for every page and
+Paging: a plain query's token holds the last returned device id (`FROM devices.modules`: the last
+(device id, module id)), so the next page resumes right after it in id order: every matching twin
+that exists throughout the paging is returned exactly once, even if others are added or removed in
+between. Aggregates are computed whole for every page and
 sliced by offset. Tokens carry a hash of the query text; a token used with another query is refused.
 """
 
@@ -22,11 +23,11 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from tether.errors import BadRequest
+from tether.errors import BadRequest, NotFound
 from tether.messaging.query.evaluator import Aggregation, matches, project
 from tether.messaging.query.nodes import Query
 from tether.messaging.query.parser import parse_query
-from tether.messaging.query.scope import narrowed
+from tether.messaging.query.scope import in_scope, narrowed
 from tether.messaging.twins import TwinService
 
 DEFAULT_PAGE = 100
@@ -42,9 +43,12 @@ class QueryPage:
     continuation: str | None  # None: this was the last page
 
 
+After = str | tuple[str, str]  # the last device id, or (device id, module id) for module twins
+
+
 @dataclass(frozen=True, slots=True)
 class _Cursor:
-    after: str | None = None  # plain queries: last device id returned
+    after: After | None = None  # plain queries: last identity returned
     offset: int = 0  # aggregates: rows already returned
     returned: int = 0  # items returned so far (for TOP)
 
@@ -54,7 +58,8 @@ def _query_hash(text: str) -> str:
 
 
 def encode_token(text: str, cursor: _Cursor) -> str:
-    payload = {"v": 1, "q": _query_hash(text), "a": cursor.after, "o": cursor.offset, "n": cursor.returned}
+    after = list(cursor.after) if isinstance(cursor.after, tuple) else cursor.after
+    payload = {"v": 1, "q": _query_hash(text), "a": after, "o": cursor.offset, "n": cursor.returned}
     raw = json.dumps(payload, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode("ascii").rstrip("=")
 
@@ -70,14 +75,25 @@ def decode_token(text: str, token: str) -> _Cursor:
     if not isinstance(payload, dict) or payload.get("v") != 1:
         raise bad
     after, offset, returned = payload.get("a"), payload.get("o"), payload.get("n")
+    if isinstance(after, list) and len(after) == 2 and all(_is_id(a) for a in after):
+        after = (after[0], after[1])
     if (
         payload.get("q") != _query_hash(text)
-        or not (after is None or (isinstance(after, str) and 0 < len(after) <= 128))
+        or not (after is None or isinstance(after, tuple) or _is_id(after))
         or not isinstance(offset, int) or isinstance(offset, bool) or offset < 0
         or not isinstance(returned, int) or isinstance(returned, bool) or returned < 0
     ):
         raise bad
     return _Cursor(after, offset, returned)
+
+
+def _is_id(value: object) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= 128
+
+
+def _identity(doc: dict[str, Any]) -> After:
+    module_id = doc.get("moduleId")
+    return doc["deviceId"] if module_id is None else (doc["deviceId"], module_id)
 
 
 class QueryService:
@@ -89,28 +105,37 @@ class QueryService:
 
     async def run(self, text: str, *, max_items: int = DEFAULT_PAGE,
                   continuation: str | None = None, scopes: tuple[str, ...] | None = None) -> QueryPage:
-        """`scopes`: only devices matching one of these conditions (a scoped operator's view)."""
+        """`scopes`: only devices matching one of these conditions (a scoped operator's view; for
+        `FROM devices.modules`, the modules of such devices)."""
         query = parse_query(text)
-        if scopes:
+        device_scope: _DeviceScope | None = None
+        if scopes and query.source == "devices.modules":
+            device_scope = _DeviceScope(self._twins, scopes)
+        elif scopes:
             query = narrowed(query, scopes)
         if not 1 <= max_items <= MAX_PAGE:
             raise BadRequest(f"x-ms-max-item-count must be between 1 and {MAX_PAGE}",
                              field="x-ms-max-item-count")
         cursor = decode_token(text, continuation) if continuation else _Cursor()
+        modules = query.source == "devices.modules"
+        if cursor.after is not None and isinstance(cursor.after, tuple) != modules:
+            raise BadRequest("x-ms-continuation is not a token from a previous page of this query",
+                             field=TOKEN_FIELD)
         if query.aggregate:
-            return await self._aggregate(text, query, max_items, cursor)
-        return await self._select(text, query, max_items, cursor)
+            return await self._aggregate(text, query, max_items, cursor, device_scope)
+        return await self._select(text, query, max_items, cursor, device_scope)
 
-    async def _select(self, text: str, query: Query, max_items: int, cursor: _Cursor) -> QueryPage:
+    async def _select(self, text: str, query: Query, max_items: int, cursor: _Cursor,
+                      device_scope: _DeviceScope | None) -> QueryPage:
         remaining = None if query.top is None else query.top - cursor.returned
         if remaining is not None and remaining <= 0:
             return QueryPage([], query.item_type, None)
         limit = max_items if remaining is None else min(max_items, remaining)
         items: list[dict[str, Any]] = []
-        last_id: str | None = None
+        last_id: After | None = None
         after = cursor.after
         while True:
-            batch = await self._twins.scan(after=after, limit=self._scan_page)
+            batch, following = await self._scan(query, after, device_scope)
             for doc in batch:
                 if not matches(query, doc):
                     continue
@@ -118,24 +143,40 @@ class QueryService:
                     token = _Cursor(after=last_id, returned=cursor.returned + len(items))
                     return QueryPage(items, query.item_type, encode_token(text, token))
                 items.append(project(query, doc))
-                last_id = doc["deviceId"]
+                last_id = _identity(doc)
                 if remaining is not None and len(items) == remaining:
                     return QueryPage(items, query.item_type, None)
-            if len(batch) < self._scan_page:
+            if following is None:
                 return QueryPage(items, query.item_type, None)
-            after = batch[-1]["deviceId"]
+            after = following
 
-    async def _aggregate(self, text: str, query: Query, max_items: int, cursor: _Cursor) -> QueryPage:
+    async def _scan(self, query: Query, after: After | None,
+                    device_scope: _DeviceScope | None) -> tuple[list[dict[str, Any]], After | None]:
+        """(the next twins of the query's collection after `after` that the caller may see, where the
+        scan goes on: None at the end). The cursor's shape was checked by `run`."""
+        if query.source == "devices.modules":
+            batch = await self._twins.scan_modules(after=after if isinstance(after, tuple) else None,
+                                                   limit=self._scan_page)
+        else:
+            batch = await self._twins.scan(after=after if isinstance(after, str) else None,
+                                           limit=self._scan_page)
+        following = _identity(batch[-1]) if len(batch) >= self._scan_page else None
+        if device_scope is not None:
+            batch = await device_scope.keep(batch)
+        return batch, following
+
+    async def _aggregate(self, text: str, query: Query, max_items: int, cursor: _Cursor,
+                         device_scope: _DeviceScope | None) -> QueryPage:
         aggregation = Aggregation(query)
-        after: str | None = None
+        after: After | None = None
         while True:
-            batch = await self._twins.scan(after=after, limit=self._scan_page)
+            batch, following = await self._scan(query, after, device_scope)
             for doc in batch:
                 if matches(query, doc):
                     aggregation.add(doc)
-            if len(batch) < self._scan_page:
+            if following is None:
                 break
-            after = batch[-1]["deviceId"]
+            after = following
         rows = aggregation.rows()
         if query.top is not None:
             rows = rows[: query.top]
@@ -143,6 +184,27 @@ class QueryService:
         end = cursor.offset + len(page)
         token = encode_token(text, _Cursor(offset=end)) if end < len(rows) else None
         return QueryPage(page, query.item_type, token)
+
+
+class _DeviceScope:
+    """A scoped caller's view of module twins: a module is in scope when its device's twin matches
+    one of the scopes (the scopes speak about devices; a module twin's own tags do not widen them)."""
+
+    def __init__(self, twins: TwinService, scopes: tuple[str, ...]) -> None:
+        self._twins = twins
+        self._scopes = scopes
+        self._devices: dict[str, bool] = {}  # device id → in scope, for this query run
+
+    async def keep(self, docs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        for device_id in dict.fromkeys(d["deviceId"] for d in docs):
+            if device_id not in self._devices:
+                try:
+                    twin = await self._twins.get(device_id)
+                except NotFound:  # deleted meanwhile
+                    self._devices[device_id] = False
+                else:
+                    self._devices[device_id] = in_scope(self._scopes, twin)
+        return [d for d in docs if self._devices[d["deviceId"]]]
 
 
 __all__ = ["DEFAULT_PAGE", "MAX_PAGE", "QueryPage", "QueryService"]

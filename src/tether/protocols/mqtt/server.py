@@ -2,8 +2,10 @@
 
 TLS comes from the one TLS layer (`tether.security.tls`), whose transport exposes the client
 certificate chain as `peercert_chain`; plain TCP exists for loopback tests and benchmarks only. All
-protocol decisions are the session's. Sockets beyond `limits.max_connections` are closed at once, and
-the TLS handshake gets `limits.connect_timeout_s` like the CONNECT that must follow it.
+protocol decisions are the session's. Every socket is admitted by the hub's `ConnectionSlots` first
+(`tether.security.listener`); a session counts as productive for them once it is authenticated (before
+that it may be shed under descriptor pressure). Sockets beyond `limits.max_connections` are closed at
+once, and the TLS handshake gets `limits.connect_timeout_s` like the CONNECT that must follow it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ from cryptography import x509
 from tether.observability.metrics import DISCONNECTS, watch_stream
 from tether.protocols.mqtt.context import MqttContext
 from tether.protocols.mqtt.session import MqttSession
+from tether.security.admission import Slot
+from tether.security.listener import format_peer, start_listener
 from tether.security.tls import TlsContextFactory, start_tls_server
 
 if TYPE_CHECKING:
@@ -52,23 +56,21 @@ def context_for(hub: Hub) -> MqttContext:
     return ctx
 
 
-def format_peer(peername: Any) -> str | None:
-    """`ip:port` (`[ip]:port` for IPv6) for audit records."""
-    if not isinstance(peername, tuple) or len(peername) < 2:
-        return None
-    host, port = str(peername[0]), peername[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class MqttProtocol(asyncio.Protocol):
     """Socket side of one MQTT connection: admission, then bytes in and out of the session."""
 
-    def __init__(self, ctx: MqttContext) -> None:
+    def __init__(self, ctx: MqttContext, slot: Slot | None = None) -> None:
         self._ctx = ctx
         self._session: MqttSession | None = None
+        self._slot = slot  # plain TCP: ours to attach and release (under TLS the TLS layer does)
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)  # uvloop's transports do not subclass asyncio's
+        if self._slot is not None:
+            self._slot.attach(transport.abort)
+        slot: Slot | None = self._slot or transport.get_extra_info("connection_slot")
+        if slot is not None:
+            slot.established = self._authenticated
         if not self._ctx.connections.admit():
             DISCONNECTS.labels("mqtt", "max-connections").inc()
             transport.abort()
@@ -81,6 +83,10 @@ class MqttProtocol(asyncio.Protocol):
             self._ctx, transport, peer=format_peer(transport.get_extra_info("peername")), peer_chain=chain
         )
 
+    def _authenticated(self) -> bool:
+        session = self._session
+        return session is not None and session.principal is not None
+
     def data_received(self, data: bytes) -> None:
         if self._session is not None:
             self._session.data_received(data)
@@ -89,6 +95,8 @@ class MqttProtocol(asyncio.Protocol):
         return False  # no half-open MQTT connections: close
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._slot is not None:
+            self._slot.release()
         session, self._session = self._session, None
         if session is not None:
             session.connection_lost()
@@ -98,19 +106,17 @@ class MqttProtocol(asyncio.Protocol):
 async def start_mqtt(hub: Hub, *, host: str, port: int, tls: bool) -> asyncio.AbstractServer:
     """Listen for MQTT on host:port (TLS via `hub.tls`, created from settings if unset)."""
     ctx = context_for(hub)
-
-    def make() -> MqttProtocol:
-        return MqttProtocol(ctx)
+    slots = hub.slots
 
     if not tls:
-        loop = asyncio.get_running_loop()
-        return await loop.create_server(make, host, port, backlog=1024)
+        return await start_listener("mqtt", lambda slot: MqttProtocol(ctx, slot), host, port, slots=slots)
     factory = getattr(hub, "tls", None)
     if not isinstance(factory, TlsContextFactory):
         s = hub.settings
         factory = TlsContextFactory(s.tls, s.cert_file, s.key_file, s.tls.chain_file)
         hub.tls = factory
-    return await start_tls_server(make, host, port, factory, handshake_timeout=ctx.limits.connect_timeout_s)
+    return await start_tls_server(lambda: MqttProtocol(ctx), host, port, factory, slots=slots, name="mqtts",
+                                  handshake_timeout=ctx.limits.connect_timeout_s)
 
 
 async def stop_mqtt(hub: Hub) -> None:

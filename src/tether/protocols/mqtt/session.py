@@ -28,7 +28,7 @@ from cryptography import x509
 
 from tether.errors import TetherError
 from tether.messaging.c2d import C2DMessage, C2DOutcome
-from tether.observability.metrics import AUTH_FAILURES, CONNECTED_DEVICES, DISCONNECTS
+from tether.observability.metrics import CONNECTED_DEVICES, DISCONNECTS
 from tether.protocols.mqtt.codec import (
     NEED_DATA,
     MqttConnection,
@@ -79,6 +79,8 @@ log = logging.getLogger("tether.mqtt")
 MAX_INFLIGHT = 512  # unacknowledged publishes per connection before we stop reading
 RESUME_INFLIGHT = MAX_INFLIGHT // 2
 KEEPALIVE_FACTOR = 1.5
+# Azure's ceiling, and what a client asking for none (0) gets: no connection idles forever.
+MAX_KEEPALIVE_S = 1177
 
 
 class _State(enum.Enum):
@@ -274,14 +276,14 @@ class MqttSession:
             return
         self._model_id = user.query.get("model-id") or None
         self._clean_session = packet.clean_session
-        self._keepalive_s = packet.keep_alive * KEEPALIVE_FACTOR
+        self._keepalive_s = min(packet.keep_alive or MAX_KEEPALIVE_S, MAX_KEEPALIVE_S) * KEEPALIVE_FACTOR
         self._state = _State.AUTHENTICATING
         self._link.pause_reading()
         self._spawn(self._authenticate(packet.password, user.device_id, user.module_id))
 
     async def _authenticate(self, password: bytes | None, device_id: str, module_id: str | None) -> None:
         ctx = self._ctx
-        epoch = ctx.connections.epoch(device_id)
+        epoch = ctx.connections.epoch(device_id, module_id)
         surface = self._surface
         try:
             chain = () if password else self._peer_chain()
@@ -299,7 +301,8 @@ class MqttSession:
             code = ConnAckCode.NOT_AUTHORIZED if refused else ConnAckCode.BAD_USERNAME_OR_PASSWORD
             if exc.reason == RATE_LIMITED:
                 code = ConnAckCode.SERVER_UNAVAILABLE  # throttled: back off and retry later
-            self._refuse_connect(code, exc.reason, None)  # the authenticator wrote the audit record
+            # the authenticator wrote the audit record; the disconnect counter is public
+            self._refuse_connect(code, exc.public_reason, None)
             return
         except Exception:
             log.exception("authentication of %s failed", device_id)
@@ -313,7 +316,7 @@ class MqttSession:
         await ctx.connections.register(device_id, module_id, self)
         if self._state is not _State.AUTHENTICATING:
             return
-        if ctx.connections.epoch(device_id) != epoch:  # disabled or deleted while authenticating
+        if ctx.connections.epoch(device_id, module_id) != epoch:  # disabled or deleted meanwhile
             self.shutdown("device-disabled")
             return
         self._link.write(self._codec.send(ConnAck(False, ConnAckCode.ACCEPTED)))
@@ -322,7 +325,7 @@ class MqttSession:
             self._link.write(b"".join(self._early))
             self._early.clear()
         self._start_timers(principal)
-        self._spawn(ctx.activity.touch(device_id, connected=True))
+        self._spawn(ctx.activity.touch(device_id, module_id, connected=True))
         self._spawn(ctx.hooks.connected(principal, self, persistent=not self._clean_session))
         self._next_touch = self._loop.time() + ctx.activity_interval_s
         self._link.resume_reading()
@@ -335,10 +338,9 @@ class MqttSession:
         if self._state is _State.CLOSED:
             return
         if identity is not None:  # pre-auth refusal; the authenticator counts and audits its own
-            AUTH_FAILURES.labels(self._surface, reason).inc()
             device = identity.partition("/")[0] or None
-            self._audit("mqtt.connect", reason, principal=f"device:{identity}" if identity else None,
-                        target=device, details=details)
+            self._refuse_early(reason, principal=f"device:{identity}" if identity else None,
+                               target=device, details=details)
         self._link.write(self._codec.send(ConnAck(False, code)))
         self.shutdown(reason)
 
@@ -366,7 +368,7 @@ class MqttSession:
         now = self._loop.time()
         if now >= self._next_touch:
             self._next_touch = now + self._ctx.activity_interval_s
-            self._spawn(self._ctx.activity.touch(principal.device_id))
+            self._spawn(self._ctx.activity.touch(principal.device_id, principal.module_id))
         if isinstance(target, Telemetry):
             if telemetry.too_large(packet.payload):
                 self._refuse("mqtt.publish", "message-too-large", topic=packet.topic,
@@ -463,9 +465,7 @@ class MqttSession:
         for topic_filter, qos in packet.topics:
             kind = classify_subscribe(topic_filter, principal.device_id, principal.module_id)
             if kind is None:
-                named = topic_filter.split("/")[1] if topic_filter.startswith("devices/") else None
-                other = named not in (None, "+", principal.device_id)
-                reason = "other-device" if other else "forbidden-topic"
+                reason = _subscribe_refusal(topic_filter, principal.device_id, principal.module_id)
                 self._refuse("mqtt.subscribe", reason, topic=topic_filter)
                 return
             kinds.append(kind)
@@ -480,8 +480,7 @@ class MqttSession:
             if exc.connack_code is not None:
                 self._refuse_connect(exc.connack_code, exc.reason, "")
             else:
-                AUTH_FAILURES.labels(self._surface, exc.reason).inc()
-                self._audit("mqtt.connect", exc.reason)
+                self._refuse_early(exc.reason)
                 self.shutdown(exc.reason)
             return
         self._refuse("mqtt.protocol", exc.reason)
@@ -499,10 +498,15 @@ class MqttSession:
     def _audit(self, action: str, reason: str, **fields: Any) -> None:
         self._spawn(self._ctx.audit.record(action, "refused", reason=reason, peer=self.peer, **fields))
 
+    def _refuse_early(self, reason: str, **fields: Any) -> None:
+        """A refusal before authentication: counted, charged to the peer's failure budget and audited
+        (in aggregate once the peer floods) by the authenticator, like a failed authentication."""
+        self._spawn(self._ctx.authenticator.refuse("mqtt.connect", reason, surface=self._surface,
+                                                   peer=self.peer, **fields))
+
     def _on_connect_timeout(self) -> None:
         if self._state is _State.WAIT_CONNECT:
-            AUTH_FAILURES.labels(self._surface, "connect-timeout").inc()
-            self._audit("mqtt.connect", "connect-timeout")
+            self._refuse_early("connect-timeout")
             self.shutdown("connect-timeout")
 
     def _start_timers(self, principal: Principal) -> None:
@@ -556,9 +560,22 @@ class MqttSession:
             CONNECTED_DEVICES.labels(self._protocol).dec()
             still_ours = self._ctx.connections.unregister(principal.device_id, principal.module_id, self)
             if still_ours and reason != "connection-replaced":  # a replacement is connected elsewhere
-                self._spawn(self._ctx.activity.touch(principal.device_id, connected=False))
+                self._spawn(self._ctx.activity.touch(principal.device_id, principal.module_id,
+                                                     connected=False))
         log.debug("MQTT connection from %s closed: %s", self.peer, reason)
         self._closed.set()
+
+
+def _subscribe_refusal(topic_filter: str, device_id: str, module_id: str | None) -> str:
+    """Why a filter was refused: it names another device, another module of this device (or a module
+    when the identity is the device itself), or it is not an Azure filter at all."""
+    parts = topic_filter.split("/")
+    if parts[0] != "devices" or len(parts) < 2 or parts[1] == "+":
+        return "forbidden-topic"
+    if parts[1] != device_id:
+        return "other-device"
+    named_module = parts[3] if len(parts) > 3 and parts[2] == "modules" else None
+    return "other-module" if named_module not in (None, module_id) else "forbidden-topic"
 
 
 def _retrieve(done: asyncio.Future[None]) -> None:

@@ -248,7 +248,8 @@ def classify_subscribe(
 
     Accepts the filters the Azure SDKs send: `devices/{id}/messages/devicebound/#` (also with `+`
     for the last level, and `devices/+/…` as the embedded C SDK writes it), modules'
-    `devices/{id}/modules/{mid}/inputs/#`, and `$iothub/twin/res/#`,
+    `devices/{id}/modules/{mid}/inputs/#` (the C SDK: `devices/{id}/modules/{mid}/#`), and
+    `$iothub/twin/res/#`,
     `$iothub/twin/PATCH/properties/desired/#`, `$iothub/methods/POST/#` for both.
     """
     if topic_filter == "$iothub/twin/res/#":
@@ -258,10 +259,11 @@ def classify_subscribe(
     if topic_filter == "$iothub/methods/POST/#":
         return "methods"
     if module_id:
-        if topic_filter == f"devices/{device_id}/modules/{module_id}/inputs/#":
+        own = f"devices/{device_id}/modules/{module_id}/"
+        if topic_filter in (own + "inputs/#", own + "#"):  # the C SDK subscribes its whole namespace
             return "inputs"
         return None
-    for device in (device_id, "+"):
+    for device in (device_id, "+"):  # modules get no C2D
         if topic_filter in (
             f"devices/{device}/messages/devicebound/#",
             f"devices/{device}/messages/devicebound/+",

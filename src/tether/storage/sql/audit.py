@@ -1,12 +1,14 @@
-"""The audit trail in SQL: batched appends, newest-first queries filtered by time/outcome/action."""
+"""The audit trail in SQL: batched appends, newest-first queries filtered by time/outcome/action, and
+the reads and deletes of retention (oldest first, in id ranges)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from datetime import datetime
+from typing import Any
 
+from sqlalchemy import ColumnElement, delete, or_, select
 from sqlalchemy import insert as sql_insert
-from sqlalchemy import select
 
 from tether.storage.base import AuditRecord
 from tether.storage.sql.engine import Database
@@ -79,18 +81,58 @@ class SqlAuditRepository:
             stmt = stmt.where(AuditRow.principal == principal)
         async with self._db.read() as conn:
             rows = (await conn.execute(stmt)).all()
-        return [
-            AuditRecord(
-                time=r.time,
-                action=r.action,
-                outcome=r.outcome,
-                principal=r.principal,
-                credential=r.credential,
-                reason=r.reason,
-                peer=r.peer,
-                target=r.target,
-                details=dict(r.details or {}),
-                id=r.id,
-            )
-            for r in rows
-        ]
+        return _records(rows)
+
+    async def first_beyond(self, keep: int) -> int | None:
+        """The id of the newest record beyond the `keep` newest ones (None when there are at most
+        `keep`): retention by size deletes it and everything older."""
+        stmt = select(AuditRow.id).order_by(AuditRow.id.desc()).offset(keep).limit(1)
+        async with self._db.read() as conn:
+            found = (await conn.execute(stmt)).scalar_one_or_none()
+        return int(found) if found is not None else None
+
+    async def expired(self, *, before: datetime | None, through_id: int | None, limit: int
+                      ) -> list[AuditRecord]:
+        """Oldest first: up to `limit` records older than `before` or with an id up to `through_id`."""
+        condition = _expired(before, through_id)
+        if condition is None:
+            return []
+        stmt = select(*_COLUMNS).where(condition).order_by(AuditRow.id).limit(limit)
+        async with self._db.read() as conn:
+            rows = (await conn.execute(stmt)).all()
+        return _records(rows)
+
+    async def delete(self, ids: Sequence[int]) -> int:
+        """Delete these records (retention, once they are exported); at most 500 ids per call."""
+        if not ids:
+            return 0
+        async with self._db.write() as conn:
+            result = await conn.execute(delete(AuditRow).where(AuditRow.id.in_(list(ids))))
+        return int(result.rowcount or 0)
+
+
+def _expired(before: datetime | None, through_id: int | None) -> ColumnElement[bool] | None:
+    parts: list[ColumnElement[bool]] = []
+    if before is not None:
+        parts.append(AuditRow.time < before)
+    if through_id is not None:
+        parts.append(AuditRow.id <= through_id)
+    return or_(*parts) if parts else None
+
+
+def _records(rows: Sequence[Any]) -> list[AuditRecord]:
+    return [
+        AuditRecord(
+            time=r.time,
+            action=r.action,
+            outcome=r.outcome,
+            principal=r.principal,
+            credential=r.credential,
+            reason=r.reason,
+            peer=r.peer,
+            target=r.target,
+            details=dict(r.details or {}),
+            id=r.id,
+        )
+        for r in rows
+    ]

@@ -24,6 +24,7 @@ from tether.errors import Conflict, NotFound, PreconditionFailed
 from tether.registry.models import ConnectionState, Device, DeviceStatus, RegistryStatistics, utcnow
 from tether.storage.base import ActivityUpdate
 from tether.storage.sql.engine import Database
+from tether.storage.sql.modules import apply_module_activity, reset_module_connection_states
 from tether.storage.sql.tables import DeviceRow, UtcDateTime
 
 # Kept in their own columns, never in `doc` (see DeviceRow).
@@ -183,22 +184,25 @@ class SqlDeviceRepository:
         )
 
     async def reset_connection_states(self, at: datetime) -> int:
-        """A single gateway starting up holds no connections: no device is Connected (after a crash
-        the last flush may have left some so). Returns how many were reset."""
+        """A single gateway starting up holds no connections: no device or module is Connected (after
+        a crash the last flush may have left some so). Returns how many were reset."""
         return await _reset_connection_states(self._db, at)
 
     async def apply_activity(self, updates: Sequence[ActivityUpdate]) -> None:
-        """Batch-write connection state and last activity; the etag and `doc` are untouched.
+        """Batch-write connection state and last activity of devices and modules (updates with a
+        `module_id`) in one transaction; the etags and documents are untouched.
 
         `connectionStateUpdatedTime` moves only when the state really changes; unknown (deleted) ids
         are skipped silently.
         """
+        modules = [u for u in updates if u.module_id is not None]
+        devices = [u for u in updates if u.module_id is None] if modules else updates
         with_state = [
             {"b_id": u.device_id, "b_state": u.connection_state.value, "b_at": u.at}
-            for u in updates
+            for u in devices
             if u.connection_state is not None
         ]
-        activity_only = [{"b_id": u.device_id, "b_at": u.at} for u in updates if u.connection_state is None]
+        activity_only = [{"b_id": u.device_id, "b_at": u.at} for u in devices if u.connection_state is None]
         b_id = bindparam("b_id", type_=String())
         b_state = bindparam("b_state", type_=String())
         b_at = bindparam("b_at", type_=UtcDateTime())
@@ -230,6 +234,8 @@ class SqlDeviceRepository:
                     update(DeviceRow).where(DeviceRow.device_id == b_id).values(last_activity_time=b_at)
                 )
                 await conn.execute(activity_stmt, activity_only)
+            if modules:
+                await apply_module_activity(conn, modules)
 
 
 async def _reset_connection_states(db: Database, at: datetime) -> int:
@@ -239,7 +245,8 @@ async def _reset_connection_states(db: Database, at: datetime) -> int:
             .where(DeviceRow.connection_state == ConnectionState.connected.value)
             .values(connection_state=ConnectionState.disconnected.value, connection_state_updated_time=at)
         )
-    return int(result.rowcount or 0)
+        modules = await reset_module_connection_states(conn, at)
+    return int(result.rowcount or 0) + modules
 
 
 def _replace_stmt(device: Device, expected_etag: str | None) -> Update:

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from tether.storage.base import AuditRepository, DeviceRepository, PolicyRepository
+from tether.storage.base import AuditRepository, DeviceRepository, ModuleRepository, PolicyRepository
 from tether.storage.sql.audit import SqlAuditRepository
 from tether.storage.sql.cas import SqlCaRepository
 from tether.storage.sql.devices import SqlDeviceRepository
 from tether.storage.sql.engine import Database, prepare_sqlite_file, sqlite_path
 from tether.storage.sql.migrate import upgrade
+from tether.storage.sql.modules import SqlModuleRepository
 from tether.storage.sql.policies import SqlPolicyRepository
 from tether.storage.sql.twins import SqlTwinRepository
 
@@ -24,7 +25,8 @@ class SqlStorage:
         self.audit: AuditRepository = SqlAuditRepository(self.db)
         # Repositories of later migrations, for convenience (their owners also build them from `db`).
         self.cas = SqlCaRepository(self.db.engine)  # 0002_certificate_authorities
-        self.twins = SqlTwinRepository(self.db)  # 0003_twins
+        self.twins = SqlTwinRepository(self.db)  # 0003_twins (module twins: 0007)
+        self.modules: ModuleRepository = SqlModuleRepository(self.db)  # 0007
 
     @property
     def url(self) -> str:

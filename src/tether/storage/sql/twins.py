@@ -1,4 +1,5 @@
-"""Device twins in SQL: one row per device that has ever had its twin written.
+"""Device and module twins in SQL: one row per identity whose twin has ever been written (device
+twins in `twins`, module twins in `module_twins`, migration 0007, which references `modules`).
 
 A device whose twin was never written has no row; `TwinService` shows it as an empty twin with
 version 1. Concurrency is optimistic: `update` is `UPDATE … WHERE device_id = :id AND version = :v`
@@ -20,19 +21,34 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import JSON, BigInteger, Column, ForeignKey, MetaData, Row, String, Table, select
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Column,
+    ForeignKey,
+    MetaData,
+    Row,
+    String,
+    Table,
+    and_,
+    select,
+    tuple_,
+)
 from sqlalchemy import delete as sql_delete
 from sqlalchemy import insert as sql_insert
 from sqlalchemy import update as sql_update
 from sqlalchemy.exc import IntegrityError
 
 from tether.registry.models import utcnow
+from tether.storage.base import ModuleKey
 from tether.storage.sql.engine import Database
+from tether.storage.sql.modules import module_twins_table
 from tether.storage.sql.tables import DeviceRow, UtcDateTime, ident
 
 __all__ = ["SqlTwinRepository", "TwinRecord", "TwinRepository", "twin_metadata", "twins_table"]
 
 _IN_CHUNK = 500  # ids per IN (...) lookup; well under SQLite's and asyncpg's parameter limits
+_PAIR_CHUNK = 250  # (device, module) pairs per lookup: two parameters each
 
 twin_metadata = MetaData(
     naming_convention={
@@ -62,24 +78,18 @@ twins_table = Table(
     Column("updated_at", UtcDateTime(), nullable=False),
 )
 
-_COLUMNS = (
-    twins_table.c.device_id,
-    twins_table.c.etag,
-    twins_table.c.version,
-    twins_table.c.tags,
-    twins_table.c.desired,
-    twins_table.c.reported,
-    twins_table.c.desired_version,
-    twins_table.c.reported_version,
-    twins_table.c.metadata,
-)
+_SECTIONS = ("etag", "version", "tags", "desired", "reported", "desired_version", "reported_version",
+             "metadata")
+_COLUMNS = (twins_table.c.device_id, *(twins_table.c[name] for name in _SECTIONS))
+_MT = module_twins_table.c
+_MODULE_COLUMNS = (_MT.device_id, *(_MT[name] for name in _SECTIONS), _MT.module_id)
 
 
 @dataclass(frozen=True, slots=True)
 class TwinRecord:
-    """The stored twin of one device: the three sections, their versions and Azure's `$metadata`
-    trees (`metadata["desired"]`, `metadata["reported"]`), without `$version`/`$metadata` keys in
-    the sections themselves."""
+    """The stored twin of one device (or, with `module_id`, of one module): the three sections, their
+    versions and Azure's `$metadata` trees (`metadata["desired"]`, `metadata["reported"]`), without
+    `$version`/`$metadata` keys in the sections themselves."""
 
     device_id: str
     etag: str
@@ -90,14 +100,18 @@ class TwinRecord:
     desired_version: int
     reported_version: int
     metadata: dict[str, Any]
+    module_id: str | None = None
 
 
 class TwinRepository(Protocol):
-    async def get(self, device_id: str) -> TwinRecord | None: ...
-    async def get_many(self, device_ids: Sequence[str]) -> dict[str, TwinRecord]: ...
-    async def insert(self, record: TwinRecord) -> bool: ...  # False: exists already, or no such device
+    """Twins of devices and (`module_id` given) of modules."""
+
+    async def get(self, device_id: str, module_id: str | None = None) -> TwinRecord | None: ...
+    async def get_many(self, device_ids: Sequence[str]) -> dict[str, TwinRecord]: ...  # device twins
+    async def get_module_twins(self, keys: Sequence[ModuleKey]) -> dict[ModuleKey, TwinRecord]: ...
+    async def insert(self, record: TwinRecord) -> bool: ...  # False: exists already, or no such identity
     async def update(self, record: TwinRecord, expected_version: int) -> bool: ...  # False: version moved
-    async def delete(self, device_id: str) -> bool: ...
+    async def delete(self, device_id: str, module_id: str | None = None) -> bool: ...
 
 
 def _from_row(row: Row[Any]) -> TwinRecord:
@@ -111,7 +125,18 @@ def _from_row(row: Row[Any]) -> TwinRecord:
         desired_version=int(row[6]),
         reported_version=int(row[7]),
         metadata=dict(row[8]),
+        module_id=row[9] if len(row) > 9 else None,
     )
+
+
+def _table(module_id: str | None) -> Table:
+    return twins_table if module_id is None else module_twins_table
+
+
+def _key(device_id: str, module_id: str | None) -> Any:
+    if module_id is None:
+        return twins_table.c.device_id == device_id
+    return and_(_MT.device_id == device_id, _MT.module_id == module_id)
 
 
 def _values(record: TwinRecord) -> dict[str, Any]:
@@ -134,8 +159,9 @@ class SqlTwinRepository:
     def __init__(self, db: Database) -> None:
         self._db = db
 
-    async def get(self, device_id: str) -> TwinRecord | None:
-        stmt = select(*_COLUMNS).where(twins_table.c.device_id == device_id)
+    async def get(self, device_id: str, module_id: str | None = None) -> TwinRecord | None:
+        columns = _COLUMNS if module_id is None else _MODULE_COLUMNS
+        stmt = select(*columns).where(_key(device_id, module_id))
         async with self._db.read() as conn:
             row = (await conn.execute(stmt)).first()
         return None if row is None else _from_row(row)
@@ -154,32 +180,48 @@ class SqlTwinRepository:
                     found[record.device_id] = record
         return found
 
+    async def get_module_twins(self, keys: Sequence[ModuleKey]) -> dict[ModuleKey, TwinRecord]:
+        """The stored twins among these modules (modules without a row are absent)."""
+        found: dict[ModuleKey, TwinRecord] = {}
+        wanted = list(dict.fromkeys(keys))
+        async with self._db.read() as conn:
+            for start in range(0, len(wanted), _PAIR_CHUNK):
+                chunk = wanted[start : start + _PAIR_CHUNK]
+                stmt = select(*_MODULE_COLUMNS).where(tuple_(_MT.device_id, _MT.module_id).in_(chunk))
+                for row in (await conn.execute(stmt)).all():
+                    record = _from_row(row)
+                    found[(record.device_id, row[9])] = record
+        return found
+
     async def insert(self, record: TwinRecord) -> bool:
-        """First write of a twin. False when another writer inserted first or the device is gone
-        (primary key or foreign key violation); the caller re-reads and decides."""
+        """First write of a twin. False when another writer inserted first or the device (module) is
+        gone (primary key or foreign key violation); the caller re-reads and decides."""
         values = _values(record)
         values["device_id"] = record.device_id
+        if record.module_id is not None:
+            values["module_id"] = record.module_id
         try:
             async with self._db.write() as conn:
-                await conn.execute(sql_insert(twins_table), [values])
+                await conn.execute(sql_insert(_table(record.module_id)), [values])
         except IntegrityError:
             return False
         return True
 
     async def update(self, record: TwinRecord, expected_version: int) -> bool:
         """Compare-and-set on the twin version: True only if the row still had `expected_version`."""
+        table = _table(record.module_id)
         stmt = (
-            sql_update(twins_table)
-            .where(twins_table.c.device_id == record.device_id)
-            .where(twins_table.c.version == expected_version)
+            sql_update(table)
+            .where(_key(record.device_id, record.module_id))
+            .where(table.c.version == expected_version)
             .values(**_values(record))
         )
         async with self._db.write() as conn:
             result = await conn.execute(stmt)
             return bool(result.rowcount == 1)
 
-    async def delete(self, device_id: str) -> bool:
-        stmt = sql_delete(twins_table).where(twins_table.c.device_id == device_id)
+    async def delete(self, device_id: str, module_id: str | None = None) -> bool:
+        stmt = sql_delete(_table(module_id)).where(_key(device_id, module_id))
         async with self._db.write() as conn:
             result = await conn.execute(stmt)
             return bool(result.rowcount > 0)
