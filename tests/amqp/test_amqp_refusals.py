@@ -162,5 +162,6 @@ def test_a_garbage_protocol_header_is_answered_with_ours(amqp_hub: AmqpHub, witn
     with raw_tls(amqp_hub) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\n\r\n")
         assert read_until_closed(sock) == AMQP_HEADER
-    assert refused_since(amqp_hub, "amqp.protocol", started, "bad-protocol-header")
+    # before the open exchange: a failed connection attempt (charged to the peer, like MQTT's)
+    assert refused_since(amqp_hub, "amqp.connect", started, "bad-protocol-header")
     still_working(witness)

@@ -5,12 +5,15 @@ It drives the sans-I/O `AmqpConnection`: answers SASL through the authenticator,
 through the link table to a `LinkHandler`, hands messages, credit and dispositions to those handlers,
 keeps the connection's grants (`ConnectionAuth`) and detaches the links of a grant that expires, and
 registers each device identity it serves in `hub.connections` (one connection per identity, as Azure
-does). Timers: the open must come within `limits.connect_timeout_s`, an identity within four times
-that, and `tick()` keeps the idle bookkeeping.
+does). Timers: the protocol header, SASL and open must be done within `limits.connect_timeout_s`, a
+credential must be held within four times that, and `tick()` keeps the idle bookkeeping.
 
 Every refusal is audited (`amqp.connect`, `amqp.attach`, `amqp.cbs`, `amqp.protocol`, `amqp.token`,
 `amqp.transfer`; the authenticator writes `auth.amqp` / `auth.amqpws`) and ends only what it refuses:
-a link, or for a broken frame the connection.
+a link, or for a broken frame the connection. Refusals while the connection holds no credential yet
+(bad protocol headers, frames before open, SASL exchanges that fail before any credential check,
+wrong CBS audiences, attaches, time-outs) go through `Authenticator.refuse`: counted, charged to the
+peer's failure budget and audited in aggregate once the peer floods, like MQTT's before CONNACK.
 """
 
 from __future__ import annotations
@@ -88,6 +91,7 @@ class AmqpEndpoint:
         self.peer_chain = peer_chain
         self.cbs_repliers: list[Any] = []
         self.closed_reason: str | None = None
+        self._opened = False
         self._closed = asyncio.Event()
         self._handlers: set[LinkHandler] = set()
         self._identities: dict[Identity, IdentityHandle] = {}
@@ -102,6 +106,11 @@ class AmqpEndpoint:
     @property
     def closed(self) -> bool:
         return self.closed_reason is not None
+
+    @property
+    def authenticated(self) -> bool:
+        """The connection holds a credential (SASL PLAIN, a CBS token or an authorized certificate)."""
+        return self.auth.any_identity or bool(self._identities)
 
     async def wait_closed(self) -> None:
         await self._closed.wait()
@@ -209,11 +218,11 @@ class AmqpEndpoint:
         return SaslCode.OK
 
     def _pre_auth_refusal(self, reason: str, **details: Any) -> None:
-        AUTH_FAILURES.labels(self.surface, reason).inc()
         self.audit("amqp.connect", reason, **details)
 
     # --- open, timers -------------------------------------------------------------------------------
     def _on_opened(self) -> None:
+        self._opened = True
         self._cancel_timers()
         deadline = self.ctx.limits.connect_timeout_s * AUTH_TIMEOUT_FACTOR
         self._timers.append(self.loop.call_later(deadline, self._on_auth_timeout))
@@ -318,9 +327,12 @@ class AmqpEndpoint:
             principal, scope = await self.auth.device(device_id, module_id, self.ctx.clock())
         except AuthRefused as exc:
             audited = exc.reason != "not-authorized"  # the authenticator audited the rest
-            reason = "other-device" if not audited and self.auth.any_identity else exc.reason
+            reason = exc.reason
+            if not audited and self.auth.any_identity:
+                reason = self.auth.other_identity(device_id)
+            target = device_id if module_id is None else f"{device_id}/{module_id}"
             raise LinkRefused(e.UNAUTHORIZED_ACCESS, reason, exc.detail or reason, audited=audited,
-                              device=device_id) from None
+                              device=target) from None
         handler.scope = scope
         grant = self.auth.grants.get(scope)
         if grant is not None:
@@ -348,8 +360,7 @@ class AmqpEndpoint:
         try:
             scope = self.auth.audience_check(audience)
         except AuthRefused as exc:
-            AUTH_FAILURES.labels(self.surface, exc.reason).inc()
-            self.audit("amqp.cbs", exc.reason, audience=audience[:256])
+            self.audit("amqp.cbs", exc.reason, auth_failure=True, audience=audience[:256])
             raise
         grant = await self.auth.put_token(token, scope)
         self._arm_expiry(grant)
@@ -433,15 +444,26 @@ class AmqpEndpoint:
             self.flush()
 
     # --- refusals and shutdown ----------------------------------------------------------------------
-    def audit(self, action: str, reason: str, **details: Any) -> None:
+    def audit(self, action: str, reason: str, *, auth_failure: bool = False, **details: Any) -> None:
+        """Audit a refusal. Before the connection holds a credential it goes through
+        `Authenticator.refuse` (counted as an authentication failure, charged to the peer's budget,
+        aggregated once the peer floods); after, it is recorded as it is (`auth_failure`: counted too)."""
         principal = details.pop("principal", None)
         device = details.pop("device", None)
+        details["surface"] = self.surface
+        if not self.authenticated:
+            self.spawn(self.ctx.authenticator.refuse(action, reason, surface=self.surface, peer=self.peer,
+                                                     principal=principal, target=device, details=details))
+            return
+        if auth_failure:
+            AUTH_FAILURES.labels(self.surface, reason).inc()
         self.spawn(self.ctx.audit.record(action, "refused", reason=reason, peer=self.peer,
-                                         principal=principal, target=device,
-                                         details={**details, "surface": self.surface}))
+                                         principal=principal, target=device, details=details))
 
     def _protocol_error(self, exc: ProtocolError) -> None:
-        self.audit("amqp.protocol", exc.reason, condition=exc.condition)
+        # garbage before the open exchange (a bad protocol header, a broken SASL frame) is a failed
+        # connection attempt, like MQTT's before CONNECT; later a broken frame of an open connection
+        self.audit("amqp.protocol" if self._opened else "amqp.connect", exc.reason, condition=exc.condition)
         self.force_close(exc.condition, exc.description[:200], exc.reason)
 
     def spawn(self, work: Coroutine[Any, Any, Any]) -> None:

@@ -1,9 +1,12 @@
 """Thin asyncio adapter: AMQP 1.0 over TLS (`listeners.amqp_port`, 5671), one `AmqpEndpoint` per socket.
 
 TLS comes from the one TLS layer (`tether.security.tls`, same policy and client-certificate handling
-as MQTT and HTTPS); plain TCP exists for loopback tests only. Sockets beyond `limits.max_connections`
-(counted by `hub.connections` across every listener) are closed at once, and the TLS handshake gets
-`limits.connect_timeout_s`, like the open that must follow it.
+as MQTT and HTTPS); plain TCP exists for loopback tests only. Every socket is admitted by the hub's
+`ConnectionSlots` first, on `tether.security.listener`'s accept loop (EMFILE back-off); a connection
+counts as productive for them once it holds a credential (before that it may be shed under descriptor
+pressure). Sockets beyond `limits.max_connections` (counted by `hub.connections` across every
+listener) are closed at once, and the TLS handshake gets `limits.connect_timeout_s`, like the protocol
+header and open that must follow it.
 """
 
 from __future__ import annotations
@@ -16,6 +19,8 @@ from typing import TYPE_CHECKING, Any, cast
 from cryptography import x509
 
 from tether.observability.metrics import DISCONNECTS, watch_stream
+from tether.security.admission import Slot
+from tether.security.listener import format_peer, start_listener
 from tether.security.tls import TlsContextFactory, start_tls_server
 
 from .context import AmqpContext
@@ -55,13 +60,6 @@ def context_for(hub: Hub, routes: LinkTable | None = None) -> AmqpContext:
     return ctx
 
 
-def format_peer(peername: Any) -> str | None:
-    if not isinstance(peername, tuple) or len(peername) < 2:
-        return None
-    host, port = str(peername[0]), peername[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
 class _SocketTransport:
     def __init__(self, transport: asyncio.Transport) -> None:
         self._transport = transport
@@ -85,12 +83,18 @@ class _SocketTransport:
 class AmqpProtocol(asyncio.Protocol):
     """Socket side of one AMQP connection: admission, then bytes in and out of the endpoint."""
 
-    def __init__(self, ctx: AmqpContext) -> None:
+    def __init__(self, ctx: AmqpContext, slot: Slot | None = None) -> None:
         self._ctx = ctx
         self._endpoint: AmqpEndpoint | None = None
+        self._slot = slot  # plain TCP: ours to attach and release (under TLS the TLS layer does)
 
     def connection_made(self, base: asyncio.BaseTransport) -> None:
         transport = cast(asyncio.Transport, base)
+        if self._slot is not None:
+            self._slot.attach(transport.abort)
+        slot: Slot | None = self._slot or transport.get_extra_info("connection_slot")
+        if slot is not None:
+            slot.established = self._authenticated
         if not self._ctx.connections.admit():
             DISCONNECTS.labels("amqp", "max-connections").inc()
             transport.abort()
@@ -102,6 +106,10 @@ class AmqpProtocol(asyncio.Protocol):
         peer = format_peer(transport.get_extra_info("peername"))
         self._endpoint = AmqpEndpoint(self._ctx, _SocketTransport(transport), peer=peer, peer_chain=chain)
 
+    def _authenticated(self) -> bool:
+        endpoint = self._endpoint
+        return endpoint is not None and endpoint.authenticated
+
     def data_received(self, data: bytes) -> None:
         if self._endpoint is not None:
             self._endpoint.data_received(data)
@@ -110,6 +118,8 @@ class AmqpProtocol(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._slot is not None:
+            self._slot.release()
         endpoint, self._endpoint = self._endpoint, None
         if endpoint is not None:
             endpoint.connection_lost()
@@ -119,18 +129,17 @@ class AmqpProtocol(asyncio.Protocol):
 async def start_amqp(hub: Hub, *, host: str, port: int, tls: bool = True) -> asyncio.AbstractServer:
     """Listen for AMQP on host:port (TLS via `hub.tls`, created from settings if unset)."""
     ctx = context_for(hub)
-
-    def make() -> AmqpProtocol:
-        return AmqpProtocol(ctx)
+    slots = hub.slots
 
     if not tls:
-        return await asyncio.get_running_loop().create_server(make, host, port, backlog=1024)
+        return await start_listener("amqp", lambda slot: AmqpProtocol(ctx, slot), host, port, slots=slots)
     factory = getattr(hub, "tls", None)
     if not isinstance(factory, TlsContextFactory):
         s = hub.settings
         factory = TlsContextFactory(s.tls, s.cert_file, s.key_file, s.tls.chain_file)
         hub.tls = factory
-    return await start_tls_server(make, host, port, factory, handshake_timeout=ctx.limits.connect_timeout_s)
+    return await start_tls_server(lambda: AmqpProtocol(ctx), host, port, factory, slots=slots, name="amqps",
+                                  handshake_timeout=ctx.limits.connect_timeout_s)
 
 
 async def stop_amqp(hub: Hub) -> None:

@@ -16,9 +16,10 @@ from aiohttp import WSMsgType, web
 from cryptography import x509
 
 from tether.protocols.wslink import CLOSE_TIMEOUT_S, WsLink
+from tether.security.listener import format_peer
 
 from .endpoint import AmqpEndpoint
-from .server import context_for, format_peer
+from .server import context_for
 
 if TYPE_CHECKING:
     from tether.hub import Hub
