@@ -1,10 +1,11 @@
 // A device driven by the Python tests over JSON lines: commands on stdin, events on stdout.
-// Environment: DEVICE_CS (connection string), TRANSPORT (Amqp | AmqpWs), CA_FILE (the hub's CA),
-// optional CERT_FILE + KEY_FILE (X.509 device). Uses Microsoft's azure-iot-device(-amqp) unchanged.
+// Environment: DEVICE_CS (connection string; with ModuleId=… a ModuleClient), TRANSPORT (Amqp | AmqpWs),
+// CA_FILE (the hub's CA), optional CERT_FILE + KEY_FILE (X.509 device). Uses Microsoft's
+// azure-iot-device(-amqp) unchanged.
 'use strict';
 const fs = require('fs');
 const readline = require('readline');
-const { Client, Message } = require('azure-iot-device');
+const { Client, ModuleClient, Message } = require('azure-iot-device');
 const { Amqp, AmqpWs } = require('azure-iot-device-amqp');
 
 const emit = (obj) => process.stdout.write(JSON.stringify(obj) + '\n');
@@ -12,7 +13,8 @@ const fail = (op, err) => emit({ ev: 'error', op, name: err && err.name, message
                                   cause: err && err.amqpError ? String(err.amqpError.condition) : undefined });
 
 const Transport = process.env.TRANSPORT === 'AmqpWs' ? AmqpWs : Amqp;
-const client = Client.fromConnectionString(process.env.DEVICE_CS, Transport);
+const isModule = /(^|;)\s*ModuleId=/i.test(process.env.DEVICE_CS);
+const client = (isModule ? ModuleClient : Client).fromConnectionString(process.env.DEVICE_CS, Transport);
 const options = { ca: fs.readFileSync(process.env.CA_FILE, 'utf8') };
 if (process.env.CERT_FILE) {
   options.cert = fs.readFileSync(process.env.CERT_FILE, 'utf8');
@@ -69,7 +71,8 @@ const ops = {
   report: (cmd, done) => twin.properties.reported.update(cmd.patch, (err) => done(err)),
   methods: (cmd, done) => {
     for (const name of cmd.names) {
-      client.onDeviceMethod(name, (req, res) => {
+      const onMethod = isModule ? client.onMethod.bind(client) : client.onDeviceMethod.bind(client);
+      onMethod(name, (req, res) => {
         emit({ ev: 'method', name: req.methodName, payload: req.payload, requestId: req.requestId });
         res.send(name === 'fail' ? 500 : 200, { echo: req.payload, name: req.methodName }, (err) => err && fail('method-response', err));
       });

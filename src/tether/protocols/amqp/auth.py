@@ -162,6 +162,13 @@ class ConnectionAuth:
             return None
         return grant
 
+    def other_identity(self, device_id: str) -> str:
+        """The audit reason for a link naming an identity this connection holds nothing for:
+        `other-module` when it holds the same device's (or one of its modules') credential — a module
+        acts only as itself, and the device is not its module —, else `other-device`."""
+        held = {g.scope[1] for g in self.grants.values() if g.scope != HUB}
+        return "other-module" if device_id in held else "other-device"
+
     def _holds_device_token(self) -> bool:
         return any(g.token is not None and g.scope != HUB for g in self.grants.values())
 
