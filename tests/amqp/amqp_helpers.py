@@ -118,7 +118,8 @@ class AmqpHub:
     def module_connection_string(self, module: Module, *, key: str | None = None) -> str:
         """The module's connection string (`key`: sign with another key, e.g. its device's)."""
         key = key or module.authentication.symmetric_key.primary_key
-        return f"HostName={self.ip};DeviceId={module.device_id};ModuleId={module.module_id};SharedAccessKey={key}"
+        return (f"HostName={self.ip};DeviceId={module.device_id};ModuleId={module.module_id};"
+                f"SharedAccessKey={key}")
 
     def device_token(self, device: Device, ttl: float = 3600, *, resource: str | None = None) -> str:
         key = device.authentication.symmetric_key.primary_key

@@ -22,6 +22,10 @@ from proton.utils import LinkDetached
 pytestmark = pytest.mark.usefixtures("node_sdk")
 
 
+def accepted(sender: Any, body: bytes) -> bool:
+    return bool(sender.send(proton.Message(body=body), timeout=30).remote_state == proton.Delivery.ACCEPTED)
+
+
 def refusals(hub: AmqpHub, action: str, started: float, reason: str | None = None,
              principal: str | None = None, timeout: float = 15) -> list[Any]:
     """Refused records of `action` since `started` (waits for the batched audit writer)."""
@@ -115,7 +119,7 @@ def test_device_and_module_tokens_do_not_cross_over(amqp_hub: AmqpHub) -> None:
         status, _, _ = put_token(conn, amqp_hub.module_token(module), module_audience)
         assert status == 200
         sender = conn.create_sender("/devices/mod-scope/modules/edge/messages/events")
-        assert sender.send(proton.Message(body=b"cbs module"), timeout=30).remote_state == proton.Delivery.ACCEPTED
+        assert accepted(sender, b"cbs module")
     finally:
         conn.close()
     scopes = {r.principal: r.details.get("tokenScope") for r in refusals(amqp_hub, "auth.amqp", started,
@@ -150,7 +154,7 @@ def test_a_module_acts_only_as_itself(amqp_hub: AmqpHub) -> None:
                     conn.create_receiver(address)
             assert "amqp:unauthorized-access" in str(info.value), address
         # the connection stays usable for the module itself
-        assert own.send(proton.Message(body=b"still me"), timeout=30).remote_state == proton.Delivery.ACCEPTED
+        assert accepted(own, b"still me")
     finally:
         conn.close()
     rows = refusals(amqp_hub, "amqp.attach", started)
@@ -164,3 +168,46 @@ def test_a_module_acts_only_as_itself(amqp_hub: AmqpHub) -> None:
     (event,) = amqp_hub.events_of("mod-own")
     assert event["body"] == "still me"
     assert event["systemProperties"]["iothub-connection-module-id"] == "own"
+
+
+def test_deleting_a_module_detaches_its_links_and_its_credential_is_not_taken_again(
+        amqp_hub: AmqpHub) -> None:
+    module = amqp_hub.create_module("mod-gone", "edge")
+    conn = proton_client(amqp_hub, user=f"mod-gone/modules/edge@sas.{amqp_hub.ip}",
+                         password=amqp_hub.module_token(module))
+    try:
+        sender = conn.create_sender("/devices/mod-gone/modules/edge/messages/events")
+        assert accepted(sender, b"before")
+        connections = amqp_hub.hub.connections
+        amqp_hub.wait(lambda: connections.get("mod-gone", "edge") is not None, what="registered")
+        started = time.time()
+        with amqp_hub.rest() as rest:
+            r = rest.delete(f"/devices/mod-gone/modules/edge{API}", headers={"If-Match": "*"})
+            assert r.status_code == 204, r.text
+        amqp_hub.wait(lambda: connections.get("mod-gone", "edge") is None, what="dropped")
+        with pytest.raises((LinkDetached, proton.utils.SendException)):
+            sender.send(proton.Message(body=b"after"), timeout=30)
+        # the SASL credential this connection still holds is checked again, and refused
+        with pytest.raises(LinkDetached) as info:
+            conn.create_sender("/devices/mod-gone/modules/edge/messages/events")
+        assert "amqp:unauthorized-access" in str(info.value)
+    finally:
+        conn.close()
+    assert refusals(amqp_hub, "auth.amqp", started, principal="device:mod-gone/edge")
+    events = amqp_hub.events_of("mod-gone")
+    assert [e["body"] for e in events] == ["before"]
+
+
+def test_a_device_disabled_after_sasl_cannot_attach_with_that_credential(amqp_hub: AmqpHub) -> None:
+    device = amqp_hub.create_device("dev-disabled-later")
+    conn = proton_client(amqp_hub, user=f"dev-disabled-later@sas.{amqp_hub.ip}",
+                         password=amqp_hub.device_token(device))
+    try:
+        started = time.time()
+        amqp_hub.call(amqp_hub.hub.registry.set_status("dev-disabled-later", False, actor="test"))
+        with pytest.raises(LinkDetached) as info:
+            conn.create_sender("/devices/dev-disabled-later/messages/events")
+        assert "amqp:unauthorized-access" in str(info.value)
+    finally:
+        conn.close()
+    assert refusals(amqp_hub, "auth.amqp", started, "device-disabled", principal="device:dev-disabled-later")

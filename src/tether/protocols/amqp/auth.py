@@ -10,6 +10,11 @@ token at all). Service links need a hub-level grant with the right permission.
 
 Audiences and SASL PLAIN user names name the identity; the token must cover it (the authenticator
 checks scope, signature, expiry and the device's state, and writes `auth.amqp` / `auth.amqpws`).
+
+A device grant remembers the identity's presence epoch (`ConnectionRegistry.epoch`, bumped when the
+device is disabled or deleted, or the module deleted) from before its credential was checked; a grant
+from an older epoch is checked again before it authorizes another link, so a credential accepted once
+does not outlive its identity's disabling.
 """
 
 from __future__ import annotations
@@ -48,6 +53,7 @@ class Grant:
     principal: Principal
     token: str | None  # kept to authorize devices under a hub-level DeviceConnect token
     expires_at: float | None  # unix seconds, clock skew included; None: no expiry (X.509)
+    epoch: int = 0  # the identity's presence epoch before the credential was checked (device scopes)
 
 
 def device_scope(device_id: str, module_id: str | None) -> Scope:
@@ -66,8 +72,10 @@ class ConnectionAuth:
         peer: str | None,
         peer_chain: Callable[[], Sequence[x509.Certificate]],
         clock_skew_s: float,
+        epoch: Callable[[str, str | None], int] = lambda device_id, module_id: 0,
     ) -> None:
         self._authenticator = authenticator
+        self._epoch = epoch
         self.hostname = hostname
         self.surface = surface
         self.peer = peer
@@ -80,9 +88,9 @@ class ConnectionAuth:
     def any_identity(self) -> bool:
         return bool(self.grants)
 
-    def _grant(self, scope: Scope, principal: Principal, token: str | None) -> Grant:
+    def _grant(self, scope: Scope, principal: Principal, token: str | None, epoch: int = 0) -> Grant:
         expires = None if principal.expires_at is None else principal.expires_at + self._skew
-        grant = Grant(scope, principal, token, expires)
+        grant = Grant(scope, principal, token, expires, epoch)
         self.grants[scope] = grant
         return grant
 
@@ -101,8 +109,9 @@ class ConnectionAuth:
                                            policy=match["id"])
             return self._grant(HUB, principal, password)
         device, module = match["id"], match["module"]
+        epoch = self._epoch(device, module)
         principal = await auth.device_sas(password, device, module, surface=self.surface, peer=self.peer)
-        return self._grant(device_scope(device, module), principal, password)
+        return self._grant(device_scope(device, module), principal, password, epoch)
 
     def audience_check(self, audience: str) -> Scope:
         """The scope a CBS audience names, or `AuthRefused` when it names another hub (checked before
@@ -123,17 +132,25 @@ class ConnectionAuth:
             principal = await auth.service(token, required=None, surface=self.surface, peer=self.peer)
             return self._grant(HUB, principal, token)
         _, device, module = scope
+        epoch = self._epoch(device, module)
         principal = await auth.device_sas(token, device, module, surface=self.surface, peer=self.peer)
-        return self._grant(scope, principal, token)
+        return self._grant(scope, principal, token, epoch)
 
     # --- authorization ----------------------------------------------------------------------------
     async def device(self, device_id: str, module_id: str | None, now: float) -> tuple[Principal, Scope]:
         """The principal a device link acts as, and the scope it depends on; `AuthRefused`
         (`not_authorized`) when the connection holds nothing for that device."""
         scope = device_scope(device_id, module_id)
+        epoch = self._epoch(device_id, module_id)
         grant = self._live(scope, now)
-        if grant is not None:
+        if grant is not None and grant.epoch == epoch:
             return grant.principal, scope
+        if grant is not None:  # the identity was disabled or deleted since: check the credential again
+            del self.grants[scope]
+            if grant.token is not None:
+                principal = await self._authenticator.device_sas(grant.token, device_id, module_id,
+                                                                 surface=self.surface, peer=self.peer)
+                return self._grant(scope, principal, grant.token, epoch).principal, scope
         hub = self._live(HUB, now)
         if hub is not None and hub.principal.has(Permission.device_connect) and hub.token:
             principal = await self._authenticator.device_sas(hub.token, device_id, module_id,
@@ -143,7 +160,7 @@ class ConnectionAuth:
         if chain and not self._holds_device_token():
             principal = await self._authenticator.device_certificate(chain, device_id, module_id,
                                                                      surface=self.surface, peer=self.peer)
-            self._grant(scope, principal, None)
+            self._grant(scope, principal, None, epoch)
             return principal, scope
         raise AuthRefused("not-authorized", "this connection holds no credential for that device",
                           not_authorized=True)

@@ -87,7 +87,8 @@ class AmqpEndpoint:
             max_pending_bytes=max(1 << 20, 2 * limits.max_d2c_message_bytes + 65_536),
         ))
         self.auth = ConnectionAuth(ctx.authenticator, hostname=ctx.hostname, surface=surface, peer=peer,
-                                   peer_chain=peer_chain, clock_skew_s=limits.sas_clock_skew_s)
+                                   peer_chain=peer_chain, clock_skew_s=limits.sas_clock_skew_s,
+                                   epoch=ctx.connections.epoch)
         self.peer_chain = peer_chain
         self.cbs_repliers: list[Any] = []
         self.closed_reason: str | None = None
@@ -323,6 +324,8 @@ class AmqpEndpoint:
     async def authorize_device(self, handler: LinkHandler, device_id: str,
                                module_id: str | None) -> Principal:
         """The principal a device link acts as, or `LinkRefused` (unauthorized-access)."""
+        epoch = self.ctx.connections.epoch(device_id, module_id)
+        target = device_id if module_id is None else f"{device_id}/{module_id}"
         try:
             principal, scope = await self.auth.device(device_id, module_id, self.ctx.clock())
         except AuthRefused as exc:
@@ -330,7 +333,6 @@ class AmqpEndpoint:
             reason = exc.reason
             if not audited and self.auth.any_identity:
                 reason = self.auth.other_identity(device_id)
-            target = device_id if module_id is None else f"{device_id}/{module_id}"
             raise LinkRefused(e.UNAUTHORIZED_ACCESS, reason, exc.detail or reason, audited=audited,
                               device=target) from None
         handler.scope = scope
@@ -339,6 +341,10 @@ class AmqpEndpoint:
             self._arm_expiry(grant)
         identity = (device_id, module_id)
         await self._register(principal)
+        if self.ctx.connections.epoch(device_id, module_id) != epoch:  # disabled or deleted meanwhile
+            self.drop_identity(identity, "device-disabled")
+            raise LinkRefused(e.UNAUTHORIZED_ACCESS, "device-disabled", "the identity is disabled or gone",
+                              device=target)
         self._identity_links.setdefault(identity, set()).add(handler)
         return principal
 
@@ -393,7 +399,7 @@ class AmqpEndpoint:
         self._identities[identity] = handle
         CONNECTED_DEVICES.labels(self.protocol).inc()
         await self.ctx.connections.register(identity[0], identity[1], handle)
-        self.spawn(self.ctx.activity.touch(identity[0], connected=True))
+        self.spawn(self.ctx.activity.touch(identity[0], identity[1], connected=True))
         # every AMQP connection starts a fresh session: links subscribe again when they attach
         await self.ctx.hooks.connected(principal, handle, persistent=False)
 
@@ -415,7 +421,7 @@ class AmqpEndpoint:
         CONNECTED_DEVICES.labels(self.protocol).dec()
         still_ours = self.ctx.connections.unregister(identity[0], identity[1], handle)
         if still_ours and reason != "connection-replaced":
-            self.spawn(self.ctx.activity.touch(identity[0], connected=False))
+            self.spawn(self.ctx.activity.touch(identity[0], identity[1], connected=False))
 
     # --- sending for handlers -----------------------------------------------------------------------
     def send_transfer(self, link: Link, payload: bytes, *, settled: bool) -> int:

@@ -205,7 +205,7 @@ class TelemetryReceiver(LinkHandler):
         now = time.monotonic()
         if now >= self._next_touch and principal.device_id:
             self._next_touch = now + ctx.activity_interval_s
-            self.endpoint.spawn(ctx.activity.touch(principal.device_id))
+            self.endpoint.spawn(ctx.activity.touch(principal.device_id, principal.module_id))
         try:
             future = telemetry.append_nowait(principal, body, system, app, protocol=self.endpoint.protocol,
                                              join=self._join)
