@@ -189,7 +189,8 @@ async def test_idle_and_half_open_https_flood_against_a_1024_descriptor_hub(tmp_
                    and "shed-idle" in k)
         at_deadline = [t for t in lifetimes if t >= 0.8 * IDLE_S]
         print(f"\ndescriptor limit {LIMIT}, socket capacity {capacity}: {COUNT} hostile connections in "
-              f"{elapsed:.1f} s; {len(lifetimes)} completed the handshake, {len(refused)} did not; "
+              f"{elapsed:.1f} s; {len(lifetimes) + len(amqp)} completed the handshake, "
+              f"{len(refused)} did not; "
               f"{int(shed)} shed when the budget was spent, {len(at_deadline)} closed at the {IDLE_S:g} s "
               f"deadline (latest after {max(lifetimes):.1f} s); /healthz answered {len(probes)} times "
               f"(slowest {max(probes):.2f} s); longest PUBACK gap of the steady device "
