@@ -124,18 +124,26 @@ async def test_a_connection_that_keeps_working_stays_open(served: Served) -> Non
     writer.close()
 
 
-async def test_a_websocket_that_never_sends_connect_is_closed(served: Served) -> None:
+@pytest.mark.parametrize(("protocol", "sent", "deadline"), [
+    pytest.param("mqtt", b"", CONNECT_S, id="mqtt-never-sends-connect"),
+    pytest.param("AMQPWSB10", b"", CONNECT_S, id="amqp-never-opens"),
+    pytest.param("AMQPWSB10", amqp_open(), CREDENTIAL_S, id="amqp-opens-without-credential"),
+])
+async def test_a_websocket_is_closed_at_its_protocols_deadline(served: Served, protocol: str, sent: bytes,
+                                                               deadline: float) -> None:
     connector = aiohttp.TCPConnector(ssl=served.tls())
     async with aiohttp.ClientSession(connector=connector) as session:
         started = time.monotonic()
         async with session.ws_connect(f"wss://{IP}:{served.ports['https']}/$iothub/websocket",
-                                      protocols=("mqtt",)) as ws:
+                                      protocols=(protocol,)) as ws:
+            if sent:
+                await ws.send_bytes(sent)
             with contextlib.suppress(asyncio.TimeoutError):
                 async for _ in ws:
                     pass
         waited = time.monotonic() - started
     assert ws.closed
-    within(waited, CONNECT_S)
+    within(waited, deadline)
 
 
 # --- AMQP over TLS and over WebSockets ------------------------------------------------------------
@@ -177,21 +185,3 @@ async def test_an_authenticated_amqp_connection_outlives_the_credential_deadline
     assert not reader.at_eof()
     writer.close()
 
-
-@pytest.mark.parametrize(("sent", "deadline"), [(b"", CONNECT_S), (amqp_open(), CREDENTIAL_S)],
-                         ids=["never-opens", "opens-without-credential"])
-async def test_an_amqp_websocket_is_closed_at_the_amqp_deadlines(served: Served, sent: bytes,
-                                                                 deadline: float) -> None:
-    connector = aiohttp.TCPConnector(ssl=served.tls())
-    async with aiohttp.ClientSession(connector=connector) as session:
-        started = time.monotonic()
-        async with session.ws_connect(f"wss://{IP}:{served.ports['https']}/$iothub/websocket",
-                                      protocols=("AMQPWSB10",)) as ws:
-            if sent:
-                await ws.send_bytes(sent)
-            with contextlib.suppress(asyncio.TimeoutError):
-                async for _ in ws:
-                    pass
-        waited = time.monotonic() - started
-    assert ws.closed
-    within(waited, deadline)
