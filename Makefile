@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint typecheck pytest bench fuzz clean venv
+.PHONY: run test lint typecheck pytest bench fuzz clean venv azurite
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -37,3 +37,8 @@ fuzz: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# Azurite (Azure Storage API server) for the blob storage tests and `tether dev azurite`, pinned by
+# tools/azurite/package-lock.json; the tests run this themselves when node_modules is missing.
+azurite:
+	cd tools/azurite && npm ci --no-audit --no-fund

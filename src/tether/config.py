@@ -141,6 +141,57 @@ class AuditSettings(Section):
         3600.0, gt=0, description="How often the hub applies the retention (and once shortly after start).")
 
 
+class BlobSettings(Section):
+    """Blob storage endpoints the hub itself calls (file upload account, import/export container URIs)."""
+
+    ca_file: Path | None = Field(
+        None, description="CA bundle (PEM) trusted for blob storage endpoints; default: the system's.")
+
+
+class FileUploadSettings(Section):
+    """Device file upload to blob storage (Azure's `storageEndpoints.$default` and `fileNotifications`).
+    Off until `account_name` and `account_key` are set."""
+
+    account_name: str | None = Field(None, description="Storage account name.")
+    account_key: str | None = Field(None, description="Storage account key (base64); keep it secret.")
+    blob_endpoint: str | None = Field(
+        None, description="Blob service URL; default https://{account_name}.blob.core.windows.net "
+                          "(Azurite: https://{ip}[:port]/{account_name}).")
+    container: str = Field("fileuploads", description="Container the devices upload into.")
+    sas_ttl_s: int = Field(3600, ge=60, le=86_400, description="Lifetime of a device's upload SAS.")
+    notifications: bool = Field(True, description="Queue a file upload notification for the service.")
+    notification_ttl_s: float = Field(3600.0, ge=60, le=172_800, description="Notification time to live.")
+    notification_max_delivery_count: int = Field(10, ge=1, le=100,
+                                                 description="Deliveries before a notification is dropped.")
+    notification_lock_timeout_s: float = Field(60.0, ge=5, le=300, description="Lock of a received batch.")
+    max_in_flight: int = Field(10, ge=1, le=100, description="Uploads in flight per device.")
+
+    @field_validator("container")
+    @classmethod
+    def _container_ok(cls, v: str) -> str:
+        if not re.fullmatch(r"[a-z0-9](?:[a-z0-9]|-(?=[a-z0-9])){2,62}", v):
+            raise ValueError("must be a blob container name: 3-63 lower-case letters, digits and '-'")
+        return v
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.account_name and self.account_key)
+
+
+class JobSettings(Section):
+    """Jobs (scheduled twin updates and methods, import/export) and automatic device configurations."""
+
+    concurrency: int = Field(16, ge=1, le=256, description="Devices a running job works on at once.")
+    lease_ttl_s: float = Field(15.0, ge=2, le=300,
+                               description="Leadership lease: another node takes over this long after "
+                                           "the leader stops renewing it.")
+    poll_interval_s: float = Field(1.0, gt=0, le=60, description="How often the leader looks for due jobs.")
+    retention_days: float = Field(30.0, gt=0, description="Finished jobs are kept this long.")
+    configuration_sweep_s: float = Field(
+        300.0, ge=1, description="Every configuration is re-evaluated against every twin this often "
+                                 "(twin changes are reconciled at once).")
+
+
 class ClusterSettings(Section):
     nats_url: str | None = Field(
         None, description="NATS server the hub nodes signal each other through; unset = single node."
@@ -280,6 +331,9 @@ class Settings(BaseSettings):
     c2d: C2DSettings = C2DSettings()
     audit: AuditSettings = AuditSettings()
     cluster: ClusterSettings = ClusterSettings()
+    blob: BlobSettings = BlobSettings()
+    file_upload: FileUploadSettings = FileUploadSettings()
+    jobs: JobSettings = JobSettings()
     operators: OperatorSettings = OperatorSettings()
 
     @classmethod

@@ -19,9 +19,13 @@ from tether.cluster.node import resolve_node_id
 from tether.config import Settings
 from tether.messaging.c2d import C2DService
 from tether.messaging.c2d_delivery import C2DPumps
+from tether.messaging.configurations import ConfigurationReconciler, ConfigurationService
 from tether.messaging.device_sessions import DeviceSessions
 from tether.messaging.events import EventStream, open_stream
 from tether.messaging.file_notifications import FileNotificationService
+from tether.messaging.file_upload import FileUploadService
+from tether.messaging.jobs import JobRunner, JobService
+from tether.messaging.lease import Leadership
 from tether.messaging.methods import MethodService
 from tether.messaging.presence import ConnectionRegistry
 from tether.messaging.query.scope import validate_scope
@@ -42,6 +46,9 @@ from tether.security.role_assignments import RoleService
 from tether.security.sessions import SessionService
 from tether.security.x509 import CaService, X509Verifier
 from tether.storage.factory import open_storage
+from tether.storage.sql.configurations import SqlConfigurationRepository
+from tether.storage.sql.file_uploads import SqlFileUploadRepository
+from tether.storage.sql.jobs import SqlJobRepository, SqlLeaseRepository
 from tether.storage.sql.operators import SqlOperatorRepository
 from tether.storage.sql.storage import SqlStorage
 from tether.storage.sql.twins import SqlTwinRepository
@@ -50,6 +57,7 @@ log = logging.getLogger("tether.hub")
 
 ACTIVITY_FLUSH_INTERVAL_S = 5.0
 THROTTLE_SWEEP_INTERVAL_S = 1.0
+FILE_UPLOAD_SWEEP_INTERVAL_S = 5.0
 SESSION_SWEEP_INTERVAL_S = 300.0
 RETENTION_FIRST_S = 60.0  # the first audit retention run after start (a hub restarted often still runs it)
 
@@ -111,6 +119,23 @@ class Hub:
                 log.warning("cluster.nats_url is set but storage is embedded (SQLite / file stream): "
                             "hub nodes only share state through storage.database_url = postgresql+"
                             "asyncpg://… and storage.stream_url = nats://…")
+        self.file_uploads = FileUploadService(SqlFileUploadRepository(self.storage.db), settings.file_upload,
+                                              self.audit, ca_file=settings.blob.ca_file)
+        jobs_repo = SqlJobRepository(self.storage.db)
+        self.leases = SqlLeaseRepository(self.storage.db)
+        self.jobs = JobService(jobs_repo, self.audit)
+        self.job_runner = JobRunner(
+            jobs_repo, Leadership(self.leases, "jobs", self.node_id, ttl_s=settings.jobs.lease_ttl_s),
+            twins=self.twins, methods=self.methods, registry=self.registry, modules=self.modules,
+            audit=self.audit, concurrency=settings.jobs.concurrency,
+            poll_interval_s=settings.jobs.poll_interval_s, retention_s=settings.jobs.retention_days * 86400,
+            blob_ca_file=settings.blob.ca_file)
+        self.jobs.on_created(self.job_runner.wake)
+        self.configurations = ConfigurationService(SqlConfigurationRepository(self.storage.db), self.twins,
+                                                   self.audit)
+        self.configuration_reconciler = ConfigurationReconciler(
+            self.configurations, self.twins, self.job_runner.leadership,
+            sweep_interval_s=settings.jobs.configuration_sweep_s)
         self.cas = CaService(self.storage.cas, self.audit)
         self.cert_verifier = X509Verifier(self.cas)
         # People: OIDC providers, local operators, console sessions, role assignments.
@@ -155,6 +180,11 @@ class Hub:
             _every(ACTIVITY_FLUSH_INTERVAL_S, self.registry.flush_activity, "activity flush")))
         self._tasks.append(asyncio.create_task(
             _every(THROTTLE_SWEEP_INTERVAL_S, self._audit_refusals, "aggregated refusal audit")))
+        await self.file_uploads.start()
+        self.job_runner.start()
+        self.configuration_reconciler.start()
+        self._tasks.append(asyncio.create_task(
+            _every(FILE_UPLOAD_SWEEP_INTERVAL_S, self.file_uploads.sweep, "file upload sweep")))
         self._tasks.append(asyncio.create_task(
             _every(SESSION_SWEEP_INTERVAL_S, self.sessions.sweep, "expired-session sweep")))
         interval = self.settings.audit.retention_interval_s
@@ -194,6 +224,10 @@ class Hub:
     async def close(self) -> None:
         for server in self._servers:
             server.close()
+        with contextlib.suppress(Exception):  # before connections close: unfinished devices resume later
+            await self.job_runner.close()
+        with contextlib.suppress(Exception):
+            await self.configuration_reconciler.close()
         with contextlib.suppress(Exception):
             await self.connections.close_all("hub-stopping")
         with contextlib.suppress(Exception):  # stop C2D delivery, fail pending method calls
@@ -213,6 +247,8 @@ class Hub:
             await self.registry.flush_activity()
         with contextlib.suppress(Exception):
             await self.c2d.close()
+        with contextlib.suppress(Exception):
+            await self.file_uploads.close()
         await self.stream.close()
         await self.audit.close()
         await self.storage.close()

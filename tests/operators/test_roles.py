@@ -193,3 +193,47 @@ async def test_module_routes_follow_the_device_rules(env: OperatorEnv) -> None:
         assert seen == [("dev-a", "edge")]
         count = {"query": "SELECT COUNT() AS n FROM devices.modules WHERE tags.site = 'a'"}
         assert (await c.post(f"/devices/query{API}", json=count)).json() == [{"n": 0}]
+
+
+async def test_jobs_and_configurations_are_read_by_readers_and_changed_by_data_contributors(
+        env: OperatorEnv) -> None:
+    """Azure grants jobs and configurations to Data Contributor (`IotHubs/*`) and, to read, Data Reader
+    (`IotHubs/*/read`); a Registry or Twin Contributor holds RegistryReadWrite but neither area."""
+    await seed(env)
+    job = {"jobId": "j1", "type": "scheduleUpdateTwin", "queryCondition": "deviceId = 'dev-a'",
+           "updateTwin": {"etag": "*", "tags": {"fw": "2"}}}
+    config = {"id": "c1", "targetCondition": "tags.site = 'a'", "priority": 1,
+              "content": {"deviceContent": {"properties.desired.fw": 2}}}
+    async with await signed_in(env, "contrib", ("DataContributor", None)) as c:
+        r = await c.put(f"/jobs/v2/j1{API}", json=job)
+        assert r.status_code == 200, r.text
+        r = await c.put(f"/configurations/c1{API}", json=config)
+        assert r.status_code in (200, 201), r.text
+    async with await signed_in(env, "reader", ("DataReader", None)) as c:
+        for path in ("/jobs/v2/j1", "/jobs/v2/query", "/jobs", "/configurations", "/configurations/c1"):
+            r = await c.get(f"{path}{API}")
+            assert r.status_code == 200, (path, r.text)
+        assert (await c.get(f"/messages/serviceBound/filenotifications{API}")).status_code == 204
+        writes = [
+            c.put(f"/jobs/v2/j2{API}", json={**job, "jobId": "j2"}),
+            c.post(f"/jobs/v2/j1/cancel{API}"),
+            c.post(f"/jobs/create{API}", json={"type": "export", "outputBlobContainerUri": "https://x/c?sig=1"}),
+            c.put(f"/configurations/c2{API}", json={**config, "id": "c2"}),
+            c.delete(f"/configurations/c1{API}"),
+            c.post(f"/configurations/testQueries{API}", json={"targetCondition": "*"}),
+            c.post(f"/devices/dev-a/applyConfigurationContent{API}", json={"deviceContent": {}}),
+        ]
+        for request in writes:
+            r = await request
+            assert r.status_code == 403, (r.request.method, r.request.url, r.text)
+        refused = await env.audit("auth.rest", "refused", limit=10)
+        assert {r.reason for r in refused} <= {"missing-role", "missing-permission"}
+        assert all(r.principal == "user:reader" for r in refused[:len(writes)])
+    for role in ("RegistryContributor", "TwinContributor"):
+        async with await signed_in(env, role.lower(), (role, None)) as c:
+            assert (await c.put(f"/jobs/v2/j3{API}", json={**job, "jobId": "j3"})).status_code == 403
+            assert (await env.last_refusal()).reason == "missing-role"
+            assert (await c.put(f"/configurations/c3{API}", json={**config, "id": "c3"})).status_code == 403
+            assert (await c.get(f"/configurations{API}")).status_code == 403
+    assert [j["jobId"] for j in await env.hub.jobs.query_device_jobs(None, None)] == ["j1"]
+    assert [c["id"] for c in await env.hub.configurations.list_configurations(None)] == ["c1"]

@@ -84,7 +84,7 @@ def test_syntax_errors_name_the_position(text: str, expected: str) -> None:
     ("text", "expected"),
     [
         ("", "non-empty"),
-        ("SELECT * FROM devices.jobs", "only FROM devices"),
+        ("SELECT * FROM devices.configurations", "is not supported: FROM devices, devices.modules or"),
         ("SELECT * FROM devices WHERE nope(tags.x)", "unknown function nope at line 1, column 29"),
         ("SELECT * FROM devices WHERE IS_DEFINED(a, b)", "IS_DEFINED takes 1 argument"),
         ("SELECT tags.x FROM devices GROUP BY tags.y", "tags.x must appear in GROUP BY"),

@@ -8,9 +8,13 @@ import pytest
 from hub_app_helpers import device_body
 
 from tether.errors import BadRequest
+from tether.messaging.jobs import JobService
 from tether.messaging.query import QueryService
 from tether.messaging.twins import TwinService
 from tether.registry.service import RegistryService
+from tether.security.audit import AuditLog
+from tether.storage.sql import SqlStorage
+from tether.storage.sql.jobs import SqlJobRepository
 
 ACTOR = "policy:test"
 
@@ -141,3 +145,43 @@ async def test_bad_continuation_tokens(
     with pytest.raises(BadRequest) as err:
         await queries.run("SELECT * FROM devices", max_items=0)
     assert err.value.field == "x-ms-max-item-count"
+
+
+async def test_devices_jobs_is_a_source_with_compound_keys_rebased_paths_and_device_scopes(
+    storage: SqlStorage, audit: AuditLog, registry: RegistryService, twins: TwinService
+) -> None:
+    """FROM devices.jobs through the real JobService: (job, device) keys page exactly once across scan
+    pages, `devices.jobs.` paths mean the row's fields, `x-ms-item-type` is deviceJob, aggregates scan
+    every row, and a scoped caller sees the rows of the devices its scopes match."""
+    await fleet(registry, twins, 100)
+    repo = SqlJobRepository(storage.db)
+    jobs = JobService(repo, audit)
+    update = {"type": "scheduleUpdateTwin", "queryCondition": "*", "updateTwin": {"tags": {"x": 1}}}
+    ids = [f"dev{i:03d}" for i in range(100)]
+    for job_id in ("j1", "j2"):
+        await jobs.create_device_job(job_id, dict(update), actor=ACTOR)
+        job = await repo.get(job_id)
+        assert job is not None and await repo.start(job_id, ids, doc=job.doc, now_ms=1)
+    queries = QueryService(twins, scan_page=64, sources={"devices.jobs": jobs.query_source()})
+    rows, pages = await all_pages(queries, "SELECT * FROM devices.jobs", 30)
+    assert [(r["jobId"], r["deviceId"]) for r in rows] == [(j, d) for j in ("j1", "j2") for d in ids]
+    assert pages == 7
+    first = await queries.run("SELECT * FROM devices.jobs", max_items=1)
+    assert first.item_type == "deviceJob"
+    text = ("SELECT deviceId FROM devices.jobs "
+            "WHERE devices.jobs.jobId = 'j2' AND devices.jobs.status = 'pending'")
+    picked, _ = await all_pages(queries, text, 40)
+    assert picked == [{"deviceId": d} for d in ids]
+    counted = await queries.run(
+        "SELECT devices.jobs.jobId, COUNT() AS n FROM devices.jobs GROUP BY devices.jobs.jobId")
+    assert counted.items == [{"jobId": "j1", "n": 100}, {"jobId": "j2", "n": 100}]
+    south = [f"dev{i:03d}" for i in range(0, 100, 3) if i % 2 == 0]
+    scoped = await queries.run("SELECT * FROM devices.jobs WHERE devices.jobs.jobId = 'j1'", max_items=1000,
+                               scopes=("tags.site = 'south'",))
+    assert [r["deviceId"] for r in scoped.items] == south
+    with pytest.raises(BadRequest, match=r"FROM devices\.jobs is not available"):
+        await QueryService(twins).run("SELECT * FROM devices.jobs")
+    token = (await queries.run("SELECT * FROM devices.jobs", max_items=1)).continuation
+    assert token is not None
+    with pytest.raises(BadRequest, match="x-ms-continuation"):  # a devices.jobs token on device twins
+        await queries.run("SELECT * FROM devices", continuation=token)

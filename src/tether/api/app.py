@@ -68,8 +68,11 @@ def _device_websocket(hub: Hub) -> Handler:
 
 def build_app(hub: Hub) -> web.Application:
     from tether.api.c2d_routes import add_c2d_routes
+    from tether.api.configuration_routes import add_configuration_routes
     from tether.api.device_routes import add_device_routes
     from tether.api.event_routes import add_event_routes
+    from tether.api.file_upload_routes import add_file_upload_routes
+    from tether.api.job_routes import add_job_routes
     from tether.api.method_routes import add_method_routes
     from tether.api.module_routes import add_module_routes
     from tether.api.security_routes import add_security_routes
@@ -89,6 +92,9 @@ def build_app(hub: Hub) -> web.Application:
     add_module_routes(app, hub)
     add_event_routes(app, hub)
     add_security_routes(app, hub)
+    add_file_upload_routes(app, hub)
+    add_job_routes(app, hub)
+    add_configuration_routes(app, hub)
     if hub.settings.operators.console:
         from tether.console import add_console_routes
 

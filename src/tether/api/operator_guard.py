@@ -80,8 +80,21 @@ def classify(request: web.Request) -> Operation:
         return Operation(Area.twins, write, device=True)
     if path in ("/devices/{id}/messages/deviceBound", "/devices/{id}/commands"):
         return Operation(Area.service, _W, device=True)
+    if path.startswith("/messages/serviceBound/filenotifications"):
+        # Azure grants fileUpload/notifications/action to Data Reader too: read like telemetry.
+        return Operation(Area.telemetry, _R)
     if path.startswith("/messages/serviceBound/"):
         return Operation(Area.service, _W)
+    if path.startswith("/jobs"):  # jobs v2 and import/export: GET reads, the rest schedules or cancels
+        return Operation(Area.jobs, write)
+    if path == "/configurations/testQueries":  # Azure: configurations/testQueries/action, not a read
+        return Operation(Area.configurations, _W)
+    if path.startswith("/configurations"):
+        return Operation(Area.configurations, write)
+    if path in ("/devices/{id}/applyConfigurationContent", "/devices/applyConfigurationContent/{id}"):
+        return Operation(Area.configurations, _W, device=True)
+    if path == "/tether/files/settings":
+        return Operation(Area.admin, _R)
     if path == "/devices":
         return Operation(Area.registry, write, lists=method == "GET")
     if path == "/devices/{id}" or path.startswith(("/tether/devices/{id}/", "/devices/{id}/modules")):

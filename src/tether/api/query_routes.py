@@ -9,6 +9,7 @@ from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field
 
 from tether.api.bodies import read_json_object
+from tether.api.context import hub_of
 from tether.api.operator_guard import scopes_of
 from tether.api.twin_routes import twins_of
 from tether.errors import BadRequest
@@ -52,8 +53,9 @@ async def query_devices(request: web.Request) -> web.Response:
     token = request.headers.get(CONTINUATION) or None
     if token is not None and len(token) > MAX_TOKEN_CHARS:
         raise BadRequest(f"{CONTINUATION} is too long", field=CONTINUATION)
-    page = await QueryService(twins_of(request)).run(text, max_items=_max_items(request),
-                                                     continuation=token, scopes=scopes_of(request))
+    sources = {"devices.jobs": hub_of(request).jobs.query_source()}
+    page = await QueryService(twins_of(request), sources=sources).run(
+        text, max_items=_max_items(request), continuation=token, scopes=scopes_of(request))
     headers = {"x-ms-item-type": page.item_type}
     if page.continuation is not None:
         headers[CONTINUATION] = page.continuation

@@ -14,7 +14,19 @@ from typing import Annotated
 
 import typer
 
-from tether.cli import audit, cluster, devices, modules, operators, pki, policies, tokens, transfer, trust
+from tether.cli import (
+    audit,
+    cluster,
+    devices,
+    fleet,
+    modules,
+    operators,
+    pki,
+    policies,
+    tokens,
+    transfer,
+    trust,
+)
 from tether.cli.context import CONFIG_FILE_NAME, CliState, cli_errors, run, state_of
 from tether.cli.local import LocalServices
 from tether.cli.monitor import monitor_command
@@ -179,6 +191,9 @@ app.add_typer(pki.pki_app, name="pki")
 app.add_typer(pki.ca_app, name="ca")
 app.add_typer(trust.tls_app, name="tls")
 app.add_typer(trust.trust_app, name="trust")
+app.add_typer(fleet.upload_app, name="upload")
+app.add_typer(fleet.job_app, name="job")
+app.add_typer(fleet.config_app, name="config")
 app.add_typer(operators.user_app, name="user")
 app.add_typer(operators.role_app, name="role")
 

@@ -13,8 +13,11 @@ Promises:
   and a service (or two hub nodes) interleave; only a stale client `If-Match` gives 412;
 - a device that exists but was never written has an empty twin with version 1 (no row is stored);
   deleting a device deletes its twin (foreign key cascade, plus a registry status listener);
-- desired listeners run after each committed desired change, in `$version` order per device within
-  this process (see `add_desired_listener`).
+- listeners, per identity (device id, module id or None): change listeners after every committed write
+  made through this process (`add_change_listener`), then desired listeners after each committed
+  desired change, in `$version` order within this process (`add_desired_listener`);
+- the `configurations` section (automatic configurations' Applied / Targeted) is written only by
+  `configure`; the JSON shows each configuration's status.
 
 Document rules (limits, metadata, diff) live in `tether.messaging.twin_docs`.
 """
@@ -55,6 +58,9 @@ from tether.storage.sql.twins import TwinRecord, TwinRepository
 log = logging.getLogger(__name__)
 
 DesiredListener = Callable[[str, str | None, dict[str, Any]], Awaitable[None]]  # (device, module, patch)
+ChangeListener = Callable[[str, str | None], None]  # (device, module): any committed write
+ConfigurationDecision = Callable[[dict[str, Any], dict[str, Any]],
+                                 "tuple[dict[str, Any] | None, dict[str, Any]] | None"]
 
 INITIAL_ETAG = "AAAAAAAAAAE="  # Azure's etag of a twin that was never written
 _WRITE_RETRIES = 16
@@ -101,7 +107,7 @@ def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
     identity: dict[str, Any] = {"deviceId": device.device_id}
     if device.module_id is not None:
         identity["moduleId"] = device.module_id
-    twin = {
+    twin: dict[str, Any] = {
         **identity,
         "etag": record.etag,
         "deviceEtag": device.etag,
@@ -132,6 +138,9 @@ def twin_document(device: Device, record: TwinRecord) -> dict[str, Any]:
             },
         },
     }
+    if record.configurations:  # automatic configurations: Azure shows only their status
+        twin["configurations"] = {cid: {"status": entry.get("status")}
+                                  for cid, entry in record.configurations.items()}
     if device.module_id is not None:
         del twin["capabilities"]
     return twin
@@ -225,6 +234,7 @@ class TwinService:
         self._clock = clock
         self._listeners: list[DesiredListener] = []
         self._relays: list[DesiredListener] = []
+        self._change_listeners: list[ChangeListener] = []
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         registry.add_status_listener(self._on_device_status)
         if modules is not None:
@@ -241,6 +251,13 @@ class TwinService:
         the network); other hub nodes' writes arrive through `notify_from_peer` when a cluster bus
         is configured. Exceptions are logged and ignored."""
         self._listeners.append(cb)
+
+    def add_change_listener(self, cb: ChangeListener) -> None:
+        """`cb(device_id, module_id)` after every committed write of a device's (`module_id` None) or
+        a module's twin made through this process (tags, desired, reported, configurations), before
+        the desired listeners of that write. Synchronous and quick: note it, work later (the
+        configuration reconciler marks the device for re-evaluation). Exceptions are not caught."""
+        self._change_listeners.append(cb)
 
     def add_desired_relay(self, cb: DesiredListener) -> None:
         """Like a desired listener, but skipped by `notify_from_peer`: the cluster bus forwards this
@@ -350,6 +367,46 @@ class TwinService:
 
         return await self._service_write(device_id, module_id, if_match, mutate, "twin.replace", actor,
                                          ["tags", "desired"])
+
+    async def configure(self, device_id: str, decide: ConfigurationDecision, *, actor: str) -> bool:
+        """Automatic device configuration write: `decide(twin document, stored configurations section)`
+        returns None (nothing to do) or (desired merge-patch or None, the new `configurations` section).
+        Decided again on the fresh twin when a concurrent writer gets in first; desired changes reach
+        the device like a service PATCH. True when something was written; False for a device that is
+        gone."""
+        device = await self._registry.find(device_id)
+        if device is None:
+            return False
+        now = self._clock()
+
+        def mutate(current: TwinRecord) -> tuple[TwinRecord, dict[str, Any] | None] | None:
+            result = decide(twin_document(device, current), current.configurations)
+            if result is None:
+                return None
+            desired_patch, configurations = result
+            desired, metadata, version = current.desired, current.metadata, current.desired_version
+            notice: dict[str, Any] | None = None
+            if desired_patch:
+                version += 1
+                desired, metadata = copy.deepcopy(desired), copy.deepcopy(metadata)
+                apply_patch(desired, metadata.setdefault("desired", {}), desired_patch, stamp(now, version))
+                check_size("properties.desired", desired, DESIRED_LIMIT)
+                notice = {**copy.deepcopy(desired_patch), "$version": version}
+            updated = dc_replace(current, desired=desired, metadata=metadata, desired_version=version,
+                                 configurations=configurations)
+            return updated, notice
+
+        async with self._lock(device_id, None):
+            try:
+                _, record, notice, written = await self._write(device_id, None, None, mutate)
+            except NotFound:  # deleted meanwhile
+                return False
+            if notice is not None:
+                await self._notify(device_id, None, notice)
+        if written and notice is not None:
+            await self._audit.record("twin.configure", "ok", principal=actor, target=device_id,
+                                     details={"sections": ["desired"], "version": record.version})
+        return written
 
     # Device writes ---------------------------------------------------------------------------
     async def update_reported(self, device_id: str, patch: dict[str, Any],
@@ -474,6 +531,8 @@ class TwinService:
             else:
                 written = await self._repo.update(updated, stored.version)
             if written:
+                for listener in self._change_listeners:
+                    listener(device_id, module_id)
                 return identity, updated, notice, True
             # Another writer (a device, a service, another hub node) got in first: read again.
             await asyncio.sleep(random.uniform(0, 0.002 * (attempt + 1)))
@@ -500,4 +559,5 @@ class TwinService:
         await self._repo.delete(device_id, module_id)
 
 
-__all__ = ["INITIAL_ETAG", "DesiredListener", "TwinService", "blank_record", "twin_document"]
+__all__ = ["INITIAL_ETAG", "ChangeListener", "ConfigurationDecision", "DesiredListener", "TwinService",
+           "blank_record", "twin_document"]

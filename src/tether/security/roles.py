@@ -4,19 +4,22 @@ Azure grants people (not shared keys) one of four built-in data-plane roles; Tet
 adds `Owner` for what Azure keeps in its control plane (shared access policies, TLS and trust
 administration, operators and role assignments):
 
-| Role | Registry | Twins | Service (C2D, methods) | Telemetry | Audit | Admin | Device keys |
-|---|---|---|---|---|---|---|---|
-| Owner | write | write | write | write | read | write | yes |
-| DataContributor | write | write | write | write | read | read | yes |
-| DataReader | read | read | — | read | read | read | no |
-| RegistryContributor | write | read | — | — | — | — | yes |
-| TwinContributor | read | write | — | — | — | — | no |
+| Role | Registry | Twins | Service (C2D, methods) | Telemetry | Jobs | Configs | Audit | Admin | Keys |
+|---|---|---|---|---|---|---|---|---|---|
+| Owner | write | write | write | write | write | write | read | write | yes |
+| DataContributor | write | write | write | write | write | write | read | read | yes |
+| DataReader | read | read | — | read | read | read | read | read | no |
+| RegistryContributor | write | read | — | — | — | — | — | — | yes |
+| TwinContributor | read | write | — | — | — | — | — | — | no |
 
 A role maps onto the shared-access-policy rights (`rights_of`), so the route guard's one rights check
 (`required in principal.permissions`) applies to people exactly as to policies. The areas are the finer
 distinctions where Azure's roles differ from the four rights (a Twin Contributor holds
 RegistryReadWrite for twins but may not write device identities; a Data Reader may follow telemetry,
-which needs ServiceConnect, but may not send C2D messages or invoke methods).
+which needs ServiceConnect, but may not send C2D messages or invoke methods). Jobs and configurations
+are their own areas because Azure grants them (`IotHubs/jobs/*`, `IotHubs/configurations/*`) only to
+Data Contributor (`IotHubs/*`) and, for reading, Data Reader (`IotHubs/*/read`): a Registry or Twin
+Contributor holds RegistryReadWrite but may not schedule jobs or change configurations.
 
 A grant may be scoped to devices by a query condition (`tags.site = 'plant-1'`): then it covers only
 devices whose twin matches, and only operations that name such a device (the api layer evaluates the
@@ -67,7 +70,9 @@ class Area(StrEnum):
     registry = "registry"  # device identities, statistics, import/export
     twins = "twins"  # twins and the twin query
     service = "service"  # C2D send/purge/feedback, direct methods
-    telemetry = "telemetry"  # the consumer API (/tether/events)
+    telemetry = "telemetry"  # the consumer API (/tether/events), file upload notifications
+    jobs = "jobs"  # jobs v2 (twin updates, methods) and import/export jobs
+    configurations = "configurations"  # automatic device configurations, applyConfigurationContent
     audit = "audit"  # the audit log and security status
     admin = "admin"  # policies, TLS and trust administration, operators and roles
 
@@ -82,8 +87,9 @@ _R, _W = Access.read, Access.write
 ROLE_ACCESS: dict[Role, dict[Area, Access]] = {
     Role.owner: dict.fromkeys(Area, _W) | {Area.audit: _R},
     Role.data_contributor: {Area.registry: _W, Area.twins: _W, Area.service: _W, Area.telemetry: _W,
-                            Area.audit: _R, Area.admin: _R},
-    Role.data_reader: {Area.registry: _R, Area.twins: _R, Area.telemetry: _R, Area.audit: _R, Area.admin: _R},
+                            Area.jobs: _W, Area.configurations: _W, Area.audit: _R, Area.admin: _R},
+    Role.data_reader: {Area.registry: _R, Area.twins: _R, Area.telemetry: _R, Area.jobs: _R,
+                       Area.configurations: _R, Area.audit: _R, Area.admin: _R},
     Role.registry_contributor: {Area.registry: _W, Area.twins: _R},
     Role.twin_contributor: {Area.registry: _R, Area.twins: _W},
 }

@@ -97,7 +97,7 @@ class Query:
     top: int | None
     where: Condition | None
     group_by: tuple[Path, ...]
-    source: str = "devices"  # or "devices.modules" (module twins)
+    source: str = "devices"  # FROM devices | devices.modules (module twins) | devices.jobs (job rows)
 
     @property
     def aggregate(self) -> bool:

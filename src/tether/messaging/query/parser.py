@@ -2,7 +2,7 @@
 
 Supported (keywords case-insensitive, property names case-sensitive):
 
-    SELECT [TOP n] * | item [, item]* FROM devices|devices.modules [WHERE condition] [GROUP BY path [, path]*]
+    SELECT [TOP n] * | item [, item]* FROM devices[.modules|.jobs] [WHERE condition] [GROUP BY path [, path]*]
     item      := path [AS name] | COUNT() [AS name]
     condition := condition OR condition | condition AND condition | NOT condition | ( condition )
                | operand (= | != | <> | < | <= | > | >=) operand
@@ -47,8 +47,10 @@ from tether.messaging.query.nodes import (
     Truth,
 )
 
-SOURCES: dict[tuple[str, ...], str] = {("devices",): "devices", ("devices", "modules"): "devices.modules"}
-"""The collections a query may read: device twins, module twins."""
+SOURCES: dict[tuple[str, ...], str] = {
+    ("devices",): "devices", ("devices", "modules"): "devices.modules", ("devices", "jobs"): "devices.jobs",
+}
+"""The collections a query may read: device twins, module twins, devices' job rows."""
 MAX_QUERY_CHARS = 32_768
 MAX_NESTING = 64
 MAX_TOP = 1_000_000
@@ -80,6 +82,7 @@ value_list: "[" [literal ("," literal)*] "]"
 path: NAME segment*
 segment: "." NAME                               -> dotted
        | "[" STRING "]"                         -> bracketed
+       | "." DOUBLE_BRACKETED                   -> double_bracketed
 literal: STRING                                 -> string
        | NUMBER                                 -> number
        | _TRUE                                  -> true
@@ -103,6 +106,7 @@ _TRUE: "true"i
 _FALSE: "false"i
 _NULL: "null"i
 STAR: "*"
+DOUBLE_BRACKETED: /\[\[[^\[\]]{1,128}\]\]/
 COMPARATOR: /<=|>=|<>|!=|=|<|>/
 NAME: /[A-Za-z_$][A-Za-z0-9_$]*/
 STRING: /'(?:[^'\\]|\\.)*'/ | /"(?:[^"\\]|\\.)*"/
@@ -165,7 +169,7 @@ class _Build(Transformer[Token, Any]):
         top, projection, source, where, group = children
         collection = SOURCES.get(source.segments)
         if collection is None:
-            raise _bad(f"FROM {source.text} is not supported: only FROM devices or FROM devices.modules")
+            raise _bad(f"FROM {source.text} is not supported: FROM devices, devices.modules or devices.jobs")
         group_by: tuple[Path, ...] = group or ()
         if projection is None:  # SELECT *
             if group_by:
@@ -256,6 +260,10 @@ class _Build(Transformer[Token, Any]):
 
     def bracketed(self, children: list[Token]) -> str:
         return _unescape(children[0])
+
+    def double_bracketed(self, children: list[Token]) -> str:
+        """`configurations.[[my-config]].status`: a key that need not be a name (Azure's syntax)."""
+        return str(children[0])[2:-2]
 
     def string(self, children: list[Token]) -> Literal:
         return Literal(_unescape(children[0]))

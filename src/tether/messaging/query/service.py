@@ -7,11 +7,17 @@ exactly Azure's on both SQLite and PostgreSQL. The path to SQL pushdown: transla
 JSON-path predicates (`json_extract` on SQLite, `jsonb` operators on PostgreSQL) for the common
 shapes, keeping this evaluator as the final filter so results never change.
 
-Paging: a plain query's token holds the last returned device id (`FROM devices.modules`: the last
-(device id, module id)), so the next page resumes right after it in id order: every matching twin
-that exists throughout the paging is returned exactly once, even if others are added or removed in
-between. Aggregates are computed whole for every page and
-sliced by offset. Tokens carry a hash of the query text; a token used with another query is refused.
+Collections (`FROM …`) are `Source`s: device twins and module twins (`devices.modules`) are built in;
+others are given by their owners (`devices.jobs`: `JobService.query_source`). A sub-collection of
+devices is scoped by its documents' device: a scoped caller sees the rows of the devices whose twin
+matches a scope.
+
+Paging: a plain query's token holds the key of the last returned document (a device id;
+`FROM devices.modules`: (device id, module id); `FROM devices.jobs`: (job id, device id)), so the
+next page resumes right after it in key order: every matching document that exists throughout the
+paging is returned exactly once, even if others are added or removed in between. Aggregates are
+computed whole for every page and sliced by offset. Tokens carry a hash of the query text; a token
+used with another query is refused.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ import base64
 import binascii
 import hashlib
 import json
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,6 +34,7 @@ from tether.errors import BadRequest, NotFound
 from tether.messaging.query.evaluator import Aggregation, matches, project
 from tether.messaging.query.nodes import Query
 from tether.messaging.query.parser import parse_query
+from tether.messaging.query.rebase import rebase
 from tether.messaging.query.scope import in_scope, narrowed
 from tether.messaging.twins import TwinService
 
@@ -43,7 +51,22 @@ class QueryPage:
     continuation: str | None  # None: this was the last page
 
 
-After = str | tuple[str, str]  # the last device id, or (device id, module id) for module twins
+After = str | tuple[str, str]  # a document's key: a device id, or (device id, module id), (job id, device id)
+Scanner = Callable[[After | None, int], Awaitable[list[dict[str, Any]]]]
+
+
+@dataclass(frozen=True, slots=True)
+class Source:
+    """A `FROM` collection: `scan(after, limit)` reads its documents in key order after a key (whose
+    shape `run` has checked against `compound`), `key` names a document's key, `item_type` is the
+    `x-ms-item-type` of `SELECT *` (None: "twin"), and `prefix` is the path its queries may put before
+    a field (`devices.jobs.status` means `status`)."""
+
+    scan: Scanner
+    key: Callable[[dict[str, Any]], After]
+    compound: bool = False  # keys are (a, b) pairs rather than one id
+    item_type: str | None = None
+    prefix: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,86 +114,85 @@ def _is_id(value: object) -> bool:
     return isinstance(value, str) and 0 < len(value) <= 128
 
 
-def _identity(doc: dict[str, Any]) -> After:
-    module_id = doc.get("moduleId")
-    return doc["deviceId"] if module_id is None else (doc["deviceId"], module_id)
-
-
 class QueryService:
     """`run(query text, max_items, continuation)` → one page of results."""
 
-    def __init__(self, twins: TwinService, *, scan_page: int = SCAN_PAGE) -> None:
+    def __init__(self, twins: TwinService, *, scan_page: int = SCAN_PAGE,
+                 sources: Mapping[str, Source] | None = None) -> None:
+        """`sources`: the collections other than device and module twins this service may read."""
         self._twins = twins
         self._scan_page = scan_page
+
+        async def devices(after: After | None, limit: int) -> list[dict[str, Any]]:
+            return await twins.scan(after=after if isinstance(after, str) else None, limit=limit)
+
+        async def modules(after: After | None, limit: int) -> list[dict[str, Any]]:
+            return await twins.scan_modules(after=after if isinstance(after, tuple) else None, limit=limit)
+
+        self._sources: dict[str, Source] = {
+            "devices": Source(devices, lambda doc: str(doc["deviceId"])),
+            "devices.modules": Source(modules, lambda doc: (doc["deviceId"], doc["moduleId"]), compound=True),
+            **(sources or {}),
+        }
 
     async def run(self, text: str, *, max_items: int = DEFAULT_PAGE,
                   continuation: str | None = None, scopes: tuple[str, ...] | None = None) -> QueryPage:
         """`scopes`: only devices matching one of these conditions (a scoped operator's view; for
-        `FROM devices.modules`, the modules of such devices)."""
+        `FROM devices.modules` or `devices.jobs`, the modules or job rows of such devices)."""
         query = parse_query(text)
+        source = self._sources.get(query.source)
+        if source is None:
+            raise BadRequest(f"FROM {query.source} is not available here", field="query")
+        query = rebase(query, source.prefix)
         device_scope: _DeviceScope | None = None
-        if scopes and query.source == "devices.modules":
-            device_scope = _DeviceScope(self._twins, scopes)
-        elif scopes:
+        if scopes and query.source == "devices":
             query = narrowed(query, scopes)
+        elif scopes:
+            device_scope = _DeviceScope(self._twins, scopes)
         if not 1 <= max_items <= MAX_PAGE:
             raise BadRequest(f"x-ms-max-item-count must be between 1 and {MAX_PAGE}",
                              field="x-ms-max-item-count")
         cursor = decode_token(text, continuation) if continuation else _Cursor()
-        modules = query.source == "devices.modules"
-        if cursor.after is not None and isinstance(cursor.after, tuple) != modules:
+        if cursor.after is not None and isinstance(cursor.after, tuple) != source.compound:
             raise BadRequest("x-ms-continuation is not a token from a previous page of this query",
                              field=TOKEN_FIELD)
+        scan = _Scan(source, self._scan_page, device_scope)
         if query.aggregate:
-            return await self._aggregate(text, query, max_items, cursor, device_scope)
-        return await self._select(text, query, max_items, cursor, device_scope)
+            return await self._aggregate(text, query, max_items, cursor, scan)
+        item_type = (source.item_type or query.item_type) if query.star else query.item_type
+        return await self._select(text, query, max_items, cursor, scan, item_type)
 
-    async def _select(self, text: str, query: Query, max_items: int, cursor: _Cursor,
-                      device_scope: _DeviceScope | None) -> QueryPage:
+    async def _select(self, text: str, query: Query, max_items: int, cursor: _Cursor, scan: _Scan,
+                      item_type: str) -> QueryPage:
         remaining = None if query.top is None else query.top - cursor.returned
         if remaining is not None and remaining <= 0:
-            return QueryPage([], query.item_type, None)
+            return QueryPage([], item_type, None)
         limit = max_items if remaining is None else min(max_items, remaining)
         items: list[dict[str, Any]] = []
         last_id: After | None = None
         after = cursor.after
         while True:
-            batch, following = await self._scan(query, after, device_scope)
+            batch, following = await scan.next(after)
             for doc in batch:
                 if not matches(query, doc):
                     continue
                 if len(items) == limit:  # one more match exists: there is a next page
                     token = _Cursor(after=last_id, returned=cursor.returned + len(items))
-                    return QueryPage(items, query.item_type, encode_token(text, token))
+                    return QueryPage(items, item_type, encode_token(text, token))
                 items.append(project(query, doc))
-                last_id = _identity(doc)
+                last_id = scan.source.key(doc)
                 if remaining is not None and len(items) == remaining:
-                    return QueryPage(items, query.item_type, None)
+                    return QueryPage(items, item_type, None)
             if following is None:
-                return QueryPage(items, query.item_type, None)
+                return QueryPage(items, item_type, None)
             after = following
 
-    async def _scan(self, query: Query, after: After | None,
-                    device_scope: _DeviceScope | None) -> tuple[list[dict[str, Any]], After | None]:
-        """(the next twins of the query's collection after `after` that the caller may see, where the
-        scan goes on: None at the end). The cursor's shape was checked by `run`."""
-        if query.source == "devices.modules":
-            batch = await self._twins.scan_modules(after=after if isinstance(after, tuple) else None,
-                                                   limit=self._scan_page)
-        else:
-            batch = await self._twins.scan(after=after if isinstance(after, str) else None,
-                                           limit=self._scan_page)
-        following = _identity(batch[-1]) if len(batch) >= self._scan_page else None
-        if device_scope is not None:
-            batch = await device_scope.keep(batch)
-        return batch, following
-
     async def _aggregate(self, text: str, query: Query, max_items: int, cursor: _Cursor,
-                         device_scope: _DeviceScope | None) -> QueryPage:
+                         scan: _Scan) -> QueryPage:
         aggregation = Aggregation(query)
         after: After | None = None
         while True:
-            batch, following = await self._scan(query, after, device_scope)
+            batch, following = await scan.next(after)
             for doc in batch:
                 if matches(query, doc):
                     aggregation.add(doc)
@@ -186,9 +208,28 @@ class QueryService:
         return QueryPage(page, query.item_type, token)
 
 
+@dataclass(frozen=True, slots=True)
+class _Scan:
+    """One run's reading of a source: pages of `page` documents, kept to the caller's devices."""
+
+    source: Source
+    page: int
+    device_scope: _DeviceScope | None
+
+    async def next(self, after: After | None) -> tuple[list[dict[str, Any]], After | None]:
+        """(the next documents after `after` that the caller may see, where the scan goes on: None at
+        the end)."""
+        batch = await self.source.scan(after, self.page)
+        following = self.source.key(batch[-1]) if len(batch) >= self.page else None
+        if self.device_scope is not None:
+            batch = await self.device_scope.keep(batch)
+        return batch, following
+
+
 class _DeviceScope:
-    """A scoped caller's view of module twins: a module is in scope when its device's twin matches
-    one of the scopes (the scopes speak about devices; a module twin's own tags do not widen them)."""
+    """A scoped caller's view of a sub-collection of devices (module twins, job rows): a document is
+    in scope when its device's twin matches one of the scopes (the scopes speak about devices; a module
+    twin's own tags do not widen them)."""
 
     def __init__(self, twins: TwinService, scopes: tuple[str, ...]) -> None:
         self._twins = twins
@@ -207,4 +248,4 @@ class _DeviceScope:
         return [d for d in docs if self._devices[d["deviceId"]]]
 
 
-__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "QueryPage", "QueryService"]
+__all__ = ["DEFAULT_PAGE", "MAX_PAGE", "After", "QueryPage", "QueryService", "Source"]

@@ -100,6 +100,7 @@ module_twins_table = Table(
     Column("reported_version", BigInteger, nullable=False),
     Column("metadata", JSON, nullable=False),
     Column("updated_at", UtcDateTime(), nullable=False),
+    Column("configurations", JSON, nullable=False, server_default="{}"),  # 0008_fleet, as on `twins`
     ForeignKeyConstraint(["device_id", "module_id"], [modules_table.c.device_id, modules_table.c.module_id],
                          ondelete="CASCADE"),
 )

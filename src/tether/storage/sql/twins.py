@@ -18,7 +18,7 @@ module does not touch the shared `tables.py`.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from sqlalchemy import (
@@ -76,13 +76,16 @@ twins_table = Table(
     Column("reported_version", BigInteger, nullable=False),
     Column("metadata", JSON, nullable=False),  # {"desired": {$metadata tree}, "reported": {…}}
     Column("updated_at", UtcDateTime(), nullable=False),
+    # {configurationId: {"status": "Applied" | "Targeted", …}} (0008_fleet; messaging.configurations)
+    Column("configurations", JSON, nullable=False, server_default="{}"),
 )
 
 _SECTIONS = ("etag", "version", "tags", "desired", "reported", "desired_version", "reported_version",
-             "metadata")
+             "metadata", "configurations")
 _COLUMNS = (twins_table.c.device_id, *(twins_table.c[name] for name in _SECTIONS))
 _MT = module_twins_table.c
 _MODULE_COLUMNS = (_MT.device_id, *(_MT[name] for name in _SECTIONS), _MT.module_id)
+_MODULE_ID = len(_MODULE_COLUMNS) - 1  # where a module twin row holds its module id
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +103,7 @@ class TwinRecord:
     desired_version: int
     reported_version: int
     metadata: dict[str, Any]
+    configurations: dict[str, Any] = field(default_factory=dict)
     module_id: str | None = None
 
 
@@ -125,7 +129,8 @@ def _from_row(row: Row[Any]) -> TwinRecord:
         desired_version=int(row[6]),
         reported_version=int(row[7]),
         metadata=dict(row[8]),
-        module_id=row[9] if len(row) > 9 else None,
+        configurations=dict(row[9] or {}),
+        module_id=row[_MODULE_ID] if len(row) > _MODULE_ID else None,
     )
 
 
@@ -149,6 +154,7 @@ def _values(record: TwinRecord) -> dict[str, Any]:
         "desired_version": record.desired_version,
         "reported_version": record.reported_version,
         "metadata": record.metadata,
+        "configurations": record.configurations,
         "updated_at": utcnow(),
     }
 
@@ -190,7 +196,7 @@ class SqlTwinRepository:
                 stmt = select(*_MODULE_COLUMNS).where(tuple_(_MT.device_id, _MT.module_id).in_(chunk))
                 for row in (await conn.execute(stmt)).all():
                     record = _from_row(row)
-                    found[(record.device_id, row[9])] = record
+                    found[(record.device_id, row[_MODULE_ID])] = record
         return found
 
     async def insert(self, record: TwinRecord) -> bool:

@@ -16,12 +16,18 @@ from sqlalchemy.engine import Connection
 
 from tether.storage.sql.c2d import c2d_metadata
 from tether.storage.sql.cas import ca_metadata
+from tether.storage.sql.fleet_tables import fleet_metadata
+from tether.storage.sql.modules import module_metadata
+from tether.storage.sql.operators import operator_metadata
 from tether.storage.sql.tables import Base
 from tether.storage.sql.twins import twin_metadata
 
 config = context.config
 # Every MetaData whose tables the migrations create (for `alembic revision --autogenerate`).
-target_metadata = [Base.metadata, ca_metadata, twin_metadata, c2d_metadata]
+target_metadata = [
+    Base.metadata, ca_metadata, twin_metadata, c2d_metadata, operator_metadata, module_metadata,
+    fleet_metadata,
+]
 
 
 def _run(connection: Connection) -> None:
