@@ -22,7 +22,6 @@ from tether.messaging.c2d_delivery import C2DPumps
 from tether.messaging.configurations import ConfigurationReconciler, ConfigurationService
 from tether.messaging.device_sessions import DeviceSessions
 from tether.messaging.events import EventStream, open_stream
-from tether.messaging.file_notifications import FileNotificationService
 from tether.messaging.file_upload import FileUploadService
 from tether.messaging.jobs import JobRunner, JobService
 from tether.messaging.lease import Leadership
@@ -92,7 +91,6 @@ class Hub:
             max_delivery_count=settings.c2d.max_delivery_count, lock_timeout_s=settings.c2d.lock_timeout_s,
             default_ttl_s=settings.c2d.default_ttl_s,
         )
-        self.file_notifications = FileNotificationService()  # fed by file upload (not built yet)
         self.connections = ConnectionRegistry(settings.limits.max_connections)
         # Every listener's sockets: descriptor budget, per-peer caps, shedding (re-measured at start).
         self.slots = ConnectionSlots(socket_capacity(settings.limits.fd_reserve),

@@ -51,7 +51,8 @@ def ensure_node_modules() -> None:
 class AmqpHub:
     """A started hub (`server.start_listeners`) whose host name is its loopback IP."""
 
-    def __init__(self, data_dir: Path, ip: str, *, https_port: int = 443, **limits: Any) -> None:
+    def __init__(self, data_dir: Path, ip: str, *, https_port: int = 443,
+                 sections: dict[str, Any] | None = None, **limits: Any) -> None:
         self.ip = ip
         files = pki.init_pki(data_dir / "pki", ["localhost"], [ip])
         root, root_key = pki.load_certificate(files.root_cert), pki.load_private_key(files.root_key)
@@ -66,6 +67,7 @@ class AmqpHub:
             listeners={"host": ip, "mqtt_port": 8883, "https_port": https_port, "amqp_port": 5671},
             tls={"cert_file": cert_file, "key_file": key_file},
             limits={"device_messages_per_second": 1000.0, **limits},
+            **(sections or {}),
         )
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="amqp-hub", daemon=True)
@@ -265,6 +267,19 @@ class NodeError(Exception):
         super().__init__(f"{answer.get('op')}: {answer.get('name')}: {answer.get('message')}")
         self.answer = answer
         self.name = answer.get("name")
+
+
+def run_node_service(hub: AmqpHub, count: int, *, timeout: float = 120) -> list[dict[str, Any]]:
+    """`tests/node/service.js`: Microsoft's Node.js service SDK (`azure-iothub`, Amqp) reads `count` file
+    upload notifications; returns what it printed (JSON lines)."""
+    env = dict(os.environ, SERVICE_CS=hub.service_connection_string(), NODE_EXTRA_CA_CERTS=str(hub.ca_file))
+    node = shutil.which("node")
+    assert node is not None
+    done = subprocess.run([node, str(NODE_DIR / "service.js"), str(count)], cwd=NODE_DIR, env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)
+    events = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    assert done.returncode == 0, f"node service: {events} {done.stderr[-3000:]}"
+    return events
 
 
 def proton_client(hub: AmqpHub, *, user: str | None = None, password: str | None = None,

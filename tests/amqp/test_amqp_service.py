@@ -126,25 +126,3 @@ def test_send_c2d_message_over_websockets(amqp_hub: AmqpHub) -> None:
     message = amqp_hub.call(amqp_hub.hub.c2d.receive("svc-ws"))
     assert message is not None and message.message_id == "ws-1" and message.body == b"over websockets"
 
-
-def test_file_notifications_are_delivered_and_completed(amqp_hub: AmqpHub) -> None:
-    """File upload does not exist yet; whatever it publishes reaches the service over AMQP."""
-    notes = amqp_hub.hub.file_notifications
-
-    async def publish() -> None:
-        notes.publish({"deviceId": "file-dev", "blobUri": "https://blob/x", "blobName": "file-dev/x.bin",
-                       "lastUpdatedTime": "2026-12-05T00:00:00Z", "blobSizeInBytes": 42,
-                       "enqueuedTimeUtc": "2026-12-05T00:00:01Z"})
-
-    amqp_hub.call(publish())
-    user, password = service_user(amqp_hub)
-    conn = proton_client(amqp_hub, user=user, password=password)
-    try:
-        receiver = conn.create_receiver("/messages/serviceBound/filenotifications")
-        message = receiver.receive(timeout=60)
-        receiver.accept()
-    finally:
-        conn.close()
-    body = json.loads(bytes(message.body))
-    assert body["deviceId"] == "file-dev" and body["blobSizeInBytes"] == 42
-    amqp_hub.wait(lambda: notes.pending() == 0, what="the accepted notification to be completed")

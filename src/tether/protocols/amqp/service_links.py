@@ -12,7 +12,9 @@
   receives): one locked batch (feedback: Azure's JSON array, content type
   `application/vnd.microsoft.iothub.feedback.json`, `user-id` = hub name) or notification per
   delivery; `accepted` (or `rejected`) completes it, `released`/`modified` abandons it, a detach
-  before settlement abandons it too.
+  before settlement abandons it too. File notifications come from the hub's durable queue
+  (`hub.file_uploads.notifications`, which `GET /messages/serviceBound/filenotifications` reads too),
+  one JSON object per message, locked one at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from urllib.parse import unquote
 
 from tether.errors import BadRequest, NotFound, PreconditionFailed, QuotaExceeded, TetherError
 from tether.messaging.feedback import FEEDBACK_CONTENT_TYPE
-from tether.messaging.file_notifications import FILE_NOTIFICATION_CONTENT_TYPE
+from tether.messaging.file_upload import notification_json
 from tether.security.principal import Permission, Principal
 
 from . import errors as e
@@ -43,6 +45,7 @@ from .types import Symbol
 __all__ = ["C2DSendReceiver", "FeedbackSender", "FileNotificationSender"]
 
 log = logging.getLogger("tether.amqp.service")
+FILE_NOTIFICATION_CONTENT_TYPE: Final = "application/json"
 
 _ACCEPTED: Final = Accepted()
 _MAX_C2D_IN_FLIGHT: Final = 64
@@ -219,21 +222,23 @@ class FileNotificationSender(_LockedQueueSender):
     """File-upload notifications to the service."""
 
     async def _take(self) -> tuple[str, Message] | None:
-        found = await self.endpoint.ctx.hub.file_notifications.receive(timeout_s=30.0)
-        if found is None:
+        batch = await self.endpoint.ctx.hub.file_uploads.notifications.receive(timeout_s=30.0, max_records=1)
+        if batch is None:
             return None
+        (record,) = batch.records
+        body = json.dumps(notification_json(record), separators=(",", ":")).encode()
         hub_name = self.endpoint.ctx.hostname.split(".", 1)[0]
         message = Message(
             properties=Properties(message_id=str(uuid.uuid4()), user_id=hub_name.encode(),
                                   content_type=Symbol(FILE_NOTIFICATION_CONTENT_TYPE),
                                   content_encoding=Symbol("utf-8")),
-            application_properties={"iothub-connection-device-id": found.device_id},
-            body=(found.body,),
+            application_properties={"iothub-connection-device-id": record.device_id},
+            body=(body,),
         )
-        return found.lock_token, message
+        return batch.lock_token, message
 
     async def _complete(self, lock: str) -> None:
-        await self.endpoint.ctx.hub.file_notifications.complete(lock)
+        await self.endpoint.ctx.hub.file_uploads.notifications.complete(lock)
 
     async def _abandon(self, lock: str) -> None:
-        await self.endpoint.ctx.hub.file_notifications.abandon(lock)
+        await self.endpoint.ctx.hub.file_uploads.notifications.abandon(lock)
