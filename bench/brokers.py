@@ -139,7 +139,7 @@ class TetherHub:
 
         self.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         listeners: dict[str, Any] = {"host": self.host, "mqtt_port": free_port(self.host),
-                                     "https_port": free_port(self.host)}
+                                     "https_port": free_port(self.host), "amqp_port": free_port(self.host)}
         if self.plain:
             listeners["mqtt_plain_port"] = free_port(self.host)
         self.config.write_text(_toml({

@@ -33,9 +33,11 @@ from bench.scenarios import Row
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODES: dict[str, dict[str, Any]] = {
-    "short": {"a_devices": 100, "a_duration": 6.0, "a_warmup": 1.5, "idle": 1000, "storm_pool": 1000,
+    "short": {"a_devices": 100, "a_duration": 6.0, "a_warmup": 1.5, "idle": 1000, "amqp_idle": 1000,
+              "storm_pool": 1000,
               "storm_duration": 6.0, "storm_warmup": 1.5, "d_devices": 100, "d_calls": 200, "kill9": None},
-    "full": {"a_devices": 100, "a_duration": 20.0, "a_warmup": 3.0, "idle": 10_000, "storm_pool": 10_000,
+    "full": {"a_devices": 100, "a_duration": 20.0, "a_warmup": 3.0, "idle": 10_000, "amqp_idle": 2000,
+             "storm_pool": 10_000,
              "storm_duration": 20.0, "storm_warmup": 3.0, "d_devices": 1000, "d_calls": 1000,
              "kill9": {"devices": 20, "load_s": 30.0, "cycles": 3}},
 }
@@ -44,6 +46,7 @@ TARGETS = {
     "10,000 TLS connections <= 1 GiB RSS": "b",
     ">= 500 TLS+SAS connects/s": "c",
     "C2D / direct-method p99 <= 10 ms": "d",
+    "AMQP durable rate >= 0.8x MQTT's (a, tls)": "e",
 }
 
 
@@ -112,6 +115,11 @@ async def run_all(mode: str, only: set[str], work: Path, *, stdlib_loop: bool, p
                         tether_windows.append((row.transport, wall + int((cfg["a_warmup"] + 0.2) * 1e9),
                                                wall + int((cfg["a_duration"] + 0.2) * 1e9)))
                     rows.append(row)
+        if "e" in only:
+            log(f"(e) AMQP throughput ({cfg['a_devices']} devices, TLS), {cfg['amqp_idle']} idle AMQP/TLS")
+            rows.append(await scenarios.amqp_throughput(hub, ids[: cfg["a_devices"]],
+                                                        duration=cfg["a_duration"], warmup=cfg["a_warmup"]))
+            rows.append(await scenarios.amqp_idle(hub, ids[: cfg["amqp_idle"]]))
         if "b" in only:
             for broker in (tether, *others):
                 log(f"(b) {cfg['idle']} idle TLS connections to {broker.name}")
@@ -229,6 +237,22 @@ def table(rows: list[Row]) -> str:
         add(sc, "tls", "broker CPU %", "broker_cpu_pct", t, m, a)
         add(sc, "tls", "broker CPU ms per connect", "broker_cpu_ms_per_connect", t, m, a, True)
         add(sc, "tls", "load generator CPU %", "client_cpu_pct", t, m, a)
+    e, a_tls = _get(rows, "e-amqp-throughput", "tether"), _get(rows, "a-throughput", "tether", "tls")
+    if e:
+        sc = "(e) 100 dev AMQP 256 B"
+        for key, label in (("settled_per_s", "settled accepted/s (durable)"),
+                           ("settle_p50_ms", "send→accepted p50 ms"),
+                           ("settle_p99_ms", "send→accepted p99 ms"), ("broker_cpu_pct", "broker CPU %"),
+                           ("client_cpu_pct", "load generator CPU %")):
+            lines.append(f"| {sc} | tls | Tether {label} | {_fmt(e.get(key))} | | | | |")
+        lines.append(f"| {sc} | tls | AMQP settled/s ÷ MQTT PUBACK/s (a, tls) | "
+                     f"{_ratio(e.get('settled_per_s'), a_tls.get('puback_per_s'))} | | | | |")
+    idle_amqp, idle_mqtt = _get(rows, "e-amqp-idle", "tether"), _get(rows, "b-idle-tls", "tether")
+    if idle_amqp:
+        per_conn = _fmt(idle_amqp.get("rss_per_conn_kb"))
+        lines.append(f"| (e) idle AMQP/TLS connections | tls | RSS per connection, KiB "
+                     f"({idle_amqp['connected']} AMQP; MQTT from (b)) | {per_conn} | | | "
+                     f"MQTT: {_fmt(idle_mqtt.get('rss_per_conn_kb'))} | |")
     for row in rows:
         if row.scenario == "d-c2d-method-rtt":
             x = row.metrics
@@ -264,6 +288,11 @@ def verdicts(rows: list[Row]) -> list[str]:
     if c:
         out.append(f"(c) {c.get('connacks_per_s')} TLS+SAS connects/s -> "
                    f"{'PASS' if (c.get('connacks_per_s') or 0) >= 500 else 'FAIL'}")
+    e, a_tls = _get(rows, "e-amqp-throughput", "tether"), _get(rows, "a-throughput", "tether", "tls")
+    if e and a_tls.get("puback_per_s"):
+        ratio = (e.get("settled_per_s") or 0) / a_tls["puback_per_s"]
+        out.append(f"(e) AMQP {e.get('settled_per_s')} durable msg/s vs MQTT {a_tls['puback_per_s']} (tls): "
+                   f"{ratio:.2f}x -> {'PASS' if ratio >= 0.8 else 'FAIL'}")
     for r in rows:
         if r.scenario != "d-c2d-method-rtt":
             continue
@@ -280,7 +309,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--short", action="store_true", help="reduced version of every scenario (< 3 min)")
-    parser.add_argument("--only", default="a,b,c,d,durability", help="comma list of a,b,c,d,durability")
+    parser.add_argument("--only", default="a,b,c,d,e,durability", help="comma list of a,b,c,d,e,durability")
     parser.add_argument("--tether-stdlib-loop", action="store_true",
                         help="run the hub on asyncio's own loop instead of `tether run`'s uvloop")
     parser.add_argument("--profile", action="store_true", help="run the hub under pyinstrument")

@@ -5,18 +5,22 @@
 (b) idle: N idle TLS device connections; broker RSS before/after.
 (c) storm: TLS (+ SAS for Tether) connects per second from many concurrent connecting clients.
 (d) C2D / direct-method round trip with 1,000 devices connected (needs the REST routes).
+(e) AMQP: the (a) load over AMQP/TLS (SASL PLAIN, one telemetry sender per device, settled `accepted`
+    only once durable), and the hub's RSS per idle AMQP/TLS connection (`bench/amqpload.py`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
+import json
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.brokers import Broker, TetherHub, rss_mb
+from bench.brokers import BENCH_KEY, HOSTNAME, Broker, TetherHub, cpu_seconds, rss_mb
 from bench.loadgen import LoadResult, LoadRun, split
 from bench.mqttclient import STAMP, Histogram
 
@@ -189,3 +193,52 @@ async def c2d_and_methods(hub: TetherHub, devices: list[str], calls: int = 500) 
 
     return [Row("d-c2d-method-rtt", "tether", "tls", metrics, "")
             for metrics in await method_and_c2d_round_trips(hub, devices, calls=calls)]
+
+
+# ------------------------------------------------------------------------------------------ (e) AMQP
+
+
+def _amqp_spec(hub: TetherHub, devices: list[str], mode: str, **extra: Any) -> str:
+    return json.dumps({"host": hub.host, "port": hub.ports["amqps"], "ca_file": str(hub.ca_file),
+                       "key": BENCH_KEY, "hostname": HOSTNAME, "devices": devices, "mode": mode, **extra})
+
+
+async def amqp_throughput(hub: TetherHub, devices: list[str], *, duration: float, warmup: float,
+                          window: int = 20, payload: int = 256) -> Row:
+    """(e) 100 devices over AMQP/TLS, `window` unsettled telemetry transfers each, as (a) does over MQTT."""
+    spec = _amqp_spec(hub, devices, "publish", warmup=warmup, duration=duration, window=window,
+                      payload=payload)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.amqpload", spec,
+                                                stdout=asyncio.subprocess.PIPE)
+    await asyncio.sleep(warmup + 1.0)  # connects + warm-up, then the measured window
+    cpu0, t0 = cpu_seconds(hub.pid), time.monotonic()
+    out, _ = await proc.communicate()
+    window_s = time.monotonic() - t0
+    cpu = cpu_seconds(hub.pid) - cpu0
+    result = json.loads(out.decode().strip().splitlines()[-1])
+    return Row("e-amqp-throughput", "tether", "tls", {
+        "devices": result["devices"], "settled_per_s": result["settled_per_s"],
+        "settle_p50_ms": result["p50_ms"],
+        "settle_p99_ms": result["p99_ms"], "broker_cpu_pct": _cpu_pct(cpu, window_s),
+        "client_cpu_pct": result["client_cpu_pct"], "errors": result["errors"],
+    }, "settled accepted after fsync (group commit); SASL PLAIN")
+
+
+async def amqp_idle(hub: TetherHub, devices: list[str], *, hold: float = 3.0) -> Row:
+    """(e) RSS per idle AMQP/TLS connection (SASL PLAIN, one session, one sender link each)."""
+    before = rss_mb(hub.pid)
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "bench.amqpload",
+                                                _amqp_spec(hub, devices, "idle"),
+                                                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
+    assert proc.stdout is not None and proc.stdin is not None
+    ready = json.loads(await asyncio.wait_for(proc.stdout.readline(), 600))
+    await asyncio.sleep(hold)
+    after = rss_mb(hub.pid)
+    proc.stdin.write(b"done\n")
+    await proc.stdin.drain()
+    await proc.communicate()
+    connected = int(ready["ready"])
+    return Row("e-amqp-idle", "tether", "tls", {
+        "connected": connected, "rss_before_mb": round(before, 1), "rss_after_mb": round(after, 1),
+        "rss_per_conn_kb": round((after - before) * 1024 / max(connected, 1), 1),
+    }, "SASL PLAIN, one session and one sender link per connection")

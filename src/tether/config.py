@@ -73,7 +73,7 @@ class ListenerSettings(Section):
     https_fallback_port: int = Field(
         8443, ge=0, le=65535,
         description="Bound instead when this process lacks the privilege for https_port; 0: no fallback.")
-    amqp_port: int | None = Field(None, ge=0, le=65535, description="AMQP over TLS (when available).")
+    amqp_port: int | None = Field(5671, ge=0, le=65535, description="AMQP 1.0 over TLS (None: off).")
 
 
 class TlsSettings(Section):
@@ -108,6 +108,12 @@ class LimitSettings(Section):
         366 * 86400, ge=60, description="Tokens expiring further in the future than this are refused."
     )
     auth_failures_per_second: float = Field(50.0, gt=0, description="Per-peer auth failure rate limit.")
+    amqp_idle_timeout_s: float = Field(
+        240.0, ge=0, le=3600,
+        description="AMQP idle time-out the hub announces (0: none); the Python registry manager talks "
+                    "only every 120 s, so keep it above 240.")
+    amqp_max_frame_bytes: int = Field(65_536, ge=4096, le=1_048_576, description="AMQP max-frame-size.")
+    amqp_max_links: int = Field(256, ge=4, le=4096, description="Links one AMQP connection may attach.")
 
 
 class StorageSettings(Section):

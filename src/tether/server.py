@@ -1,7 +1,8 @@
 """`tether run`: open the hub, start every listener, serve until SIGINT/SIGTERM.
 
-Listeners: MQTT over TLS (`listeners.mqtt_port`), the HTTPS server carrying the service REST API,
-the device HTTPS surface, MQTT over WebSockets and `/metrics` (`listeners.https_port`, 443 by
+Listeners: MQTT over TLS (`listeners.mqtt_port`), AMQP over TLS (`listeners.amqp_port`), the HTTPS
+server carrying the service REST API, the device HTTPS surface, MQTT and AMQP over WebSockets and
+`/metrics` (`listeners.https_port`, 443 by
 default: the port Microsoft's SDKs dial), and — only when configured — plain-TCP MQTT for loopback
 testing. All TLS goes through one TlsContextFactory; every socket is admitted by the hub's
 `ConnectionSlots`, whose budget is the descriptor limit (raised to the hard limit at start) minus what
@@ -94,6 +95,12 @@ async def start_listeners(hub: Hub) -> None:
     mqtts = await _bind("mqtt_port", host, listeners.mqtt_port,
                         lambda port: start_mqtt(hub, host=host, port=port, tls=True))
     hub.add_server("mqtts", mqtts)
+    if settings.listeners.amqp_port is not None:
+        from tether.protocols.amqp.server import start_amqp, stop_amqp
+
+        amqps = await _bind("amqp_port", host, settings.listeners.amqp_port,
+                            lambda port: start_amqp(hub, host=host, port=port, tls=True))
+        hub.add_server("amqps", amqps, closer=lambda: stop_amqp(hub))
     if settings.listeners.mqtt_plain_port is not None:
         # Unencrypted MQTT is for loopback testing only: it never binds a non-loopback address.
         plain_host = host if _is_loopback(host) else "127.0.0.1"

@@ -65,7 +65,8 @@ def node_settings(data_dir: Path, pki_dir: Path, *, storage: dict[str, Any], clu
         cluster["node_id"] = node_id
     return load_settings(
         hub={"hostname": HOSTNAME, "data_dir": data_dir},
-        listeners={"host": "127.0.0.1", "mqtt_port": 0, "https_port": 0, "mqtt_plain_port": 0},
+        listeners={"host": "127.0.0.1", "mqtt_port": 0, "https_port": 0, "mqtt_plain_port": 0,
+                   "amqp_port": 0},
         tls={"cert_file": cert, "key_file": key},
         limits={"device_messages_per_second": 10_000.0},
         storage=storage,

@@ -27,6 +27,7 @@ def test_run_serves_until_sigint(cli: Cli, owner_cs: str) -> None:
         "TETHER_LISTENERS__HOST": "127.0.0.1",
         "TETHER_LISTENERS__MQTT_PORT": "0",
         "TETHER_LISTENERS__HTTPS_PORT": "0",
+        "TETHER_LISTENERS__AMQP_PORT": "0",
         "PYTHONUNBUFFERED": "1",
     })
     proc = subprocess.Popen(

@@ -103,7 +103,7 @@ def https_port(cli: Cli, owner_cs: str) -> int:
     port = free_port()
     with (cli.data_dir / "tether.toml").open("a", encoding="utf-8") as f:
         f.write(f'\n[listeners]\nhost = "127.0.0.1"\nhttps_port = {port}\n'
-                'mqtt_port = 0\nmqtt_plain_port = 0\n')
+                'mqtt_port = 0\nmqtt_plain_port = 0\namqp_port = 0\n')
     return port
 
 

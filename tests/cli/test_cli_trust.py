@@ -34,7 +34,8 @@ class TlsHub:
 
     async def _start(self) -> None:
         settings = load_settings(hub={"hostname": "localhost", "data_dir": self.data_dir},
-                                 listeners={"host": "127.0.0.1", "https_port": 0, "mqtt_port": 0})
+                                 listeners={"host": "127.0.0.1", "https_port": 0, "mqtt_port": 0,
+                                            "amqp_port": 0})
         self.hub = Hub(settings)
         await self.hub.open()
         await start_listeners(self.hub)

@@ -67,7 +67,8 @@ def test_launcher_starts_and_stops_nodes(tmp_path: Path) -> None:
                     break
             text = "".join(seen)
             assert "2 Tether nodes running" in text, text
-            nodes = re.findall(r"(node-\d)\s+pid (\d+)\s+https 127.0.0.1:(\d+)\s+mqtt 127.0.0.1:(\d+)", text)
+            nodes = re.findall(r"(node-\d)\s+pid (\d+)\s+(?:amqps \S+\s+)?"
+                               r"https 127.0.0.1:(\d+)\s+mqtt 127.0.0.1:(\d+)", text)
             assert [n[0] for n in nodes] == ["node-0", "node-1"], text
             pids = [int(n[1]) for n in nodes]
             for _, _, https, mqtt in nodes:

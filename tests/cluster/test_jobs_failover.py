@@ -33,7 +33,7 @@ def nodes(tmp_path: Path) -> Iterator[tuple[dict[str, NodeProcess], Path]]:
                 tmp_path / f"node-{name}",
                 {
                     "hub": {"hostname": HOSTNAME, "data_dir": str(tmp_path / f"node-{name}")},
-                    "listeners": {"host": "127.0.0.1", "https_port": 0, "mqtt_port": 0},
+                    "listeners": {"host": "127.0.0.1", "https_port": 0, "mqtt_port": 0, "amqp_port": 0},
                     "tls": {"cert_file": str(cert), "key_file": str(key)},
                     "storage": backend.storage,
                     "cluster": {**backend.cluster, "node_id": f"node-{name}"},

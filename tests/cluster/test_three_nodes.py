@@ -35,7 +35,8 @@ def cluster(tmp_path: Path) -> Iterator[tuple[dict[str, NodeProcess], Path]]:
         for name in ("a", "b", "c"):
             spec = NodeSpec(f"node-{name}", tmp_path / f"node-{name}", {
                 "hub": {"hostname": HOSTNAME, "data_dir": str(tmp_path / f"node-{name}")},
-                "listeners": {"host": "127.0.0.1", "https_port": 0, "mqtt_port": 0, "mqtt_plain_port": 0},
+                "listeners": {"host": "127.0.0.1", "https_port": 0, "mqtt_port": 0, "mqtt_plain_port": 0,
+                              "amqp_port": 0},
                 "tls": {"cert_file": str(cert), "key_file": str(key)},
                 "limits": {"device_messages_per_second": 10_000.0},
                 "storage": backend.storage,

@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import test_fuzz_amqp as amqp
 from . import test_fuzz_http as http
 from . import test_fuzz_mqtt as mqtt
 from . import test_fuzz_rest as rest
@@ -38,6 +39,13 @@ def mqtt_codec(data: bytes) -> None:
     streams must start; other openings are the Hypothesis harness's)."""
     stream = data if data.startswith(b"\x10") else mqtt.CONNECT + data
     mqtt.check_stream((stream, 4096, [1 + len(data) % 61]))
+
+
+def amqp_frames(data: bytes) -> None:
+    """A server-side AMQP byte stream (a protocol header first, as real streams must) cut into reads
+    of a size the input picks, then the same bytes to the type and message decoders."""
+    amqp.check_stream((amqp.opening(data), [1 + len(data) % 97]))
+    amqp.check_decode(data)
 
 
 def mqtt_topics(data: bytes) -> None:
@@ -91,6 +99,7 @@ SELFTEST = Target("selftest.crash", "", _planted_crash)
 TARGETS = {
     t.name: t
     for t in (
+        Target("amqp.frames", "amqp", amqp_frames),
         Target("mqtt.codec", "mqtt", mqtt_codec),
         Target("mqtt.topics", "topics", mqtt_topics),
         Target("sas.token", "sas", sas_token),

@@ -21,7 +21,7 @@ from .atheris_targets import TARGETS
 from .harness import Harness
 
 HARNESS_MODULES: list[str] = [
-    "test_fuzz_mqtt",
+    "test_fuzz_mqtt", "test_fuzz_amqp",
     "test_fuzz_security", "test_fuzz_rest", "test_fuzz_http",
 ]
 

@@ -1,6 +1,6 @@
 """Helpers for the issue-14 hardening tests: a hub with every listener as `tether run` starts them
-(HTTPS with Tether's request handler, MQTT over TLS, plain MQTT), on 127.0.0.90 with its own dev PKI,
-plus raw-socket helpers for hostile clients."""
+(HTTPS with Tether's request handler, MQTT over TLS, plain MQTT, AMQP over TLS on an ephemeral port),
+on 127.0.0.90 with its own dev PKI, plus raw-socket helpers for hostile clients."""
 
 from __future__ import annotations
 
@@ -18,6 +18,8 @@ from typing import Any
 
 from tether.config import load_settings
 from tether.hub import Hub
+from tether.protocols.amqp import AMQP_HEADER, SASL_HEADER, Open, SaslInit, encode_frame
+from tether.protocols.amqp.framing import FRAME_SASL
 from tether.security import pki
 from tether.security.sas import build_token
 from tether.server import start_listeners
@@ -70,10 +72,26 @@ class Served:
             writer.close()
 
 
+def sasl_init(mechanism: str, response: bytes | None = None) -> bytes:
+    """The SASL header and a sasl-init frame, as a client sends them in one go."""
+    return SASL_HEADER + encode_frame(0, SaslInit(mechanism, response), frame_type=FRAME_SASL)
+
+
+def amqp_open(container_id: str = "raw") -> bytes:
+    """The plain AMQP header and an open (what the Node SDKs send before their CBS put-token)."""
+    return AMQP_HEADER + encode_frame(0, Open(container_id=container_id))
+
+
+def amqp_plain(user: str, token: str) -> bytes:
+    """SASL PLAIN with a SAS token, then the AMQP header and an open: an authenticated connection."""
+    return sasl_init("PLAIN", f"\x00{user}\x00{token}".encode()) + amqp_open()
+
+
 def serve_settings(data_dir: Path, **sections: dict[str, Any]) -> Any:
     limits = {"device_messages_per_second": 10_000.0, **sections.pop("limits", {})}
     return load_settings(hub={"hostname": HOSTNAME, "data_dir": data_dir},
-                         listeners={"host": IP, "https_port": 0, "mqtt_port": 0, "mqtt_plain_port": 0},
+                         listeners={"host": IP, "https_port": 0, "mqtt_port": 0, "mqtt_plain_port": 0,
+                                    "amqp_port": 0},
                          limits=limits, **sections)
 
 

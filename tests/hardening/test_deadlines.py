@@ -1,8 +1,9 @@
-"""Every HTTPS connection state has a deadline (issue 14: connections that finished TLS and then sent
-nothing, or half a request, were never closed). Short settings here: TLS handshake and MQTT CONNECT
-1 s (`connect_timeout_s`), idle / half a request head 1.5 s (`http_idle_timeout_s`), body 1.5 s
-between reads (`http_body_timeout_s`). Each hostile connection must be closed near its deadline — not
-before most of it has passed, not long after — while a connection that keeps working stays open."""
+"""Every HTTPS and AMQP connection state has a deadline (issue 14: connections that finished TLS and then
+sent nothing, or half a request, were never closed). Short settings here: TLS handshake, MQTT CONNECT
+and the AMQP protocol header / SASL / open 1 s (`connect_timeout_s`), an AMQP credential 4 s (4×),
+idle / half a request head 1.5 s (`http_idle_timeout_s`), body 1.5 s between reads
+(`http_body_timeout_s`). Each hostile connection must be closed near its deadline — not before most of
+it has passed, not long after — while a connection that keeps working stays open."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from hardening.helpers import IP, Served, serving
+from hardening.helpers import HOSTNAME, IP, Served, amqp_open, amqp_plain, sasl_init, serving
+from tether.protocols.amqp import AMQP_HEADER, SASL_HEADER
 
 CONNECT_S = 1.0
+CREDENTIAL_S = 4 * CONNECT_S  # an AMQP connection must hold a credential by then
 IDLE_S = 1.5
 BODY_S = 1.5
 SLACK_S = 3.0  # a busy machine may run a timer late; never early
@@ -51,8 +54,9 @@ def within(waited: float, deadline: float) -> None:
     assert deadline * 0.8 <= waited <= deadline + SLACK_S, (waited, deadline)
 
 
-async def test_a_tls_handshake_that_never_completes_is_closed(served: Served) -> None:
-    reader, writer = await asyncio.open_connection(IP, served.ports["https"])
+@pytest.mark.parametrize("listener", ["https", "amqps"])
+async def test_a_tls_handshake_that_never_completes_is_closed(served: Served, listener: str) -> None:
+    reader, writer = await asyncio.open_connection(IP, served.ports[listener])
     writer.write(bytes.fromhex("160301020001"))  # the start of a ClientHello, then silence
     waited, _ = await closed_after(reader, CONNECT_S + SLACK_S + 5)
     within(waited, CONNECT_S)
@@ -120,15 +124,64 @@ async def test_a_connection_that_keeps_working_stays_open(served: Served) -> Non
     writer.close()
 
 
-async def test_a_websocket_that_never_sends_connect_is_closed(served: Served) -> None:
+@pytest.mark.parametrize(("protocol", "sent", "deadline"), [
+    pytest.param("mqtt", b"", CONNECT_S, id="mqtt-never-sends-connect"),
+    pytest.param("AMQPWSB10", b"", CONNECT_S, id="amqp-never-opens"),
+    pytest.param("AMQPWSB10", amqp_open(), CREDENTIAL_S, id="amqp-opens-without-credential"),
+])
+async def test_a_websocket_is_closed_at_its_protocols_deadline(served: Served, protocol: str, sent: bytes,
+                                                               deadline: float) -> None:
     connector = aiohttp.TCPConnector(ssl=served.tls())
     async with aiohttp.ClientSession(connector=connector) as session:
         started = time.monotonic()
         async with session.ws_connect(f"wss://{IP}:{served.ports['https']}/$iothub/websocket",
-                                      protocols=("mqtt",)) as ws:
+                                      protocols=(protocol,)) as ws:
+            if sent:
+                await ws.send_bytes(sent)
             with contextlib.suppress(asyncio.TimeoutError):
                 async for _ in ws:
                     pass
         waited = time.monotonic() - started
     assert ws.closed
-    within(waited, CONNECT_S)
+    within(waited, deadline)
+
+
+# --- AMQP over TLS and over WebSockets ------------------------------------------------------------
+AMQP_STATES = [  # (what the client sends after the handshake, deadline, what the hub sends before closing)
+    pytest.param(b"", CONNECT_S, b"", id="nothing"),
+    pytest.param(AMQP_HEADER[:5], CONNECT_S, b"", id="half-a-protocol-header"),
+    pytest.param(AMQP_HEADER, CONNECT_S, AMQP_HEADER, id="header-without-open"),
+    pytest.param(SASL_HEADER, CONNECT_S, SASL_HEADER, id="sasl-header-without-init"),
+    pytest.param(sasl_init("ANONYMOUS"), CONNECT_S, SASL_HEADER, id="sasl-done-without-open"),
+    pytest.param(amqp_open()[:20], CONNECT_S, AMQP_HEADER, id="half-an-open"),
+    pytest.param(amqp_open(), CREDENTIAL_S, AMQP_HEADER, id="open-without-credential"),
+]
+
+
+async def amqp_connection(served: Served) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.open_connection(IP, served.ports["amqps"], ssl=served.tls(),
+                                         server_hostname="localhost")
+
+
+@pytest.mark.parametrize(("sent", "deadline", "answer"), AMQP_STATES)
+async def test_every_amqp_connection_state_before_a_credential_is_closed(
+        served: Served, sent: bytes, deadline: float, answer: bytes) -> None:
+    reader, writer = await amqp_connection(served)
+    writer.write(sent)
+    waited, data = await closed_after(reader, deadline + SLACK_S + 5)
+    within(waited, deadline)
+    assert data.startswith(answer), data[:100]
+    if deadline == CREDENTIAL_S:
+        assert b"amqp:unauthorized-access" in data  # the close says why
+    writer.close()
+
+
+async def test_an_authenticated_amqp_connection_outlives_the_credential_deadline(served: Served) -> None:
+    token = await served.device("amqp-meter")
+    reader, writer = await amqp_connection(served)
+    writer.write(amqp_plain(f"amqp-meter@sas.{HOSTNAME}", token))
+    with pytest.raises(TimeoutError):  # no heartbeats asked for, nothing to say: silence, not a close
+        await closed_after(reader, CREDENTIAL_S + SLACK_S)
+    assert not reader.at_eof()
+    writer.close()
+

@@ -4,10 +4,11 @@ half-requests (issue 14, "High": ~1,000 such connections used every descriptor, 
 
 `tether run` runs in a child process with RLIMIT_NOFILE 1,024 soft and hard (so raising the soft limit
 to the hard one cannot help). Eight attacker addresses (127.0.0.91–98) complete TLS handshakes and then
-send nothing, or half a request head. Meanwhile, from 127.0.0.99: a device connected before the flood
-keeps publishing, `/healthz` answers, a new device connects over MQTT/TLS and publishes. The attackers'
-connections are shed when the descriptor budget is spent (the longest-idle first) or closed at the
-idle deadline (`limits.http_idle_timeout_s`) — none lives longer.
+send nothing, or half a request head — one in five on the AMQP listener, sending only the protocol
+header. Meanwhile, from 127.0.0.99: a device connected before the flood keeps publishing, `/healthz`
+answers, a new device connects over MQTT/TLS and publishes. The attackers' connections are shed when
+the descriptor budget is spent (the longest-idle first) or closed at their deadline (HTTPS:
+`limits.http_idle_timeout_s`; AMQP without an open: `limits.connect_timeout_s`) — none lives longer.
 
 Also here: the EMFILE back-off of the accept loop (both event loops), and the start-up raise of the soft
 limit to the hard limit.
@@ -45,6 +46,8 @@ ATTACKERS = [f"127.0.0.{n}" for n in range(91, 99)]
 FRIEND = "127.0.0.99"
 COUNT = 1500
 HALF_HEAD = b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nX-Slow: "
+CONNECT_S = 5.0  # limits.connect_timeout_s: the AMQP protocol header, SASL and open
+AMQP_HEADER = b"AMQP\x00\x01\x00\x00"
 
 
 def limit_descriptors() -> None:
@@ -77,27 +80,31 @@ class Publisher:
 
 
 async def attacker(hub: TetherHub, ctx: ssl.SSLContext, n: int, gate: asyncio.Semaphore,
-                   lifetimes: list[float], refused: list[int]) -> None:
-    """One hostile connection: TLS handshake, then nothing (even n) or half a request head (odd n);
-    records how long the hub let it live after the handshake."""
+                   lifetimes: list[float], refused: list[int], amqp: list[float]) -> None:
+    """One hostile connection: TLS handshake, then nothing (even n) or half a request head (odd n) —
+    every fifth on the AMQP listener, sending only the protocol header; records how long the hub let it
+    live after the handshake."""
+    on_amqp = n % 5 == 4
     async with gate:
         try:
             reader, writer = await asyncio.wait_for(asyncio.open_connection(
-                IP, hub.ports["https"], ssl=ctx, server_hostname="localhost",
+                IP, hub.ports["amqps" if on_amqp else "https"], ssl=ctx, server_hostname="localhost",
                 local_addr=(ATTACKERS[n % len(ATTACKERS)], 0)), 60)
         except (OSError, ssl.SSLError, TimeoutError):
             refused.append(n)  # refused or shed before the handshake completed: closed at once
             return
-        if n % 2:
+        if on_amqp:
+            writer.write(AMQP_HEADER)
+        elif n % 2:
             writer.write(HALF_HEAD)
     opened = time.monotonic()
     try:
         with contextlib.suppress(ConnectionError, ssl.SSLError):
             while await asyncio.wait_for(reader.read(4096), IDLE_S + SLACK_S + 30):
                 pass
-        lifetimes.append(time.monotonic() - opened)
+        (amqp if on_amqp else lifetimes).append(time.monotonic() - opened)
     except TimeoutError:
-        lifetimes.append(float("inf"))
+        (amqp if on_amqp else lifetimes).append(float("inf"))
     finally:
         writer.close()
 
@@ -126,7 +133,7 @@ def scrape(hub: TetherHub, ctx: ssl.SSLContext) -> dict[str, float]:
 
 async def test_idle_and_half_open_https_flood_against_a_1024_descriptor_hub(tmp_path: Path) -> None:
     hub = TetherHub(tmp_path / "hub", host=IP, preexec=limit_descriptors,
-                    limits={"http_idle_timeout_s": IDLE_S, "connect_timeout_s": 5.0})
+                    limits={"http_idle_timeout_s": IDLE_S, "connect_timeout_s": CONNECT_S})
     hub.prepare(["steady", "newcomer"])
     hub.start()
     try:
@@ -145,14 +152,15 @@ async def test_idle_and_half_open_https_flood_against_a_1024_descriptor_hub(tmp_
         await asyncio.sleep(0.5)
 
         lifetimes: list[float] = []
+        amqp: list[float] = []
         refused: list[int] = []
         gate = asyncio.Semaphore(200)
         started = time.monotonic()
-        flood = asyncio.gather(*(attacker(hub, ctx, n, gate, lifetimes, refused) for n in range(COUNT)))
+        flood = asyncio.gather(*(attacker(hub, ctx, n, gate, lifetimes, refused, amqp) for n in range(COUNT)))
 
         # While the flood holds its connections: health checks and a new device get through.
         probes: list[float] = []
-        while len(lifetimes) + len(refused) < COUNT // 2 and time.monotonic() - started < 60:
+        while len(lifetimes) + len(amqp) + len(refused) < COUNT // 2 and time.monotonic() - started < 60:
             probes.append(await healthz(hub, ctx))
             await asyncio.sleep(0.5)
         newcomer, code = await open_client(IP, hub.ports["mqtts"], "newcomer", username=user("newcomer"),
@@ -181,12 +189,15 @@ async def test_idle_and_half_open_https_flood_against_a_1024_descriptor_hub(tmp_
                    and "shed-idle" in k)
         at_deadline = [t for t in lifetimes if t >= 0.8 * IDLE_S]
         print(f"\ndescriptor limit {LIMIT}, socket capacity {capacity}: {COUNT} hostile connections in "
-              f"{elapsed:.1f} s; {len(lifetimes)} completed the handshake, {len(refused)} did not; "
+              f"{elapsed:.1f} s; {len(lifetimes) + len(amqp)} completed the handshake, "
+              f"{len(refused)} did not; "
               f"{int(shed)} shed when the budget was spent, {len(at_deadline)} closed at the {IDLE_S:g} s "
               f"deadline (latest after {max(lifetimes):.1f} s); /healthz answered {len(probes)} times "
               f"(slowest {max(probes):.2f} s); longest PUBACK gap of the steady device "
-              f"{publisher.longest_gap(started):.2f} s")
+              f"{publisher.longest_gap(started):.2f} s; {len(amqp)} AMQP connections closed after at most "
+              f"{max(amqp):.1f} s")
         assert max(lifetimes) <= IDLE_S + SLACK_S, "a hostile connection outlived its deadline"
+        assert amqp and max(amqp) <= CONNECT_S + SLACK_S, "an AMQP connection outlived its deadline"
         assert at_deadline, "no connection lived until its deadline"
         assert all(t <= IDLE_S + SLACK_S for t in at_deadline)
         assert shed > 0, "the flood never spent the descriptor budget"

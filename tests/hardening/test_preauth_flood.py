@@ -4,11 +4,12 @@
 The flood comes from 127.0.0.91 and mixes every kind of pre-authentication refusal on every listener:
 CONNECTs whose client id is not the device id, malformed usernames, a first packet that is not CONNECT
 and garbage instead of MQTT (plain TCP, TLS and WebSockets), malformed HTTP requests and headers that
-are not UTF-8 (HTTPS), plus wrong-signature CONNECTs that the authenticator verifies while the peer has
-budget. With `limits.auth_failures_per_second` = 5 (burst 10), the peer's refusals are written one by
-one until its budget is spent, then in aggregate: at most one record per second while the flood runs
-and one summary after it. Every refusal is still accounted for (`suppressed` counts), and another
-address is not affected.
+are not UTF-8 (HTTPS), bad AMQP protocol headers, garbage before the AMQP open and SASL exchanges that
+fail before any credential check (AMQP over TLS and over WebSockets), plus wrong-signature CONNECTs
+that the authenticator verifies while the peer has budget. With `limits.auth_failures_per_second` = 5
+(burst 10), the peer's refusals are written one by one until its budget is spent, then in aggregate: at
+most one record per second while the flood runs and one summary after it. Every refusal is still
+accounted for (`suppressed` counts), and another address is not affected.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ from typing import Any
 import aiohttp
 import pytest
 
-from hardening.helpers import HOSTNAME, IP, Served, serving
+from hardening.helpers import HOSTNAME, IP, Served, sasl_init, serving
+from tether.protocols.amqp import AMQP_HEADER
 from tether.protocols.mqtt.codec import encode_packet
 from tether.protocols.mqtt.packets import Connect
 from tether.security.sas import build_token
@@ -55,6 +57,16 @@ MQTT_REFUSALS: list[bytes] = [
 ]
 
 
+AMQP_REFUSALS: list[bytes] = [
+    b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # not an AMQP protocol header
+    AMQP_HEADER + b"\x00\x00\x00\x10\x02\x00\x00\x00garbage!",  # garbage where the open belongs
+    sasl_init("CRAM-MD5"),  # a mechanism we do not offer
+    sasl_init("PLAIN", b"\x00meter@sas.evil\x00x"),  # another hub's user name
+    sasl_init("PLAIN", b"no separators"),  # not PLAIN's format
+    sasl_init("EXTERNAL"),  # no client certificate
+]
+
+
 async def until_closed(reader: asyncio.StreamReader) -> bytes:
     """Wait for the hub to answer and close (so every attempt is refused, not abandoned by us)."""
     data = b""
@@ -76,6 +88,16 @@ async def mqtt_attempt(served: Served, payload: bytes, *, tls: bool) -> None:
         writer.close()
 
 
+async def amqp_attempt(served: Served, payload: bytes) -> None:
+    reader, writer = await asyncio.open_connection(IP, served.ports["amqps"], ssl=served.tls(),
+                                                   server_hostname="localhost", local_addr=(FLOODER, 0))
+    try:
+        writer.write(payload)
+        await until_closed(reader)
+    finally:
+        writer.close()
+
+
 async def https_attempt(served: Served, payload: bytes) -> None:
     reader, writer = await asyncio.open_connection(IP, served.ports["https"], ssl=served.tls(),
                                                    server_hostname="localhost", local_addr=(FLOODER, 0))
@@ -87,18 +109,19 @@ async def https_attempt(served: Served, payload: bytes) -> None:
         writer.close()
 
 
-async def ws_attempts(served: Served, payloads: list[bytes]) -> None:
+async def ws_attempts(served: Served, payloads: list[tuple[str, bytes]]) -> None:
+    """(subprotocol, first message) over `/$iothub/websocket`: `mqtt` or `AMQPWSB10`."""
     connector = aiohttp.TCPConnector(ssl=served.tls(), local_addr=(FLOODER, 0), limit=20)
     async with aiohttp.ClientSession(connector=connector) as session:
-        async def one(payload: bytes) -> None:
+        async def one(protocol: str, payload: bytes) -> None:
             url = f"wss://{IP}:{served.ports['https']}/$iothub/websocket"
             timeout = aiohttp.ClientWSTimeout(ws_close=30)
-            async with session.ws_connect(url, protocols=("mqtt",), timeout=timeout) as ws:
+            async with session.ws_connect(url, protocols=(protocol,), timeout=timeout) as ws:
                 await ws.send_bytes(payload)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    async for _ in ws:  # CONNACK (if any), then the hub closes
+                    async for _ in ws:  # CONNACK or the AMQP answer (if any), then the hub closes
                         pass
-        await gather_bounded([lambda p=p: one(p) for p in payloads], 20)
+        await gather_bounded([lambda p=p: one(*p) for p in payloads], 20)
 
 
 async def gather_bounded(work: list[Callable[[], Awaitable[Any]]], limit: int) -> None:
@@ -134,7 +157,8 @@ async def test_ten_thousand_pre_auth_refusals_from_one_peer_write_a_bounded_numb
                      b"POST /devices/meter/messages/events HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
                      b"iothub-messageid: \xff\xfe\r\nContent-Length: 0\r\n\r\n"]
         jobs: list[Callable[[], Awaitable[Any]]] = []
-        counts = {"mqtt": 8_400, "mqtts": 300, "bad-signature": 300, "https": 600}  # + 400 over WebSockets
+        # + 500 over WebSockets: 400 MQTT, 100 AMQP
+        counts = {"mqtt": 7_900, "mqtts": 300, "bad-signature": 300, "https": 600, "amqps": 400}
         for n in range(counts["mqtt"]):
             jobs.append(lambda n=n: mqtt_attempt(served, MQTT_REFUSALS[n % len(MQTT_REFUSALS)], tls=False))
         for n in range(counts["mqtts"]):
@@ -144,7 +168,11 @@ async def test_ten_thousand_pre_auth_refusals_from_one_peer_write_a_bounded_numb
             jobs.append(lambda: mqtt_attempt(served, bad_signature, tls=False))
         for n in range(counts["https"]):
             jobs.append(lambda n=n: https_attempt(served, https_bad[n % len(https_bad)]))
-        ws_payloads = [MQTT_REFUSALS[n % len(MQTT_REFUSALS)] for n in range(TOTAL - sum(counts.values()))]
+        for n in range(counts["amqps"]):
+            jobs.append(lambda n=n: amqp_attempt(served, AMQP_REFUSALS[n % len(AMQP_REFUSALS)]))
+        over_ws = TOTAL - sum(counts.values())
+        ws_payloads = [("mqtt", MQTT_REFUSALS[n % len(MQTT_REFUSALS)]) for n in range(over_ws - 100)] + [
+            ("AMQPWSB10", AMQP_REFUSALS[n % len(AMQP_REFUSALS)]) for n in range(100)]
 
         started = time.monotonic()
         await asyncio.gather(gather_bounded(jobs, 40), ws_attempts(served, ws_payloads))
@@ -165,7 +193,11 @@ async def test_ten_thousand_pre_auth_refusals_from_one_peer_write_a_bounded_numb
         assert accounted(records) == TOTAL, "every refusal is accounted for"
         assert len(records) <= bound, (len(records), elapsed)
         reasons = {r.reason for r in records} | {k for r in records for k in r.details.get("reasons", {})}
-        assert {"client-id-mismatch", "bad-username", "malformed-request"} <= reasons, reasons
+        assert {"client-id-mismatch", "bad-username", "malformed-request", "bad-protocol-header",
+                "decode-error", "unsupported-mechanism", "wrong-hub", "bad-sasl-plain",
+                "no-client-certificate"} <= reasons, reasons
+        actions = {r.action for r in records}
+        assert {"mqtt.connect", "https.request", "amqp.connect"} <= actions, actions
 
         # another address still gets in (its budget is its own)
         reader, writer = await asyncio.open_connection(IP, served.ports["mqtt"], local_addr=(BYSTANDER, 0))

@@ -45,7 +45,7 @@ def new_key() -> str:
 def hub_settings(data_dir: Path) -> Settings:
     return load_settings(
         hub={"hostname": HOST, "data_dir": data_dir},
-        listeners={"host": "127.0.0.1", "https_port": 0, "mqtt_port": 0},
+        listeners={"host": "127.0.0.1", "https_port": 0, "mqtt_port": 0, "amqp_port": 0},
     )
 
 

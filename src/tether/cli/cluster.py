@@ -3,8 +3,9 @@
 Each node gets its own config file and data dir under `{data_dir}/cluster/node-{i}`, the shared dev PKI
 of the data dir, the same database, stream and cluster subjects, a node id `node-{i}` and its own ports
 (`--base-port B`: node i listens on B+10i (HTTPS), B+10i+1 (MQTT/TLS), B+10i+2 (plain MQTT with
-`--plain-mqtt`); without it, ephemeral ports). The database is created when missing and migrated once
-before the nodes start (so they do not race to create the default policies). Ctrl-C stops them all.
+`--plain-mqtt`), B+10i+3 (AMQP/TLS); without it, ephemeral ports). The database is created when
+missing and migrated once before the nodes start (so they do not race to create the default policies).
+Ctrl-C stops them all.
 
 `write_node_config` and `NodeProcess` are also what the three-node test uses.
 """
@@ -79,13 +80,12 @@ def node_specs(base: Settings, root: Path, count: int, *, base_port: int | None,
     """The N nodes' settings: shared hostname, TLS files, storage and cluster subjects."""
     specs = []
     for i in range(count):
-        ports = (0, 0, 0) if base_port is None else (base_port + 10 * i, base_port + 10 * i + 1,
-                                                     base_port + 10 * i + 2)
+        ports = (0, 0, 0, 0) if base_port is None else tuple(base_port + 10 * i + k for k in range(4))
         node_id = f"node-{i}"
         specs.append(NodeSpec(node_id, root / node_id, {
             "hub": {"hostname": base.hub.hostname, "data_dir": str((root / node_id).resolve())},
             "listeners": {"host": base.listeners.host, "https_port": ports[0], "mqtt_port": ports[1],
-                          "mqtt_plain_port": ports[2] if plain_mqtt else None},
+                          "mqtt_plain_port": ports[2] if plain_mqtt else None, "amqp_port": ports[3]},
             "tls": {"cert_file": str(base.cert_file.resolve()), "key_file": str(base.key_file.resolve())},
             "storage": {"database_url": database_url, "stream_url": stream_url,
                         "stream_partitions": base.storage.stream_partitions},

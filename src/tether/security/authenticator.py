@@ -191,15 +191,18 @@ class Authenticator:
         self,
         authorization: str | None,
         *,
-        required: Permission,
+        required: Permission | None,
         surface: str,
         peer: str | None = None,
+        policy: str | None = None,
     ) -> Principal:
         """Authenticate a service call by its policy SAS token; 403 (`not_authorized`) when the
-        policy lacks `required`."""
+        policy lacks `required`. `required=None` accepts any right (AMQP checks each link's right when
+        it attaches); `policy` names the policy the token must be signed by (AMQP SASL PLAIN's
+        `{policy}@sas.root.{hub}`)."""
         attempt = _Attempt(principal=None, target=None)
         return await self._audited(
-            surface, peer, attempt, lambda: self._service(authorization, required, attempt)
+            surface, peer, attempt, lambda: self._service(authorization, required, attempt, policy)
         )
 
     async def operator(
@@ -433,7 +436,8 @@ class Authenticator:
         )
 
     # Service ------------------------------------------------------------------------------------
-    async def _service(self, authorization: str | None, required: Permission, attempt: _Attempt) -> Principal:
+    async def _service(self, authorization: str | None, required: Permission | None, attempt: _Attempt,
+                       expected_policy: str | None = None) -> Principal:
         if not authorization:
             raise AuthRefused("missing-credentials", "no Authorization header")
         sas = self._parse(authorization)
@@ -441,6 +445,8 @@ class Authenticator:
             raise AuthRefused("device-token-not-allowed", "service calls need a policy token (skn)")
         attempt.principal = _label(f"policy:{sas.policy_name}")
         attempt.credential = CredentialKind.policy.value
+        if expected_policy is not None and expected_policy != sas.policy_name:
+            raise AuthRefused("policy-mismatch", "the token is signed by another policy than the user name's")
         host = self._hub_host(sas)
         if not scope_covers(sas.resource, host):
             raise AuthRefused("wrong-scope", "service tokens must be hub-level")
@@ -448,7 +454,7 @@ class Authenticator:
         policy = await self._policy(sas.policy_name)
         self._check_signature(sas, [policy.primary_key, policy.secondary_key])
         permissions = rights_of(policy.permissions)
-        if required not in permissions:
+        if required is not None and required not in permissions:
             raise AuthRefused("missing-permission", f"policy lacks {required.value}", not_authorized=True)
         return Principal(
             kind=PrincipalKind.service,

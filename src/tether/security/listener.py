@@ -1,4 +1,4 @@
-"""Tether's own accept loop, under every listener (MQTT, MQTT over TLS, HTTPS).
+"""Tether's own accept loop, under every listener (MQTT, MQTT over TLS, AMQP over TLS, HTTPS).
 
 Why not `loop.create_server`: when the process is out of file descriptors, `accept()` fails with
 EMFILE. uvloop (libuv) then accepts and closes every pending connection without telling anyone,

@@ -8,8 +8,6 @@ from the HTTPS listener's TLS layer (`peercert_chain`).
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
@@ -19,6 +17,7 @@ from cryptography import x509
 
 from tether.protocols.mqtt.server import context_for, format_peer
 from tether.protocols.mqtt.session import MqttSession
+from tether.protocols.wslink import CLOSE_TIMEOUT_S, WsLink
 
 if TYPE_CHECKING:
     from tether.hub import Hub
@@ -28,64 +27,6 @@ __all__ = ["WEBSOCKET_PATH", "mqtt_websocket_handler"]
 log = logging.getLogger("tether.mqtt.ws")
 
 WEBSOCKET_PATH = "/$iothub/websocket"
-CLOSE_TIMEOUT_S = 2.0
-
-
-class _WsLink:
-    """`Link` over a WebSocket: writes are queued and sent, in order, by one writer task."""
-
-    def __init__(self, ws: web.WebSocketResponse) -> None:
-        self._ws = ws
-        self._buffer: list[bytes] = []
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
-        self.readable = asyncio.Event()
-        self.readable.set()
-
-    def write(self, data: bytes) -> None:
-        if self._closing:
-            return
-        self._buffer.append(data)
-        self._kick()
-
-    def close(self) -> None:
-        if not self._closing:
-            self._closing = True
-            self.readable.set()  # wake a paused reader so it sees the session closed
-            self._kick()
-
-    def pause_reading(self) -> None:
-        if not self._closing:
-            self.readable.clear()
-
-    def resume_reading(self) -> None:
-        self.readable.set()
-
-    def _kick(self) -> None:
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._run())
-
-    async def _run(self) -> None:
-        try:
-            while self._buffer:
-                data = self._buffer[0] if len(self._buffer) == 1 else b"".join(self._buffer)
-                self._buffer.clear()
-                await self._ws.send_bytes(data)
-            if self._closing and not self._ws.closed:
-                await self._ws.close()
-        except Exception as exc:  # peer gone: nothing more can be sent
-            log.debug("WebSocket write failed: %r", exc)
-            self._buffer.clear()
-            self._closing = True
-            self.readable.set()
-        finally:
-            self._writer = None
-
-    async def wait_flushed(self) -> None:
-        writer = self._writer
-        if writer is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(asyncio.shield(writer), CLOSE_TIMEOUT_S)
 
 
 def mqtt_websocket_handler(hub: Hub) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -112,7 +53,7 @@ def mqtt_websocket_handler(hub: Hub) -> Callable[[web.Request], Awaitable[web.St
                 return (transport.get_extra_info("peercert_chain") if transport else None) or ()
 
             peer = format_peer(transport.get_extra_info("peername")) if transport else None
-            link = _WsLink(ws)
+            link = WsLink(ws)
             session = MqttSession(ctx, link, peer=peer, peer_chain=chain, protocol="mqtt-ws")
             try:
                 await _pump(ws, link, session)
@@ -127,7 +68,7 @@ def mqtt_websocket_handler(hub: Hub) -> Callable[[web.Request], Awaitable[web.St
     return handler
 
 
-async def _pump(ws: web.WebSocketResponse, link: _WsLink, session: MqttSession) -> None:
+async def _pump(ws: web.WebSocketResponse, link: WsLink, session: MqttSession) -> None:
     """Binary frames into the session until either side closes; honours the session's pauses."""
     while not session.closed:
         if not link.readable.is_set():
