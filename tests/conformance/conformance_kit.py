@@ -22,6 +22,13 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from azure.iot.hub import (
+    DigitalTwinClient,
+    IoTHubConfigurationManager,
+    IoTHubHttpRuntimeManager,
+    IoTHubJobManager,
+    IoTHubRegistryManager,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "backends"))
@@ -134,6 +141,24 @@ def device_client(hub: AzureHub, device_id: str, key: str) -> httpx.Client:
     client = hub.rest()
     client.headers["Authorization"] = hub.device_token(device_id, key)
     return client
+
+
+class Service:
+    """The service SDK clients (azure-iot-hub) for `hub`, and SAS devices registered through them."""
+
+    def __init__(self, hub: AzureHub) -> None:
+        self.hub = hub
+        cs = hub.owner_cs
+        self.registry = IoTHubRegistryManager.from_connection_string(cs)
+        self.jobs = IoTHubJobManager.from_connection_string(cs)
+        self.configs = IoTHubConfigurationManager.from_connection_string(cs)
+        self.runtime = IoTHubHttpRuntimeManager.from_connection_string(cs)
+        self.digital = DigitalTwinClient.from_connection_string(cs)
+
+    def device(self) -> str:
+        device_id = f"sdk-{uuid.uuid4().hex[:10]}"
+        self.registry.create_device_with_sas(device_id, new_key(), new_key(), "enabled")
+        return device_id
 
 
 def azure_hub_with_storage(data_dir: Path, ip: str = HUB_IP) -> AzureHub:

@@ -10,6 +10,7 @@ the SDK walks use (`upload_with_sas`, `take_notification`, `StallingStorage`).""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import ssl
 import threading
@@ -115,19 +116,22 @@ class StallingStorage:
         self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         self._tls.load_cert_chain(cert, key)
         self._sock = socket.create_server((STALL_IP, 443))
+        self._sock.settimeout(0.2)  # the accept loop sees `close` (closing alone does not wake it)
         self.arrived = threading.Event()
         self.release = threading.Event()
-        threading.Thread(target=self._serve, name="stalling-storage", daemon=True).start()
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._serve, name="stalling-storage", daemon=True)
+        self._thread.start()
 
     def container_uri(self) -> str:
         return f"https://{STALL_IP}/account/stalled?sv=2021-08-06&sr=c&sp=rwcl&sig=c3RhbGw%3D"
 
     def _serve(self) -> None:
-        while True:
+        while not self._closed.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
-                return
+            except TimeoutError:
+                continue
             threading.Thread(target=self._hold, args=(conn,), daemon=True).start()
 
     def _hold(self, conn: socket.socket) -> None:
@@ -142,9 +146,14 @@ class StallingStorage:
                     head += chunk
                 self.arrived.set()
                 self.release.wait(120)
-                tls.sendall(
-                    b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-                )
+                # read the whole body first: closing on unread data resets the connection, which the
+                # storage SDK retries (after 15 s and more) instead of failing at once
+                headers, _, body = head.partition(b"\r\n\r\n")
+                length = re.search(rb"(?im)^content-length:\s*(\d+)", headers)
+                remaining = (int(length[1]) if length else 0) - len(body)
+                while remaining > 0 and (chunk := tls.recv(min(remaining, 65536))):
+                    remaining -= len(chunk)
+                tls.sendall(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
         except OSError:  # includes ssl.SSLError: the client gave up
             pass
         finally:
@@ -152,6 +161,8 @@ class StallingStorage:
 
     def close(self) -> None:
         self.release.set()
+        self._closed.set()
+        self._thread.join(10)
         self._sock.close()
 
 
