@@ -23,17 +23,9 @@ from typing import Any
 import httpx
 from azure_errors import assert_azure_error
 from azurite_helpers import server_cert
-from conformance_kit import API, STALL_IP, UPLOADS, AzureHub, create, device_client
+from conformance_kit import API, STALL_IP, UPLOADS, AzureHub, create, device_client, wait_for
 
 from tether.storage.blob import BlobStore
-
-
-def wait_for(check: Callable[[], Any], what: str, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.1)
-    return value
 
 
 def _tag() -> str:
@@ -179,14 +171,16 @@ def _twin_job(devices: list[str], tag: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-def _finished(rest: httpx.Client, job_id: str) -> dict[str, Any]:
+def _finished(rest: httpx.Client, path: str, timeout: float = 60) -> dict[str, Any]:
+    """GET `path` (a job) until its status is final; every answer on the way must be a 200."""
+
     def done() -> dict[str, Any] | None:
-        r = rest.get(f"/jobs/v2/{job_id}?{API}")
+        r = rest.get(f"{path}?{API}")
         assert r.status_code == 200, r.text
         body: dict[str, Any] = r.json()
         return body if body["status"] in ("completed", "failed", "cancelled") else None
 
-    result: dict[str, Any] = wait_for(done, f"job {job_id}")
+    result: dict[str, Any] = wait_for(done, path, timeout)
     return result
 
 
@@ -211,7 +205,7 @@ def probe_create_scheduled_job(hub: AzureHub, rest: httpx.Client) -> None:
         400,
         "ArgumentInvalid",
     )
-    assert _finished(rest, body["jobId"])["status"] == "completed"
+    assert _finished(rest, f"/jobs/v2/{body['jobId']}")["status"] == "completed"
     for device_id in devices:
         assert rest.get(f"/twins/{device_id}?{API}").json()["properties"]["desired"]["jobbed"] == tag
 
@@ -231,7 +225,7 @@ def probe_get_scheduled_job(hub: AzureHub, rest: httpx.Client) -> None:
         },
     }
     assert rest.put(f"/jobs/v2/{job_id}?{API}", json=body).status_code == 200
-    done = _finished(rest, job_id)  # each GET on the way is checked by _finished
+    done = _finished(rest, f"/jobs/v2/{job_id}")  # each GET on the way is checked by _finished
     assert done["status"] == "completed" and done["endTime"].endswith("Z")
     assert done["cloudToDeviceMethod"]["methodName"] == "reboot"
     stats = done["deviceJobStatistics"]  # the device was never online: its call failed, the job did not
@@ -278,17 +272,6 @@ def probe_query_scheduled_jobs(hub: AzureHub, rest: httpx.Client) -> None:
 _EXPORTS: dict[int, dict[str, Any]] = {}
 
 
-def _registry_job_done(rest: httpx.Client, job_id: str) -> dict[str, Any]:
-    def done() -> dict[str, Any] | None:
-        r = rest.get(f"/jobs/{job_id}?{API}")
-        assert r.status_code == 200, r.text
-        body: dict[str, Any] = r.json()
-        return body if body["status"] in ("completed", "failed", "cancelled") else None
-
-    result: dict[str, Any] = wait_for(done, f"import/export job {job_id}", timeout=120)
-    return result
-
-
 def finished_export(hub: AzureHub, rest: httpx.Client) -> dict[str, Any]:
     """One export of the registry (keys excluded) per session, finished: {job, container, device}."""
     if id(hub) not in _EXPORTS:
@@ -303,7 +286,7 @@ def finished_export(hub: AzureHub, rest: httpx.Client) -> dict[str, Any]:
         created = r.json()
         assert created["type"] == "export" and created["status"] in ("enqueued", "running", "completed")
         assert created["outputBlobContainerUri"] == uri.split("?")[0]  # the SAS is never echoed
-        job = _registry_job_done(rest, created["jobId"])
+        job = _finished(rest, f"/jobs/{created['jobId']}", 120)
         assert job["status"] == "completed", job
         _EXPORTS[id(hub)] = {"job": job, "container": container, "device": device_id}
     return _EXPORTS[id(hub)]
@@ -324,7 +307,7 @@ def probe_create_import_export_job(hub: AzureHub, rest: httpx.Client) -> None:
         json={"type": "import", "inputBlobContainerUri": uri, "outputBlobContainerUri": uri},
     )
     assert r.status_code == 200 and r.json()["type"] == "import", r.text
-    done = _registry_job_done(rest, r.json()["jobId"])
+    done = _finished(rest, f"/jobs/{r.json()['jobId']}", 120)
     assert done["status"] == "completed" and done["inputBlobContainerUri"] == uri.split("?")[0], done
     assert rest.get(f"/devices/{new_id}?{API}").json()["status"] == "disabled"
     assert rest.get(f"/twins/{new_id}?{API}").json()["tags"] == {"from": "import"}

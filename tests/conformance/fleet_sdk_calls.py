@@ -22,8 +22,8 @@ from azure.iot.hub.models import (
     Twin,
     TwinProperties,
 )
-from conformance_kit import Service, new_key
-from fleet_probes import StallingStorage, blob_bytes, container_sas_uri, wait_for
+from conformance_kit import Service, new_key, wait_for
+from fleet_probes import StallingStorage, blob_bytes, container_sas_uri
 from msrest.exceptions import HttpOperationError
 
 FINISHED = ("completed", "failed", "cancelled")

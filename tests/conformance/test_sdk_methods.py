@@ -30,7 +30,7 @@ from azure.iot.hub.models import (
 )
 from azure.storage.blob import BlobClient
 from catalogue import OPERATIONS, SDK_CLASSES
-from conformance_kit import API, AzureHub, Service, new_key
+from conformance_kit import API, AzureHub, Service, new_key, wait_for
 from fleet_probes import take_notification
 from fleet_sdk_calls import FLEET_CALLS
 from msrest.exceptions import HttpOperationError
@@ -365,14 +365,6 @@ def _device_client(hub: AzureHub, device_id: str, key: str, *, websockets: bool)
     )
 
 
-def _wait(check: Callable[[], Any], what: str, timeout: float = 30) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return value
-
-
 def _send_c2d(hub: AzureHub, device_id: str, body: bytes) -> None:
     with hub.rest() as rest:
         assert rest.post(f"/devices/{device_id}/messages/deviceBound?{API}", content=body).status_code == 201
@@ -396,7 +388,7 @@ def test_device_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
     try:
         client.connect()
         assert client.connected
-        _wait(lambda: registry.get_service_statistics().connected_device_count >= 1, "a connected device")
+        wait_for(lambda: registry.get_service_statistics().connected_device_count >= 1, "a connected device")
         client.send_message(
             Message(
                 '{"t": 1}', message_id="walk-1", content_type="application/json", content_encoding="utf-8"
@@ -407,7 +399,7 @@ def test_device_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
         twin = client.get_twin()
         assert "desired" in twin and "reported" in twin
         client.patch_twin_reported_properties({"fw": "1.0"})
-        _wait(
+        wait_for(
             lambda: registry.get_twin(device_id).properties.reported.get("fw") == "1.0", "the reported patch"
         )
         # the first receive call subscribes (desired patches are not queued for absent subscribers)
@@ -470,9 +462,9 @@ def test_device_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
     try:
         handlers.connect()
         _send_c2d(azure_hub, device_id, b"c2d-2")
-        _wait(lambda: got == [b"c2d-2"], "the C2D handler")
+        wait_for(lambda: got == [b"c2d-2"], "the C2D handler")
         _desired(registry, device_id, 4)
-        _wait(lambda: patches and patches[-1]["rate"] == 4, "the desired handler")
+        wait_for(lambda: patches and patches[-1]["rate"] == 4, "the desired handler")
         result = registry.invoke_device_method(
             device_id,
             CloudToDeviceMethod(method_name="echo", payload={"n": 1}, response_timeout_in_seconds=30),
@@ -551,7 +543,7 @@ def test_module_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
         client.send_message_to_output(Message("alert"), "alerts")
         assert "desired" in client.get_twin()
         client.patch_twin_reported_properties({"fw": "2.0"})
-        _wait(
+        wait_for(
             lambda: registry.get_module_twin(device_id, "walker").properties.reported.get("fw") == "2.0",
             "the module's reported patch",
         )
@@ -601,7 +593,7 @@ def test_module_client_walk(websockets: bool, azure_hub: AzureHub, service: Serv
         registry.update_module_twin(
             device_id, "walker", Twin(properties=TwinProperties(desired={"r": 8})), "*"
         )
-        _wait(lambda: patches and patches[-1]["r"] == 8, "the module's desired handler")
+        wait_for(lambda: patches and patches[-1]["r"] == 8, "the module's desired handler")
         result = registry.invoke_device_module_method(
             device_id,
             "walker",
