@@ -62,7 +62,9 @@ def hub_settings(data_dir: Path, ip: str, **sections: Any) -> Settings:
 
 
 def storage_settings(azurite: AzuriteServer) -> dict[str, Any]:
-    """The hub's sections for blob storage in `azurite` (file upload account, CA for import/export)."""
+    """The hub's sections for blob storage in `azurite` (file upload account, CA for import/export).
+    Jobs keep the default poll interval: creating a job wakes the runner, and the hub lives for the
+    whole test session."""
     account = azurite.account
     return {
         "blob": {"ca_file": azurite.ca_file},
@@ -72,7 +74,6 @@ def storage_settings(azurite: AzuriteServer) -> dict[str, Any]:
             "blob_endpoint": account.endpoint,
             "container": UPLOADS,
         },
-        "jobs": {"poll_interval_s": 0.2},
     }
 
 
