@@ -23,8 +23,8 @@ from azure.iot.hub.models import (
     TwinProperties,
 )
 from conformance_kit import Service, new_key, wait_for
-from fleet_probes import StallingStorage, blob_bytes, container_sas_uri
 from msrest.exceptions import HttpOperationError
+from storage_kit import StallingStorage, blob_bytes, container_sas_uri
 
 FINISHED = ("completed", "failed", "cancelled")
 

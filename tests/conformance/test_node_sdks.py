@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 from conformance_kit import API, AzureHub
-from fleet_probes import blob_bytes, container_sas_uri, take_notification
+from storage_kit import blob_bytes, container_sas_uri, take_notification
 
 NODE_DIR = Path(__file__).resolve().parent / "node"
 

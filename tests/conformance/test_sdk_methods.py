@@ -31,10 +31,10 @@ from azure.iot.hub.models import (
 from azure.storage.blob import BlobClient
 from catalogue import OPERATIONS, SDK_CLASSES
 from conformance_kit import API, AzureHub, Service, new_key, wait_for
-from fleet_probes import take_notification
 from fleet_sdk_calls import FLEET_CALLS
 from msrest.exceptions import HttpOperationError
 from sdk_table import status_of
+from storage_kit import take_notification
 
 from tether.security.sas import build_token
 
