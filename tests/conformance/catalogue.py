@@ -7,6 +7,11 @@ written here: it is read from Tether's route table (`tether.api.app.FEATURES`): 
 `not_yet` is supported, a `not_yet` route answers 501 NotImplemented. Operations on other transports
 (MQTT, AMQP) declare their status here and the suite exercises them with the Python device SDK.
 
+An operation's `also` lists the other requests Tether serves for it: another SDK's spelling of a REST
+operation (Node's file upload completion), or Tether's REST form of an AMQP operation (C2D send, file
+upload notifications). Every Azure-style route of the hub is some operation's path or `also`, and the
+operation's probe exercises them all.
+
 To mark an operation supported once it is built: implement its route (and delete its `not_yet` line),
 add a probe for it in `test_rest_operations.py` and a call in `test_sdk_methods.py`, then run
 `python tests/conformance/sdk_table.py --write` to regenerate the table in docs/api.md.
@@ -39,6 +44,7 @@ class Operation:
     status: Status | None = None  # non-REST operations only; REST ones come from the route table
     needs: str = ""  # for REST routes that exist but cannot work yet (what they wait for)
     note: str = ""
+    also: tuple[tuple[str, str], ...] = ()  # other (method, path) requests Tether serves for it
 
     @property
     def rest(self) -> bool:
@@ -162,7 +168,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "c2d",
         (f"{REGISTRY}.send_c2d_message",),
         status="not yet",
-        note="AMQP (5671); Tether's REST send is `POST /devices/{id}/messages/deviceBound`",
+        note="over AMQP (5671); the REST form works",
+        also=(("POST", "/devices/{id}/messages/deviceBound"),),
     ),
     # --- modules ------------------------------------------------------------------------------------
     Operation(
@@ -251,6 +258,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "/devices/{id}/applyConfigurationContent",
         "configurations",
         (f"{CONFIGS}.apply_configuration_on_edge_device",),
+        note="`deviceContent` to the device twin, `modulesContent` to module twins; the second path is "
+        "no SDK's (an older form)",
+        also=(("POST", "/devices/applyConfigurationContent/{id}"),),
     ),
     # --- jobs ---------------------------------------------------------------------------------------
     Operation(
@@ -333,6 +343,7 @@ OPERATIONS: tuple[Operation, ...] = (
         "/devices/{id}/files",
         "device https",
         (f"{DEVICE}.get_storage_info_for_blob",),
+        note="needs a storage account (`file_upload` settings); the SAS is for one blob, create and write",
     ),
     Operation(
         "Device_UpdateFileUploadStatus",
@@ -340,6 +351,22 @@ OPERATIONS: tuple[Operation, ...] = (
         "/devices/{id}/files/notifications",
         "device https",
         (f"{DEVICE}.notify_blob_upload_status",),
+        note="the second form is Node's (correlation id in the path)",
+        also=(("POST", "/devices/{id}/files/notifications/{correlationId}"),),
+    ),
+    Operation(
+        "FileUpload_ReceiveNotifications",
+        "AMQP",
+        "/messages/serviceBound/filenotifications",
+        "file upload",
+        status="not yet",
+        note="over AMQP (5671; Node's `getFileNotificationReceiver`, no Python SDK method); the REST form "
+        "works, a queue like C2D feedback",
+        also=(
+            ("GET", "/messages/serviceBound/filenotifications"),
+            ("DELETE", "/messages/serviceBound/filenotifications/{lockToken}"),
+            ("POST", "/messages/serviceBound/filenotifications/{lockToken}/abandon"),
+        ),
     ),
     # --- device protocols (MQTT on 8883, MQTT over WebSockets on 443) -------------------------------
     Operation(

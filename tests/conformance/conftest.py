@@ -12,12 +12,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from conformance_kit import HUB_IP, AzureHub
+from conformance_kit import AzureHub, azure_hub_with_storage
 
 
 @pytest.fixture(scope="session")
 def azure_hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AzureHub]:
-    hub = AzureHub(tmp_path_factory.mktemp("conformance-hub"), HUB_IP)
+    """The shared hub on 127.0.0.80, with its Azurite (one per session) for file upload and jobs."""
+    hub = azure_hub_with_storage(tmp_path_factory.mktemp("conformance-hub"))
     saved = os.environ.get("REQUESTS_CA_BUNDLE")
     os.environ["REQUESTS_CA_BUNDLE"] = str(hub.root_ca)  # azure-iot-hub (requests) trusts the dev root
     try:

@@ -27,16 +27,20 @@ def routes() -> dict[tuple[str, str], Route]:
 
 
 def status_of(op: Operation, table: dict[tuple[str, str], Route] | None = None) -> Status:
-    """REST operations: from the route table (a missing route is an error); others: as declared."""
+    """REST operations: from the route table (a missing route is an error); others: as declared. The
+    routes of `op.also` must exist either way."""
+    table = table or routes()
+    requests = [*([(op.method, op.path)] if op.rest else []), *op.also]
+    found = []
+    for method, path in requests:
+        route = table.get(shape(method, path))
+        if route is None:
+            raise LookupError(f"{op.name}: {method} {path} has no route (implement it or add a not_yet one)")
+        found.append(route)
     if not op.rest:
         assert op.status is not None, op.name
         return op.status
-    route = (table or routes()).get(shape(op.method, op.path))
-    if route is None:
-        raise LookupError(
-            f"{op.name}: {op.method} {op.path} has no route (implement it or add a not_yet one)"
-        )
-    return "not yet" if route.not_yet or op.needs else "supported"
+    return "not yet" if any(r.not_yet for r in found) or op.needs else "supported"
 
 
 def _cell(text: str) -> str:
@@ -55,6 +59,8 @@ def render() -> str:
         if op.note:
             shown += f"; {op.note}"
         request = f"`{op.method} {op.path}`" if op.rest else f"{op.method} `{op.path}`"
+        if op.also:
+            request += "; also " + ", ".join(f"`{method} {path}`" for method, path in op.also)
         sdk = ", ".join(f"`{m}`" for m in op.sdk) or "—"
         lines.append(f"| {op.area} | {op.name} | {_cell(request)} | {_cell(shown)} | {_cell(sdk)} |")
     return "\n".join(lines) + "\n"

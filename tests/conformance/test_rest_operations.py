@@ -19,37 +19,14 @@ import httpx
 import pytest
 from azure_errors import assert_azure_error
 from catalogue import OPERATIONS, Operation, shape
-from conformance_kit import API, AzureHub
+from conformance_kit import API, AzureHub, create, device_client
+from fleet_probes import FLEET_PROBES
 from sdk_table import status_of
 
 from tether.api.app import FEATURES
 from tether.security.sas import build_token
 
 REST_OPS = [op for op in OPERATIONS if op.rest]
-
-
-def new_key() -> str:
-    return base64.b64encode(uuid.uuid4().bytes * 2).decode()
-
-
-def create(rest: httpx.Client, device_id: str | None = None) -> tuple[str, str, dict[str, Any]]:
-    device_id = device_id or f"conf-{uuid.uuid4().hex[:10]}"
-    key = new_key()
-    r = rest.put(
-        f"/devices/{device_id}?{API}",
-        json={
-            "deviceId": device_id,
-            "authentication": {"type": "sas", "symmetricKey": {"primaryKey": key, "secondaryKey": new_key()}},
-        },
-    )
-    assert r.status_code == 200, r.text
-    return device_id, key, r.json()
-
-
-def device_client(hub: AzureHub, device_id: str, key: str) -> httpx.Client:
-    client = hub.rest()
-    client.headers["Authorization"] = hub.device_token(device_id, key)
-    return client
 
 
 # --- Azure's operation list -------------------------------------------------------------------------
@@ -80,21 +57,22 @@ def test_catalogue_covers_every_operation_of_azures_rest_specification() -> None
 
 
 def test_every_azure_route_of_the_hub_is_in_the_catalogue() -> None:
+    """Each route is an operation's own request or one of its `also` (another SDK's spelling, or
+    Tether's REST form of an AMQP operation)."""
     listed = {shape(op.method, op.path) for op in REST_OPS}
+    listed |= {shape(method, path) for op in OPERATIONS for method, path in op.also}
     azure_routes = {
         shape(r.method, r.path)
         for f in FEATURES
         for r in f.routes
         if not r.extension and r.path != "/$iothub/websocket"
     }
-    # Tether's own REST forms of AMQP operations (C2D send) are extensions in all but path.
-    azure_routes.discard(shape("POST", "/devices/{id}/messages/deviceBound"))
     assert azure_routes - listed == set()
 
 
 def test_every_rest_operation_is_routed() -> None:
-    for op in REST_OPS:
-        status_of(op)  # raises for an operation without a route
+    for op in OPERATIONS:
+        status_of(op)  # raises for an operation (or an `also` request) without a route
 
 
 # --- probes of the supported operations -------------------------------------------------------------
@@ -454,6 +432,7 @@ PROBES: dict[str, Callable[[AzureHub, httpx.Client], None]] = {
     "Device_ReceiveDeviceBoundNotification": probe_receive_c2d,
     "Device_CompleteDeviceBoundNotification": probe_complete_c2d,
     "Device_AbandonDeviceBoundNotification": probe_abandon_c2d,
+    **FLEET_PROBES,
 }
 
 
@@ -482,5 +461,6 @@ def test_rest_operation(op: Operation, azure_hub: AzureHub, rest: httpx.Client) 
 
 def test_not_yet_operations_still_authenticate(azure_hub: AzureHub) -> None:
     with httpx.Client(base_url=f"https://{azure_hub.ip}", verify=str(azure_hub.root_ca)) as anon:
-        assert_azure_error(anon.get(f"/devices/d1/modules?{API}"), 401, "IotHubUnauthorizedAccess")
-        assert_azure_error(anon.post(f"/devices/d1/files?{API}", json={}), 401, "IotHubUnauthorizedAccess")
+        assert_azure_error(anon.get(f"/digitaltwins/d1?{API}"), 401, "IotHubUnauthorizedAccess")
+        r = anon.post(f"/digitaltwins/d1/commands/reboot?{API}", json={})
+        assert_azure_error(r, 401, "IotHubUnauthorizedAccess")
