@@ -167,8 +167,8 @@ OPERATIONS: tuple[Operation, ...] = (
         "/messages/devicebound",
         "c2d",
         (f"{REGISTRY}.send_c2d_message",),
-        status="not yet",
-        note="over AMQP (5671); the REST form works",
+        status="supported",
+        note="over AMQP (5671, SASL MSSBCBS + CBS); also the REST form",
         also=(("POST", "/devices/{id}/messages/deviceBound"),),
     ),
     # --- modules ------------------------------------------------------------------------------------
@@ -359,9 +359,9 @@ OPERATIONS: tuple[Operation, ...] = (
         "AMQP",
         "/messages/serviceBound/filenotifications",
         "file upload",
-        status="not yet",
-        note="over AMQP (5671; Node's `getFileNotificationReceiver`, no Python SDK method); the REST form "
-        "works, a queue like C2D feedback",
+        status="supported",
+        note="over AMQP (5671; Node's `getFileNotificationReceiver`, no Python SDK method: exercised by "
+        "tests/amqp with azure-iothub); also the REST form, a queue like C2D feedback",
         also=(
             ("GET", "/messages/serviceBound/filenotifications"),
             ("DELETE", "/messages/serviceBound/filenotifications/{lockToken}"),

@@ -5,10 +5,15 @@ msrest does not retry), never by hanging or crashing the hub."""
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -37,6 +42,8 @@ from sdk_table import status_of
 from storage_kit import take_notification
 
 from tether.security.sas import build_token
+
+SERVICE_SDK = Path(__file__).resolve().parents[1] / "amqp" / "service_sdk.py"  # uamqp in a child process
 
 CLASSES: dict[str, type] = {
     "IoTHubRegistryManager": IoTHubRegistryManager,
@@ -499,23 +506,21 @@ def test_other_device_client_constructors(azure_hub: AzureHub, service: Service)
     # X.509 devices: tests/security_e2e walks create_from_x509_certificate with real certificates.
 
 
-def test_service_c2d_over_amqp_is_not_yet(azure_hub: AzureHub, service: Service) -> None:
-    """send_c2d_message dials AMQP on 5671; Tether has no AMQP listener yet: the SDK raises (no hang)."""
+def test_service_c2d_over_amqp(azure_hub: AzureHub, service: Service) -> None:
+    """send_c2d_message dials AMQP on 5671 (uamqp: SASL MSSBCBS, CBS, sender to `/messages/devicebound`):
+    the message is queued for the device with its properties. uamqp reads the CA from SSL_CERT_FILE, so
+    the SDK runs in a child process."""
     device_id = service.device()
-    outcome: dict[str, BaseException | None] = {}
-
-    def send() -> None:
-        try:
-            service.registry.send_c2d_message(device_id, "hi")
-            outcome["error"] = None
-        except BaseException as exc:
-            outcome["error"] = exc
-
-    sender = threading.Thread(target=send, daemon=True)
-    sender.start()
-    sender.join(120)
-    assert "error" in outcome, "send_c2d_message hung"
-    assert outcome["error"] is not None
+    args = {"cs": azure_hub.owner_cs, "device": device_id, "bodies": ["c2d-over-amqp"],
+            "properties": {"zone": "kitchen", "iothub-ack": "full"}}
+    env = dict(os.environ, SSL_CERT_FILE=str(azure_hub.root_ca))
+    done = subprocess.run([sys.executable, str(SERVICE_SDK), json.dumps(args)], env=env, capture_output=True,
+                          text=True, timeout=180, check=False)
+    lines = [line for line in done.stdout.splitlines() if line.startswith("{")]
+    assert lines and json.loads(lines[-1]) == {"ok": True}, done.stdout + done.stderr[-3000:]
+    [queued] = azure_hub.node.call(azure_hub.hub.c2d.repo.peek(device_id))
+    assert queued.body == b"c2d-over-amqp"
+    assert queued.ack == "full" and dict(queued.properties) == {"zone": "kitchen"}
 
 
 def _module_client(
