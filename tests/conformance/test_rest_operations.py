@@ -56,7 +56,7 @@ def test_catalogue_covers_every_operation_of_azures_rest_specification() -> None
     assert spec - listed == set(), "operations of the REST specification missing from the catalogue"
 
 
-WEBSOCKET_TRANSPORTS = ("/$iothub/websocket", "/$servicebus/websocket")  # MQTT / AMQP transports, not operations
+WEBSOCKET_TRANSPORTS = ("/$iothub/websocket", "/$servicebus/websocket")  # transports, not operations
 
 
 def test_every_azure_route_of_the_hub_is_in_the_catalogue() -> None:
