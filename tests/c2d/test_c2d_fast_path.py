@@ -172,6 +172,7 @@ async def test_puback_completions_are_settled_together_with_their_feedback(c2d: 
         for i, ack in enumerate(acks):
             await c2d.send("dev1", b"x", message_id=f"m{i}", ack=ack, actor=ACTOR)
         await link.wait_for(4)
+        await c2d.writer.flush()  # the sends' and locks' writes are done: count only the completions
         commits = c2d.writer.commits
         for future in link.acks:
             future.set_result(True)

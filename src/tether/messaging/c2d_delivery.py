@@ -66,6 +66,7 @@ class C2DPump:
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         self._deliveries: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Future[C2DMessage]] = set()  # shielded settles still being written
 
     @property
     def running(self) -> bool:
@@ -79,7 +80,8 @@ class C2DPump:
         self._runner = asyncio.create_task(self._run(), name=f"c2d-pump:{self.device_id}")
 
     async def stop(self) -> None:
-        """Stop receiving; deliveries still waiting for the device are abandoned."""
+        """Stop receiving; deliveries still waiting for the device are abandoned, and the abandons (and
+        other settlements under way) are written before this returns."""
         self._halt()
         self._c2d.remove_enqueue_listener(self._on_enqueue, device_id=self.device_id)
         runner = self._runner
@@ -92,6 +94,8 @@ class C2DPump:
             task.cancel()
         if deliveries:
             await asyncio.gather(*deliveries, return_exceptions=True)
+        if self._settling:
+            await asyncio.gather(*self._settling, return_exceptions=True)
 
     def _halt(self) -> None:
         self._stopping = True
@@ -188,8 +192,11 @@ class C2DPump:
         if token is None:
             return
         settle: Callable[[str, str], Awaitable[C2DMessage]] = getattr(self._c2d, outcome)
+        write = asyncio.ensure_future(settle(self.device_id, token))
+        self._settling.add(write)
+        write.add_done_callback(self._settling.discard)
         try:
-            await asyncio.shield(settle(self.device_id, token))
+            await asyncio.shield(write)
         except PreconditionFailed:
             pass  # the lock expired meanwhile; the message was or will be redelivered
         except asyncio.CancelledError:
